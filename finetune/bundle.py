@@ -1,0 +1,270 @@
+"""Model bundles: a directory that carries everything a query needs.
+
+``card.json`` (backbone, embedding dim, metric, exact preprocessing, training summary, metrics),
+``model.pt`` (state dict, loaded with ``weights_only=True``), and where the backbone allows,
+``model.ts`` (TorchScript) and ``model.onnx``. This module does not import Lightning, so the Milvus
+connector can load bundles without the training stack.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepfeat.finetune.backbones import Preprocessing
+from deepfeat.finetune.errors import MismatchError, ModelError
+from deepfeat.finetune.model import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CARD = "card.json"
+WEIGHTS = "model.pt"
+TORCHSCRIPT = "model.ts"
+ONNX = "model.onnx"
+
+
+@dataclass
+class BundleCard:
+    """The JSON card of a model bundle."""
+
+    name: str
+    bundle_id: str
+    embedding_dim: int
+    metric: str
+    normalized: bool
+    preprocessing: dict[str, Any]
+    model_config: dict[str, Any]
+    weights_sha256: str
+    backbone: str
+    format_version: int = FORMAT_VERSION
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    created: str = ""
+
+    @property
+    def preprocessing_obj(self) -> Preprocessing:
+        """The preprocessing as a :class:`Preprocessing`."""
+        return Preprocessing.from_dict(self.preprocessing)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a collection must agree with: name, id (weights hash), dim, metric, preprocessing."""
+        return {"name": self.name, "bundle_id": self.bundle_id, "embedding_dim": self.embedding_dim,
+                "metric": self.metric, "preprocessing": self.preprocessing}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _state_sha256(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sanitize(obj: Any) -> Any:
+    """Drop anything that looks like a credential before it reaches a card on disk."""
+    if isinstance(obj, dict):
+        return {k: ("***" if any(s in str(k).lower() for s in ("token", "password", "secret")) else _sanitize(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+def export_bundle(model: EmbeddingModel, path: str | Path, *, name: str | None = None,
+                  training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None, torchscript: bool = True, onnx: bool = True,
+                  overwrite: bool = False) -> Path:
+    """Write ``model`` as a bundle directory and return its path.
+
+    The directory is assembled in a temporary sibling and renamed into place, so a reader never sees
+    a half-written bundle. TorchScript and ONNX are best-effort (a failure is logged and the card's
+    ``files`` says what is there); the weights and card always are.
+    """
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise ModelError(f"bundle directory {str(dest)!r} already exists; choose another path or pass "
+                         f"overwrite=True (--overwrite)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp.chmod(0o755)
+    model = model.eval().cpu()
+    try:
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS)
+        digest = _state_sha256(state)
+        files = [WEIGHTS]
+        h, w = model.preprocessing.input_size
+        example = torch.rand(2, 3, h, w)
+        if torchscript:
+            try:
+                traced = torch.jit.trace(model, example, check_trace=False)
+                traced.save(str(tmp / TORCHSCRIPT))
+                files.append(TORCHSCRIPT)
+            except Exception as exc:  # some backbones do not trace; weights still suffice
+                log.warning("TorchScript export skipped: %s", exc)
+        if onnx:
+            try:
+                _export_onnx(model, example, tmp / ONNX)
+                files.append(ONNX)
+            except Exception as exc:
+                log.warning("ONNX export skipped: %s", exc)
+        name = name or dest.name
+        card = BundleCard(
+            name=name, bundle_id=f"{name}@{digest[:12]}", embedding_dim=model.embedding_dim,
+            metric="COSINE" if model.normalize else "L2", normalized=model.normalize,
+            preprocessing=model.preprocessing.to_dict(), model_config=model.config(), weights_sha256=digest,
+            backbone=model.backbone.name, training=_sanitize(training or {}), metrics=_sanitize(metrics or {}),
+            extra=_sanitize(extra or {}), files=files,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        (tmp / CARD).write_text(json.dumps(asdict(card), indent=2, sort_keys=True))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported bundle %s to %s (%s)", card.bundle_id, dest, ", ".join(files))
+    return dest
+
+
+def _export_onnx(model: EmbeddingModel, example: torch.Tensor, out: Path) -> None:
+    kwargs: dict[str, Any] = {"input_names": ["images"], "output_names": ["embeddings"],
+                              "dynamic_axes": {"images": {0: "batch"}, "embeddings": {0: "batch"}},
+                              "opset_version": 17}
+    try:
+        torch.onnx.export(model, (example,), str(out), dynamo=False, **kwargs)
+    except TypeError:  # older torch without the dynamo flag
+        torch.onnx.export(model, (example,), str(out), **kwargs)
+
+
+def read_card(path: str | Path) -> BundleCard:
+    """Read and check the card of the bundle at ``path``."""
+    root = Path(path)
+    card_path = root / CARD
+    if not card_path.is_file():
+        raise ModelError(f"{str(root)!r} is not a deepfeat model bundle (no {CARD}); create one with "
+                         f"'deepfeat export' or deepfeat.finetune.export_bundle()")
+    try:
+        data = json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"the card {str(card_path)!r} is not valid JSON ({exc}); re-export the bundle") from exc
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelError(f"bundle {str(root)!r} has format_version {version!r}; this deepfeat reads "
+                         f"{FORMAT_VERSION}. Re-export it with this version")
+    known = set(BundleCard.__dataclass_fields__)
+    return BundleCard(**{k: v for k, v in data.items() if k in known})
+
+
+class ModelBundle:
+    """A loaded model bundle: the card, the model, and batched embedding of images.
+
+    Use :meth:`load`; ``embed`` applies exactly the bundle's preprocessing, so query-time vectors are
+    comparable with index-time vectors.
+    """
+
+    def __init__(self, path: Path, card: BundleCard, model: EmbeddingModel) -> None:
+        self.path = path
+        self.card = card
+        self.model = model
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> ModelBundle:
+        """Load a bundle directory; ``verify`` checks the weights hash against the card."""
+        root = Path(path)
+        card = read_card(root)
+        weights = root / WEIGHTS
+        if not weights.is_file():
+            raise ModelError(f"bundle {str(root)!r} has no {WEIGHTS}; it is incomplete, re-export it")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"cannot load {str(weights)!r} safely ({type(exc).__name__}); the file is damaged "
+                             f"or not a state dict: re-export the bundle") from exc
+        if verify:
+            digest = _state_sha256(state)
+            if digest != card.weights_sha256:
+                raise ModelError(f"bundle {str(root)!r}: weights hash {digest[:12]} differs from the card's "
+                                 f"{card.weights_sha256[:12]}; the weights were changed after export. "
+                                 f"Re-export the bundle")
+        model = EmbeddingModel.from_config(card.model_config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"bundle {str(root)!r} weights do not fit its own config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        model.eval().to(device)
+        return cls(root, card, model)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The bundle's preprocessing."""
+        return self.card.preprocessing_obj
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return self.card.embedding_dim
+
+    def fingerprint(self) -> dict[str, Any]:
+        """See :meth:`BundleCard.fingerprint`."""
+        return self.card.fingerprint()
+
+    @torch.no_grad()
+    def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed an already preprocessed batch (N, 3, H, W)."""
+        h, w = self.preprocessing.input_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, h, w):
+            raise MismatchError(f"batch of shape {tuple(batch.shape)} does not match the bundle's input "
+                                f"(N, 3, {h}, {w}); preprocess with the bundle's own preprocessing")
+        device = next(self.model.parameters()).device
+        out = self.model(batch.to(device)).float().cpu().numpy()
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def embed(self, images: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
+        """Embed images (paths, encoded bytes or arrays) with the bundle's preprocessing."""
+        from deepfeat.finetune.images import load_image
+        from deepfeat.finetune.transforms import preprocess_batch
+
+        out = []
+        for start in range(0, len(images), batch_size):
+            arrays = [load_image(x) for x in images[start:start + batch_size]]
+            out.append(self.embed_tensor(preprocess_batch(arrays, self.preprocessing)))
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out)
+
+
+def check_compatible(expected: dict[str, Any], actual: dict[str, Any], *, what: str) -> None:
+    """Refuse two fingerprints that disagree (dim, metric, preprocessing, bundle id).
+
+    Raises:
+        MismatchError: naming each field that differs, both values, and the fix.
+    """
+    diffs = [f"{k}: {expected.get(k)!r} != {actual.get(k)!r}"
+             for k in ("embedding_dim", "metric", "preprocessing", "bundle_id") if expected.get(k) != actual.get(k)]
+    if diffs:
+        raise MismatchError(f"{what}: the model bundle does not match ({'; '.join(diffs)}). Use the bundle "
+                            f"that filled it ({expected.get('bundle_id')!r}), or re-index into a new collection")

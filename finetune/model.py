@@ -1,0 +1,123 @@
+"""EmbeddingModel: backbone + optional projection head + L2 normalisation, a plain ``nn.Module``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepfeat.finetune.backbones import Backbone, Preprocessing, create_backbone
+from deepfeat.finetune.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+HeadType = Literal["none", "linear", "mlp"]
+
+
+class EmbeddingModel(nn.Module):
+    """Images to L2-normalised embeddings.
+
+    The head starts close to the identity of the pretrained geometry: a square linear head is
+    initialised to the identity, a narrower one to a random orthogonal projection (which preserves
+    distances up to a scale), so step zero of fine-tuning retrieves like the off-the-shelf features
+    (see :meth:`init_head_pca` for a data-driven start).
+
+    Args:
+        backbone: the feature extractor.
+        head: ``none`` (the pooled features themselves), ``linear`` or ``mlp`` (Linear-BN-ReLU-Linear).
+        embedding_dim: output size of the head; ``None`` keeps the backbone's size.
+        normalize: L2-normalise the output (cosine similarity == inner product).
+    """
+
+    def __init__(self, backbone: Backbone, head: HeadType = "linear", embedding_dim: int | None = None,
+                 normalize: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head_type: HeadType = head
+        self.normalize = normalize
+        in_dim = backbone.num_features
+        if head == "none":
+            if embedding_dim not in (None, in_dim):
+                raise ModelError(f"head='none' keeps the backbone's {in_dim} features, but embedding_dim="
+                                 f"{embedding_dim} was asked for; use head='linear' to change the size")
+            self.embedding_dim = in_dim
+            self.head: nn.Module = nn.Identity()
+        elif head == "linear":
+            self.embedding_dim = embedding_dim or in_dim
+            lin = nn.Linear(in_dim, self.embedding_dim)
+            _init_geometry_preserving(lin)
+            self.head = lin
+        elif head == "mlp":
+            self.embedding_dim = embedding_dim or in_dim
+            self.head = nn.Sequential(nn.Linear(in_dim, in_dim), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+                                      nn.Linear(in_dim, self.embedding_dim))
+        else:
+            raise ModelError(f"unknown head {head!r}; choose one of 'none', 'linear', 'mlp'")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the backbone expects (stored in bundles, checked at query time)."""
+        return self.backbone.preprocessing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (N, 3, H, W) to embeddings (N, embedding_dim)."""
+        z = self.head(self.backbone(x))
+        return F.normalize(z, dim=1) if self.normalize else z
+
+    @torch.no_grad()
+    def init_head_pca(self, features: torch.Tensor) -> None:
+        """Initialise a linear head to the PCA projection of ``features`` (N, num_features).
+
+        Whitening is not applied, so the projection keeps the top principal directions of the
+        pretrained feature space at their original scale: the best rank-d approximation of the
+        pretrained cosine geometry.
+        """
+        if not isinstance(self.head, nn.Linear):
+            raise ModelError(f"PCA initialisation needs head='linear', this model has head={self.head_type!r}")
+        if features.shape[0] < self.embedding_dim:
+            log.warning("PCA init with %d samples for %d dims: the remaining directions stay random",
+                        features.shape[0], self.embedding_dim)
+        feats = F.normalize(features.float(), dim=1)
+        mean = feats.mean(0)
+        _, _, v = torch.linalg.svd(feats - mean, full_matrices=False)
+        k = min(self.embedding_dim, v.shape[0])
+        w = self.head.weight.data
+        w[:k] = v[:k]
+        self.head.bias.data = -(w @ mean)
+
+    def config(self) -> dict[str, Any]:
+        """What is needed to rebuild this model without weights."""
+        return {"backbone": self.backbone.config(), "head": self.head_type,
+                "embedding_dim": self.embedding_dim, "normalize": self.normalize}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EmbeddingModel:
+        """Rebuild an (untrained) model from :meth:`config`; load a state dict afterwards."""
+        bb = config["backbone"]
+        pre = Preprocessing.from_dict(bb["preprocessing"])
+        backbone = create_backbone(bb["name"], weights="none", layers=bb.get("layers"))
+        backbone.preprocessing = pre
+        return cls(backbone, head=config["head"], embedding_dim=config["embedding_dim"],
+                   normalize=config.get("normalize", True))
+
+
+def _init_geometry_preserving(lin: nn.Linear) -> None:
+    out_dim, in_dim = lin.weight.shape
+    with torch.no_grad():
+        if out_dim == in_dim:
+            lin.weight.copy_(torch.eye(in_dim))
+        else:
+            nn.init.orthogonal_(lin.weight)
+        lin.bias.zero_()
+
+
+def build_embedding_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *,
+                          head: HeadType = "linear", embedding_dim: int | None = None,
+                          layers: list[int | str] | None = None, image_size: int | None = None,
+                          normalize: bool = True) -> EmbeddingModel:
+    """One call from names to a model (what the YAML configs use)."""
+    bb = create_backbone(backbone, weights, layers=layers, image_size=image_size)  # type: ignore[arg-type]
+    return EmbeddingModel(bb, head=head, embedding_dim=embedding_dim, normalize=normalize)
