@@ -1,0 +1,221 @@
+"""Training logic: a LightningModule around :class:`EmbeddingModel` and a pytorch-metric-learning loss.
+
+Losses and miners are PML objects handed in (YAML ``class_path``/``init_args``), kept as submodules so
+a loss with weights (ArcFace, ProxyAnchor) is trained and checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BaseFinetuning
+from pytorch_metric_learning.losses import BaseMetricLossFunction, MultiSimilarityLoss
+from pytorch_metric_learning.miners import BaseMiner
+from torch import nn
+from typing_extensions import override
+
+from deepfeat.finetune.errors import ModelError
+from deepfeat.finetune.model import EmbeddingModel, HeadType, build_embedding_model
+
+log = logging.getLogger(__name__)
+
+
+class MetricLearningModule(pl.LightningModule):
+    """Fine-tunes an embedding model with a metric-learning loss.
+
+    Args:
+        backbone: backbone name (see ``create_backbone``).
+        weights: ``imagenet`` (installed package), a local state-dict path, or ``none``.
+        head: projection head type; ``linear`` starts geometry-preserving.
+        embedding_dim: output size (``None`` keeps the backbone's).
+        image_size: network input size (``None`` keeps the backbone's default).
+        layers: intermediate layers to pool and concatenate instead of the final features.
+        loss: a pytorch-metric-learning loss (default: MultiSimilarityLoss).
+        miner: an optional pytorch-metric-learning miner.
+        lr: learning rate of the backbone (kept low so pretrained features are not destroyed).
+        head_lr: learning rate of the head (default 10 x lr).
+        loss_lr: learning rate of loss parameters such as ArcFace class centres (default 100 x lr).
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        warmup_steps: linear learning-rate warm-up steps, then cosine decay to ``min_lr_ratio``.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        l2sp: weight of the L2-SP penalty pulling backbone weights towards their pretrained values
+            (Li et al., "Explicit inductive bias for transfer learning", ICML 2018); 0 disables it.
+        freeze_bn: keep BatchNorm statistics of the backbone fixed (small PK batches are biased).
+        gather_across_ranks: under DDP, compute the loss on embeddings gathered from all ranks.
+    """
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet",
+                 head: HeadType = "linear", embedding_dim: int | None = None, image_size: int | None = None,
+                 layers: list[int | str] | None = None, loss: BaseMetricLossFunction | None = None,
+                 miner: BaseMiner | None = None, lr: float = 1e-4, head_lr: float | None = None,
+                 loss_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.01, l2sp: float = 0.0, freeze_bn: bool = True,
+                 gather_across_ranks: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "miner"])
+        self.model: EmbeddingModel = build_embedding_model(backbone, weights, head=head,
+                                                           embedding_dim=embedding_dim, layers=layers,
+                                                           image_size=image_size)
+        self.loss_fn: BaseMetricLossFunction = loss if loss is not None else MultiSimilarityLoss()
+        self.miner = miner
+        self._check_loss_dims()
+        self._pretrained: dict[str, torch.Tensor] = {}
+        if l2sp > 0:
+            self._pretrained = {n: p.detach().clone() for n, p in self.model.backbone.named_parameters()}
+        self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _check_loss_dims(self) -> None:
+        size = getattr(self.loss_fn, "embedding_size", None)
+        if size is None:
+            w = getattr(self.loss_fn, "W", None)
+            size = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
+        if size is not None and int(size) != self.model.embedding_dim:
+            raise ModelError(f"the loss {type(self.loss_fn).__name__} was built for embedding_size={size}, but "
+                             f"the model outputs {self.model.embedding_dim} dims; set the loss's init_args."
+                             f"embedding_size to {self.model.embedding_dim} (or the model's embedding_dim to {size})")
+
+    @property
+    def preprocessing(self) -> Any:
+        """The model's preprocessing (the data module builds its transforms from it)."""
+        return self.model.preprocessing
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        if self.hparams["freeze_bn"]:
+            for m in self.model.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        images, labels = batch["image"], batch["label"]
+        if images is None or len(labels) < 2:
+            return None  # every image of the batch failed to decode (already reported)
+        emb = self.model(images)
+        if self.hparams["gather_across_ranks"] and self.trainer.world_size > 1:
+            emb = self.all_gather(emb, sync_grads=True).flatten(0, 1)  # type: ignore[union-attr]
+            labels = self.all_gather(labels).flatten(0, 1)  # type: ignore[union-attr]
+        tuples = self.miner(emb, labels) if self.miner is not None else None
+        loss = self.loss_fn(emb, labels, tuples)
+        if self._pretrained:
+            reg = sum(((p - self._pretrained[n].to(p.device)) ** 2).sum()
+                      for n, p in self.model.backbone.named_parameters() if p.requires_grad)
+            loss = loss + self.hparams["l2sp"] * reg
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss  # type: ignore[no-any-return]
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        if batch["image"] is None:
+            return
+        emb = self.model(batch["image"])
+        self._eval_outputs.append((emb.float().cpu(), batch["index"].cpu()))
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def _log_retrieval(self, stage: str) -> None:
+        from deepfeat.finetune.metrics import retrieval_metrics_from_records
+
+        outputs, self._eval_outputs = self._eval_outputs, []
+        if not outputs or self.trainer.sanity_checking:
+            return
+        emb = torch.cat([o[0] for o in outputs])
+        idx = torch.cat([o[1] for o in outputs])
+        if self.trainer.world_size > 1:
+            emb = self.all_gather(emb).flatten(0, 1)  # type: ignore[union-attr]
+            idx = self.all_gather(idx).flatten(0, 1)  # type: ignore[union-attr]
+        order = np.argsort(idx.numpy(), kind="stable")
+        idx_np, emb_np = idx.numpy()[order], emb.numpy()[order]
+        _, first = np.unique(idx_np, return_index=True)  # DDP pads with repeated samples
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        records = dm.eval_records(stage).iloc[idx_np[first]]
+        metrics = retrieval_metrics_from_records(emb_np[first], records)
+        for key, value in metrics.items():
+            if isinstance(value, float | int) and not key.startswith("n_"):
+                self.log(f"{stage}/{key}", float(value), sync_dist=False, prog_bar=key in ("map_at_r", "recall_at_1"))
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if batch["image"] is None:
+            return {"embeddings": torch.zeros(0, self.model.embedding_dim), "index": batch["index"],
+                    "errors": batch["errors"]}
+        return {"embeddings": self.model(batch["image"]).float().cpu(), "index": batch["index"].cpu(),
+                "errors": batch["errors"]}
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        lr = float(hp["lr"])
+        head_lr = float(hp["head_lr"] or lr * 10)
+        loss_lr = float(hp["loss_lr"] or lr * 100)
+
+        def split_decay(params: list[tuple[str, nn.Parameter]], group_lr: float) -> list[dict[str, Any]]:
+            decay = [p for n, p in params if p.ndim > 1]
+            no_decay = [p for n, p in params if p.ndim <= 1]
+            return [g for g in ({"params": decay, "lr": group_lr, "weight_decay": hp["weight_decay"]},
+                                {"params": no_decay, "lr": group_lr, "weight_decay": 0.0}) if g["params"]]
+
+        groups = (split_decay(list(self.model.backbone.named_parameters()), lr)
+                  + split_decay(list(self.model.head.named_parameters()), head_lr)
+                  + split_decay(list(self.loss_fn.named_parameters()), loss_lr))
+        optimizer = torch.optim.AdamW(groups)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp["warmup_steps"])
+        floor = float(hp["min_lr_ratio"])
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class FreezeBackbone(BaseFinetuning):
+    """Train only the head (and loss parameters) for the first ``epochs`` epochs, then the backbone.
+
+    A frozen-backbone warm-up lets a freshly initialised head and loss settle before their gradients
+    reach pretrained weights; otherwise the first steps can wreck the pretrained geometry.
+    """
+
+    def __init__(self, epochs: int = 1, train_bn: bool = False) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.train_bn = train_bn
+
+    @override
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        if self.epochs > 0:
+            self.freeze(pl_module.model.backbone, train_bn=self.train_bn)  # type: ignore[union-attr,arg-type]
+
+    @override
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == self.epochs and self.epochs > 0:
+            # The backbone's parameter groups already exist (configure_optimizers); unfreezing makes them
+            # receive gradients again with their own, lower, learning rate.
+            self.make_trainable(pl_module.model.backbone)  # type: ignore[union-attr,arg-type]
+            log.info("epoch %d: backbone unfrozen", epoch)
