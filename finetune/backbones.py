@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
-
 from deepfeat.finetune.errors import ModelError
+from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
-
 from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.data import RecordDataset, SkipReport, make_loader, record_source
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

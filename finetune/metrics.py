@@ -323,13 +323,21 @@ def format_metrics_table(
         if len(names) < 2:
             raise DataError(f"delta=True needs two rows to compare; received only {names}")
         first, last = rows[names[0]], rows[names[-1]]
-        diffs = [_difference(first.get(k), last.get(k)) for k in keys]
-        table.append(["delta", *(_format_value(k, d, digits, signed=True) for k, d in zip(keys, diffs, strict=True))])
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = [
-        "  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True))])
-        for line in table
-    ]
+        table.append(
+            [
+                "delta",
+                *(
+                    _format_value(k, _difference(first.get(k), last.get(k)), digits, signed=True)
+                    for k in keys
+                ),
+            ]
+        )
+    widths = [max(len(cell) for cell in column) for column in zip(*table, strict=True)]
+    lines = []
+    for line in table:
+        cells = [line[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -1,0 +1,98 @@
+"""``deepfeat fit|validate|test|predict`` through LightningCLI (YAML configs, ``--print_config``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from deepfeat.finetune.bundle import export_bundle
+from deepfeat.finetune.datamodule import RetrievalDataModule
+from deepfeat.finetune.errors import ModelError
+from deepfeat.finetune.module import MetricLearningModule
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+
+def load_module_weights(module: MetricLearningModule, ckpt_path: str | Path) -> None:
+    """Load the model and loss weights of a Lightning checkpoint into ``module`` (``weights_only=True``)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {str(path)!r} not found; pass the .ckpt written by 'deepfeat fit' "
+                         f"(see the run's checkpoints/ folder)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load {str(path)!r} safely ({type(exc).__name__}); deepfeat loads checkpoints "
+                         f"with weights_only=True and refuses pickled objects") from exc
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ModelError(f"{str(path)!r} holds no state dict")
+    own = module.state_dict()
+    bad = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ModelError(f"checkpoint {str(path)!r} does not fit this model ({len(bad)} missing or reshaped "
+                         f"tensors, e.g. {bad[:3]}); it comes from another architecture or config")
+    module.load_state_dict({k: state[k] for k in own})
+
+
+class ExportBundle(Callback):
+    """At the end of fit, export the best checkpoint (or the final weights) as a model bundle.
+
+    Args:
+        dirpath: where the bundle directory is written.
+        name: bundle name (defaults to the directory name).
+        use_best: load the best checkpoint of the ModelCheckpoint callback before exporting.
+        onnx: also export ONNX.
+    """
+
+    def __init__(self, dirpath: str = "bundle", name: str | None = None, use_best: bool = True,
+                 onnx: bool = True) -> None:
+        self.dirpath = dirpath
+        self.name = name
+        self.use_best = use_best
+        self.onnx = onnx
+        self.exported: Path | None = None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not isinstance(pl_module, MetricLearningModule):
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        if self.use_best and best:
+            load_module_weights(pl_module, best)
+            log.info("exporting the best checkpoint %s (score %s)", best, score)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        training: dict[str, Any] = {"epochs": trainer.current_epoch, "global_step": trainer.global_step,
+                                    "loss": type(pl_module.loss_fn).__name__,
+                                    "hparams": {k: v for k, v in pl_module.hparams.items()},
+                                    "best_checkpoint": str(best) if best else None}
+        self.exported = export_bundle(pl_module.model, self.dirpath, name=self.name, training=training,
+                                      metrics=metrics, onnx=self.onnx, overwrite=True)
+
+
+class DeepfeatCLI(LightningCLI):
+    """LightningCLI over :class:`MetricLearningModule` and :class:`RetrievalDataModule`."""
+
+    @override
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+
+def run_lightning_cli(args: list[str]) -> DeepfeatCLI:
+    """Run ``fit|validate|test|predict`` with LightningCLI arguments (``--config recipe.yaml``)."""
+    import sys
+
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "deepfeat"]  # LightningCLI reads args= only; keep sys.argv out of it
+    try:
+        return DeepfeatCLI(MetricLearningModule, RetrievalDataModule, args=args,
+                           save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    finally:
+        sys.argv = saved

@@ -1,0 +1,172 @@
+"""The Lightning data module for metric learning: records -> P x K train batches, val/test query-gallery."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import pandas as pd
+from deepfeat.finetune.data import RecordDataset, make_loader
+from deepfeat.finetune.errors import DataError
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+SplitMode = Literal["as_is", "by_class", "by_group"]
+QueryMode = Literal["all_vs_all", "holdout"]
+Preset = Literal["fashion", "medical", "none"]
+
+
+def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    if not limit:
+        return df
+    return (df.groupby(["split", "label"], group_keys=False, sort=False)
+              .apply(lambda g: g.sample(n=min(len(g), limit), random_state=seed))
+              .sort_index())
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    """Records -> train (P x K batches) / val / test (query-gallery) loaders.
+
+    Args:
+        source: an image folder (one sub-folder per class), a CSV/Parquet manifest, a saved Hugging
+            Face dataset directory, or ``fashion-mnist`` (the Debian package's files).
+        root: folder that relative manifest paths are resolved against.
+        split_mode: ``as_is`` keeps the records' ``split`` column; ``by_class`` makes class-disjoint
+            train/val/test (retrieval of unseen classes); ``by_group`` splits within classes, keeping
+            each group (product, patient) in one split.
+        fractions: train/val/test fractions for ``by_class``/``by_group``.
+        val_fraction: with ``as_is`` and no ``val`` rows, this fraction of the train groups becomes
+            the validation split (early stopping and model selection need it).
+        classes: keep only these labels (e.g. half of the classes for a class-disjoint study).
+        limit_per_class: keep at most this many images per class and split (tiny runs).
+        query_mode: ``all_vs_all`` (every eval image is a query against all others) or ``holdout``.
+        preset: augmentation preset for training (``fashion``, ``medical``, ``none``).
+        p, k: classes per batch and images per class (batch size = p x k).
+        batches_per_epoch: length of a training epoch in batches (default: one pass over the data).
+        eval_batch_size: batch size of val/test/predict loaders.
+        num_workers: DataLoader worker processes.
+        seed: seed for splits, subsampling and batch sampling.
+    """
+
+    def __init__(self, source: str = "fashion-mnist", root: str | None = None, split_mode: SplitMode = "as_is",
+                 fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), val_fraction: float = 0.1,
+                 classes: list[str] | None = None, limit_per_class: int | None = None,
+                 query_mode: QueryMode = "all_vs_all", preset: Preset = "none", p: int = 8, k: int = 4,
+                 batches_per_epoch: int | None = None, eval_batch_size: int = 128, num_workers: int = 0,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = source
+        self.root = root
+        self._records: pd.DataFrame | None = None
+        self._preprocessing: Any = None
+        self._class_to_idx: dict[str, int] = {}
+
+    @classmethod
+    def from_records(cls, records: pd.DataFrame, **kwargs: Any) -> RetrievalDataModule:
+        """A data module over an in-memory record table (programmatic use)."""
+        dm = cls(source="<records>", **kwargs)
+        dm._records = dm._prepare(records)
+        return dm
+
+    def _prepare(self, records: pd.DataFrame) -> pd.DataFrame:
+        from deepfeat.finetune.records import (
+            assign_query_gallery,
+            split_by_class,
+            split_by_group,
+            validate_records,
+        )
+
+        hp = self.hparams
+        df = validate_records(records, root=self.root, check_files=False)
+        if hp["classes"]:
+            wanted = {str(c) for c in hp["classes"]}
+            unknown = wanted - set(df["label"].astype(str))
+            if unknown:
+                raise DataError(f"classes {sorted(unknown)} are not in the data; it has {sorted(set(df['label']))}")
+            df = df[df["label"].astype(str).isin(wanted)]
+        if hp["split_mode"] == "by_class":
+            df = split_by_class(df, fractions=tuple(hp["fractions"]), seed=hp["seed"])
+        elif hp["split_mode"] == "by_group":
+            df = split_by_group(df, fractions=tuple(hp["fractions"]), seed=hp["seed"])
+        elif not (df["split"] == "val").any() and hp["val_fraction"] > 0:
+            train = df[df["split"] == "train"]
+            groups = train["group"].drop_duplicates().sample(frac=hp["val_fraction"], random_state=hp["seed"])
+            df = df.copy()
+            df.loc[(df["split"] == "train") & df["group"].isin(set(groups)), "split"] = "val"
+        df = _limit_per_class(df, hp["limit_per_class"], hp["seed"])
+        for split in ("val", "test"):
+            if (df["split"] == split).any():
+                df = assign_query_gallery(df, split=split, mode=hp["query_mode"], seed=hp["seed"])
+        return df.reset_index(drop=True)
+
+    @property
+    def records(self) -> pd.DataFrame:
+        """All records after filtering, splitting and query/gallery assignment."""
+        if self._records is None:
+            from deepfeat.finetune.records import read_records
+
+            self._records = self._prepare(read_records(self.source))
+        return self._records
+
+    def split_records(self, split: str) -> pd.DataFrame:
+        """The records of one split (``train``, ``val``, ``test``)."""
+        return self.records[self.records["split"] == split].reset_index(drop=True)
+
+    def eval_records(self, stage: str) -> pd.DataFrame:
+        """Records evaluated at ``stage`` (``val`` or ``test``), aligned with the loader's indices."""
+        return self.split_records(stage)
+
+    def set_preprocessing(self, preprocessing: Any) -> None:
+        """Use this preprocessing (otherwise it is read from the attached LightningModule)."""
+        self._preprocessing = preprocessing
+
+    def _pre(self) -> Any:
+        if self._preprocessing is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+            if module is None or not hasattr(module, "preprocessing"):
+                raise DataError("the data module needs the model's preprocessing: attach it to a Trainer with "
+                                "a MetricLearningModule, or call set_preprocessing(model.preprocessing)")
+            self._preprocessing = module.preprocessing
+        return self._preprocessing
+
+    @override
+    def setup(self, stage: str) -> None:
+        train = self.split_records("train")
+        self._class_to_idx = {c: i for i, c in enumerate(sorted(train["label"].astype(str).unique()))}
+
+    def dataset(self, split: str, *, train: bool = False) -> RecordDataset:
+        """A dataset over one split, with training augmentation or the eval pipeline."""
+        from deepfeat.finetune.transforms import build_transforms
+
+        preset = self.hparams["preset"] if train else "none"
+        tf = build_transforms(self._pre(), preset=preset, train=train)
+        return RecordDataset(self.split_records(split), tf, class_to_idx=self._class_to_idx or None, root=self.root)
+
+    @override
+    def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+        from deepfeat.finetune.sampler import PKSampler
+
+        ds = self.dataset("train", train=True)
+        hp = self.hparams
+        sampler = PKSampler(ds.labels, p=hp["p"], k=hp["k"], batches_per_epoch=hp["batches_per_epoch"], seed=hp["seed"])
+        if self.trainer is not None:
+            sampler.set_epoch(self.trainer.current_epoch)
+            if self.trainer.world_size > 1:
+                sampler.num_replicas, sampler.rank = self.trainer.world_size, self.trainer.global_rank
+        return make_loader(ds, batch_sampler=sampler, num_workers=hp["num_workers"])
+
+    def _eval_loader(self, split: str) -> DataLoader[dict[str, Any]]:
+        if not (self.records["split"] == split).any():
+            raise DataError(f"there is no {split!r} split in the data (splits: {sorted(set(self.records['split']))}); "
+                            f"choose split_mode 'by_class' or 'by_group', or give val_fraction > 0")
+        return make_loader(self.dataset(split), batch_size=self.hparams["eval_batch_size"],
+                           num_workers=self.hparams["num_workers"])
+
+    @override
+    def val_dataloader(self) -> DataLoader[dict[str, Any]]:
+        return self._eval_loader("val")
+
+    @override
+    def test_dataloader(self) -> DataLoader[dict[str, Any]]:
+        return self._eval_loader("test")

@@ -1,0 +1,75 @@
+"""Off-the-shelf vs fine-tuned: retrieval metrics of several models on the same query/gallery split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from deepfeat.finetune.data import RecordDataset, SkipReport, make_loader
+from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.model import EmbeddingModel, build_embedding_model
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def embed_records(model: EmbeddingModel, records: pd.DataFrame, *, batch_size: int = 128, num_workers: int = 0,
+                  root: str | None = None, report: SkipReport | None = None,
+                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Embed records with the model's own eval preprocessing.
+
+    Returns:
+        ``(embeddings, kept)``: float32 (n_kept, dim) and the positions (into ``records``) that decoded.
+    """
+    from deepfeat.finetune.transforms import build_transforms
+
+    records = records.reset_index(drop=True)
+    model = model.to(device).eval()
+    ds = RecordDataset(records, build_transforms(model.preprocessing, preset="none", train=False),
+                       class_to_idx={}, root=root)
+    out: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+    for batch in make_loader(ds, batch_size=batch_size, num_workers=num_workers):
+        for index, message in batch["errors"]:
+            if report is not None:
+                report.add(str(records.at[index, "id"]), str(records.at[index, "path"]) if "path" in records else "",
+                           message)
+        if batch["image"] is None:
+            continue
+        out.append(model(batch["image"].to(device)).float().cpu().numpy())
+        kept.append(batch["index"].numpy())
+    if not out:
+        raise DataError("no image of the evaluation split could be decoded; see the skip report")
+    return np.concatenate(out), np.concatenate(kept)
+
+
+def off_the_shelf(model: EmbeddingModel, weights: str = "imagenet") -> EmbeddingModel:
+    """The baseline every user already has: the same backbone's pooled pretrained features."""
+    cfg = model.backbone.config()
+    base = build_embedding_model(cfg["name"], weights, head="none", layers=cfg["layers"])
+    base.backbone.preprocessing = model.preprocessing
+    return base
+
+
+def evaluate_models(models: Mapping[str, EmbeddingModel], records: pd.DataFrame, *, batch_size: int = 128,
+                    num_workers: int = 0, root: str | None = None, exclude_same_group: bool = False,
+                    device: str | torch.device = "cpu") -> dict[str, dict[str, Any]]:
+    """Retrieval metrics of each model on ``records`` (one split, with is_query/is_gallery set)."""
+    from deepfeat.finetune.metrics import retrieval_metrics_from_records
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        emb, kept = embed_records(model, records, batch_size=batch_size, num_workers=num_workers, root=root,
+                                  device=device)
+        rows = records.reset_index(drop=True).iloc[kept]
+        metrics = retrieval_metrics_from_records(emb, rows, exclude_same_group=exclude_same_group)
+        metrics["seconds"] = time.perf_counter() - start
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        results[name] = metrics
+    return results
