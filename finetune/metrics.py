@@ -9,13 +9,13 @@ depend on the chunk size.
 Definitions, for one query with ``R`` relevant gallery items (same label, not excluded) and
 ``rel(i) = 1`` when the item at rank ``i`` (1-based) is relevant, ``P(i) = (1/i) sum_{j<=i} rel(j)``:
 
-* ``recall@k``: 1 if at least one relevant item is in the top ``k``, else 0 (the "Recall@K" of metric
+* ``recall_at_k``: 1 if at least one relevant item is in the top ``k``, else 0 (the "Recall@K" of metric
   learning papers, e.g. Song et al. 2016, "Deep Metric Learning via Lifted Structured Feature
   Embedding"; the CMC curve at ``k`` of re-identification). Not the IR recall ``hits/R``.
-* ``precision@k``: ``(1/k) sum_{i<=k} rel(i)`` (Manning, Raghavan & Schütze 2008, "Introduction to
+* ``precision_at_k``: ``(1/k) sum_{i<=k} rel(i)`` (Manning, Raghavan & Schütze 2008, "Introduction to
   Information Retrieval", §8.4). OML divides by ``min(k, R)`` instead; we keep the textbook one.
-* ``r_precision``: ``precision@R`` (Musgrave, Belongie & Lim 2020, "A Metric Learning Reality Check").
-* ``map@r``: ``(1/R) sum_{i<=R} P(i) rel(i)`` (Musgrave et al. 2020, §3.2).
+* ``r_precision``: ``precision_at_R`` (Musgrave, Belongie & Lim 2020, "A Metric Learning Reality Check").
+* ``map_at_r``: ``(1/R) sum_{i<=R} P(i) rel(i)`` (Musgrave et al. 2020, §3.2).
 * ``map``: average precision over the whole ranked gallery, ``(1/R) sum_{i<=n_gallery} P(i) rel(i)``
   (Manning et al. 2008, §8.4), averaged over queries.
 
@@ -45,7 +45,14 @@ KeysLike = np.ndarray | torch.Tensor | pd.Series | Sequence[str] | Sequence[int]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 COUNT_KEYS: tuple[str, ...] = ("n_queries", "n_gallery", "n_queries_without_positive")
-DEFAULT_TABLE_KEYS: tuple[str, ...] = ("recall@1", "recall@5", "recall@10", "precision@5", "map@r", "map")
+DEFAULT_TABLE_KEYS: tuple[str, ...] = (
+    "recall_at_1",
+    "recall_at_5",
+    "recall_at_10",
+    "precision_at_5",
+    "map_at_r",
+    "map",
+)
 RECORD_COLUMNS: tuple[str, ...] = ("is_query", "is_gallery", "label", "id")
 
 # One chunk's working set is ~20 bytes per (query, gallery) pair: scores (4), the argsort's values and
@@ -84,7 +91,7 @@ def retrieval_metrics(
             the query's own id is removed from that query's ranking (leave-one-out, for a query that is
             also in the gallery). Give both or neither.
         gallery_ids: ids of the gallery items.
-        ks: the cut-offs of ``recall@k`` and ``precision@k``; positive ints.
+        ks: the cut-offs of ``recall_at_k`` and ``precision_at_k``; positive ints.
         metric: ``cosine`` (higher cosine similarity ranks first) or ``euclidean`` (smaller L2 distance
             ranks first). On L2-normalised vectors both give the same ranking.
         chunk_size: most queries scored at once. It is lowered automatically so that one chunk stays
@@ -97,8 +104,8 @@ def retrieval_metrics(
         device: where to compute; ``None`` uses the device of ``query_emb`` when it is a tensor, else CPU.
 
     Returns:
-        A flat dict: ``recall@k`` and ``precision@k`` for each ``k`` in ``ks``, ``r_precision``,
-        ``map@r``, ``map`` (floats in [0, 1]; NaN when no query has a relevant item), and the counts
+        A flat dict: ``recall_at_k`` and ``precision_at_k`` for each ``k`` in ``ks``, ``r_precision``,
+        ``map_at_r``, ``map`` (floats in [0, 1]; NaN when no query has a relevant item), and the counts
         ``n_queries``, ``n_gallery``, ``n_queries_without_positive`` (ints).
 
     Raises:
@@ -342,7 +349,11 @@ def format_metrics_table(
 
 
 def _metric_keys(ks: Sequence[int]) -> list[str]:
-    return [f"recall@{k}" for k in ks] + [f"precision@{k}" for k in ks] + ["r_precision", "map@r", "map"]
+    return (
+        [f"recall_at_{k}" for k in ks]
+        + [f"precision_at_{k}" for k in ks]
+        + ["r_precision", "map_at_r", "map"]
+    )
 
 
 def _rank_and_score(
@@ -368,13 +379,15 @@ def _rank_and_score(
     out: dict[str, float] = {"_n": float(n)}
     out["map"] = float((precision_at_hit.sum(dim=1) / n_pos_f).double().sum())
     within_r = ranks[None, :] <= n_pos_f[:, None]
-    out["map@r"] = float((precision_at_hit.masked_fill_(~within_r, 0.0).sum(dim=1) / n_pos_f).double().sum())
+    out["map_at_r"] = float(
+        (precision_at_hit.masked_fill_(~within_r, 0.0).sum(dim=1) / n_pos_f).double().sum()
+    )
     hits_at_r = hits.gather(1, (n_pos - 1).clamp(max=n_g - 1)[:, None]).squeeze(1)
     out["r_precision"] = float((hits_at_r.double() / n_pos.double()).sum())
     for k in ks:
         hits_at_k = hits[:, min(k, n_g) - 1]
-        out[f"recall@{k}"] = float((hits_at_k > 0).sum())
-        out[f"precision@{k}"] = float(hits_at_k.double().sum() / k)
+        out[f"recall_at_{k}"] = float((hits_at_k > 0).sum())
+        out[f"precision_at_{k}"] = float(hits_at_k.double().sum() / k)
     return out
 
 

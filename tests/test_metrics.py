@@ -1,4 +1,4 @@
-"""Tests of deepfeat.finetune.metrics: hand-computed cases, a naive full-matrix reference, exclusions, errors."""
+"""Tests of deepfeat.finetune.metrics: hand-computed cases, a naive full-matrix reference, exclusions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from deepfeat.finetune import metrics as metrics_module
 from deepfeat.finetune.errors import DataError
 from deepfeat.finetune.metrics import (
@@ -32,16 +31,16 @@ KS = (1, 2, 5, 10)
 # q2 (c) has no positive: skipped, counted.
 # Means over q0, q1:
 HAND_EXPECTED = {
-    "recall@1": 0.5,
-    "recall@2": 1.0,
-    "recall@5": 1.0,
-    "recall@10": 1.0,
-    "precision@1": 0.5,
-    "precision@2": 0.5,
-    "precision@5": 0.5,
-    "precision@10": 0.25,
+    "recall_at_1": 0.5,
+    "recall_at_2": 1.0,
+    "recall_at_5": 1.0,
+    "recall_at_10": 1.0,
+    "precision_at_1": 0.5,
+    "precision_at_2": 0.5,
+    "precision_at_5": 0.5,
+    "precision_at_10": 0.25,
     "r_precision": (2 / 3 + 1 / 2) / 2,
-    "map@r": ((1 + 2 / 3) / 3 + 0.25) / 2,
+    "map_at_r": ((1 + 2 / 3) / 3 + 0.25) / 2,
     "map": ((1 + 2 / 3 + 3 / 5) / 3 + 0.5) / 2,
     "n_queries": 3,
     "n_gallery": 5,
@@ -58,7 +57,7 @@ def _on_line(x: np.ndarray) -> np.ndarray:
 
 
 def _on_arc(x: np.ndarray) -> np.ndarray:
-    """Points on the unit circle, 20 degrees per unit of x: the cosine ranking equals the ranking on the line."""
+    """Points on the unit circle, 20 degrees per unit of x: cosine ranks them as x ranks on the line."""
     angle = np.deg2rad(20.0 * x)
     return np.stack([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
 
@@ -113,15 +112,19 @@ def naive_metrics(
         precision_at = np.cumsum(rel) / np.arange(1, len(rel) + 1)
         values = {
             "map": float((precision_at * rel).sum() / r),
-            "map@r": float((precision_at[:r] * rel[:r]).sum() / r),
+            "map_at_r": float((precision_at[:r] * rel[:r]).sum() / r),
             "r_precision": float(rel[:r].sum() / r),
         }
         for k in ks:
-            values[f"recall@{k}"] = float(rel[:k].sum() > 0)
-            values[f"precision@{k}"] = float(rel[:k].sum() / k)
+            values[f"recall_at_{k}"] = float(rel[:k].sum() > 0)
+            values[f"precision_at_{k}"] = float(rel[:k].sum() / k)
         for key, v in values.items():
             sums[key] = sums.get(key, 0.0) + v
-    keys = [f"recall@{k}" for k in ks] + [f"precision@{k}" for k in ks] + ["r_precision", "map@r", "map"]
+    keys = (
+        [f"recall_at_{k}" for k in ks]
+        + [f"precision_at_{k}" for k in ks]
+        + ["r_precision", "map_at_r", "map"]
+    )
     out: dict[str, float] = {k: sums[k] / n_eval if n_eval else math.nan for k in keys}
     out["n_queries"] = len(q)
     out["n_gallery"] = len(g)
@@ -158,7 +161,12 @@ def test_hand_computed_example(metric: str, embed) -> None:
 
 def test_hand_computed_example_matches_naive_reference() -> None:
     naive = naive_metrics(
-        _on_line(QUERY_X), np.array(QUERY_LABELS), _on_line(GALLERY_X), np.array(GALLERY_LABELS), KS, "euclidean"
+        _on_line(QUERY_X),
+        np.array(QUERY_LABELS),
+        _on_line(GALLERY_X),
+        np.array(GALLERY_LABELS),
+        KS,
+        "euclidean",
     )
     _assert_metrics(naive, HAND_EXPECTED)
 
@@ -166,9 +174,19 @@ def test_hand_computed_example_matches_naive_reference() -> None:
 def test_default_keys() -> None:
     got = retrieval_metrics(_on_line(QUERY_X), QUERY_LABELS, _on_line(GALLERY_X), GALLERY_LABELS)
     assert list(got) == [
-        "recall@1", "recall@5", "recall@10", "precision@1", "precision@5", "precision@10",
-        "r_precision", "map@r", "map", "n_queries", "n_gallery", "n_queries_without_positive",
-    ]  # fmt: skip
+        "recall_at_1",
+        "recall_at_5",
+        "recall_at_10",
+        "precision_at_1",
+        "precision_at_5",
+        "precision_at_10",
+        "r_precision",
+        "map_at_r",
+        "map",
+        "n_queries",
+        "n_gallery",
+        "n_queries_without_positive",
+    ]
 
 
 def test_perfect_and_worst_rankings() -> None:
@@ -176,14 +194,21 @@ def test_perfect_and_worst_rankings() -> None:
     g = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1]], dtype=np.float32)
     labels = ["x", "x", "y", "y"]
     perfect = retrieval_metrics(g, labels, g, labels, query_ids=[0, 1, 2, 3], gallery_ids=[0, 1, 2, 3])
-    assert perfect["map"] == perfect["map@r"] == perfect["recall@1"] == perfect["r_precision"] == 1.0
-    assert perfect["precision@5"] == pytest.approx(1 / 5)  # one positive per query, divided by k
-    # Each query's only positive is ranked last of the three candidates: AP = 1/3, MAP@R = 0.
-    worst = retrieval_metrics(g, ["x", "y", "x", "y"], g, ["x", "y", "x", "y"], query_ids=[0, 1, 2, 3],
-                              gallery_ids=[0, 1, 2, 3], ks=(1, 3))  # fmt: skip
+    assert perfect["map"] == perfect["map_at_r"] == perfect["recall_at_1"] == perfect["r_precision"] == 1.0
+    assert perfect["precision_at_5"] == pytest.approx(1 / 5)  # one positive per query, divided by k
+    # Gallery x = 0 (a), 1 (b), 2 (c). Query x=0 (c) ranks a b c, query x=2 (a) ranks c b a: the only
+    # positive is last, so AP = 1/3, MAP@R = R-precision = recall@1 = 0, recall@3 = 1.
+    worst = retrieval_metrics(
+        _on_line(np.array([0.0, 2.0])),
+        ["c", "a"],
+        _on_line(np.array([0.0, 1.0, 2.0])),
+        ["a", "b", "c"],
+        metric="euclidean",
+        ks=(1, 3),
+    )
     assert worst["map"] == pytest.approx(1 / 3)
-    assert worst["map@r"] == worst["recall@1"] == worst["r_precision"] == 0.0
-    assert worst["recall@3"] == 1.0
+    assert worst["map_at_r"] == worst["recall_at_1"] == worst["r_precision"] == 0.0
+    assert worst["recall_at_3"] == 1.0
 
 
 # --- agreement with the naive reference ---------------------------------------------------------------
@@ -231,9 +256,11 @@ def test_torch_inputs_and_int_labels_match_numpy() -> None:
     p = _random_problem(seed=11)
     from_numpy = retrieval_metrics(p["q"], p["ql"], p["g"], p["gl"])
     from_torch = retrieval_metrics(
-        torch.from_numpy(p["q"]), torch.from_numpy(p["ql"]), torch.from_numpy(p["g"]).double(),
+        torch.from_numpy(p["q"]),
+        torch.from_numpy(p["ql"]),
+        torch.from_numpy(p["g"]).double(),
         torch.from_numpy(p["gl"]),
-    )  # fmt: skip
+    )
     as_str = retrieval_metrics(p["q"], p["ql"].astype(str), p["g"], [str(x) for x in p["gl"]])
     _assert_metrics(from_torch, from_numpy)
     _assert_metrics(as_str, from_numpy)
@@ -241,7 +268,9 @@ def test_torch_inputs_and_int_labels_match_numpy() -> None:
 
 def test_int_query_labels_match_str_gallery_labels(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.metrics"):
-        got = retrieval_metrics(_on_line(QUERY_X[:2]), [0, 1], _on_line(GALLERY_X), ["0", "1", "0", "1", "0"])
+        got = retrieval_metrics(
+            _on_line(QUERY_X[:2]), [0, 1], _on_line(GALLERY_X), ["0", "1", "0", "1", "0"], metric="euclidean"
+        )
     assert "comparing them as strings" in caplog.text
     assert got["map"] == pytest.approx(HAND_EXPECTED["map"])
 
@@ -254,7 +283,9 @@ def test_cosine_and_euclidean_agree_on_normalised_vectors() -> None:
     q = p["q"] / np.linalg.norm(p["q"], axis=1, keepdims=True)
     g = p["g"] / np.linalg.norm(p["g"], axis=1, keepdims=True)
     cos = retrieval_metrics(q, p["ql"], g, p["gl"], query_ids=p["qid"], gallery_ids=p["gid"], metric="cosine")
-    euc = retrieval_metrics(q, p["ql"], g, p["gl"], query_ids=p["qid"], gallery_ids=p["gid"], metric="euclidean")
+    euc = retrieval_metrics(
+        q, p["ql"], g, p["gl"], query_ids=p["qid"], gallery_ids=p["gid"], metric="euclidean"
+    )
     _assert_metrics(euc, cos)
 
 
@@ -264,8 +295,8 @@ def test_cosine_and_euclidean_differ_on_unnormalised_vectors() -> None:
     q = np.array([[9.0, 0.0]], dtype=np.float32)
     cos = retrieval_metrics(q, ["b"], g, ["a", "b"], metric="cosine", ks=(1,))
     euc = retrieval_metrics(q, ["b"], g, ["a", "b"], metric="euclidean", ks=(1,))
-    assert cos["recall@1"] == 0.0  # a tie, broken by gallery order
-    assert euc["recall@1"] == 1.0
+    assert cos["recall_at_1"] == 0.0  # a tie, broken by gallery order
+    assert euc["recall_at_1"] == 1.0
 
 
 # --- exclusions ---------------------------------------------------------------------------------------
@@ -281,23 +312,31 @@ def test_leave_one_out_excludes_the_query_itself() -> None:
     ids = ["i0", "i1", "i2", "i3"]
     kept = retrieval_metrics(x, labels, x, labels, query_ids=ids, gallery_ids=ids, metric="euclidean")
     assert kept["map"] == pytest.approx(5 / 12)
-    assert kept["recall@1"] == 0.0
-    assert kept["map@r"] == 0.0
+    assert kept["recall_at_1"] == 0.0
+    assert kept["map_at_r"] == 0.0
     assert kept["n_queries_without_positive"] == 0
-    off = retrieval_metrics(x, labels, x, labels, query_ids=ids, gallery_ids=ids, metric="euclidean",
-                            exclude_same_id=False)  # fmt: skip
+    off = retrieval_metrics(
+        x, labels, x, labels, query_ids=ids, gallery_ids=ids, metric="euclidean", exclude_same_id=False
+    )
     no_ids = retrieval_metrics(x, labels, x, labels, metric="euclidean")
-    assert off["recall@1"] == no_ids["recall@1"] == 1.0
+    assert off["recall_at_1"] == no_ids["recall_at_1"] == 1.0
 
 
 def test_leave_one_out_can_leave_a_query_without_positive(caplog: pytest.LogCaptureFixture) -> None:
     x = _on_line(np.array([0.0, 1.0, 2.0]))
     with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.metrics"):
-        got = retrieval_metrics(x, ["a", "a", "solo"], x, ["a", "a", "solo"], query_ids=[1, 2, 3],
-                                gallery_ids=[1, 2, 3], metric="euclidean")  # fmt: skip
+        got = retrieval_metrics(
+            x,
+            ["a", "a", "solo"],
+            x,
+            ["a", "a", "solo"],
+            query_ids=[1, 2, 3],
+            gallery_ids=[1, 2, 3],
+            metric="euclidean",
+        )
     assert got["n_queries_without_positive"] == 1
     assert "1 of 3 queries" in caplog.text and "own id" in caplog.text
-    assert got["recall@1"] == 1.0
+    assert got["recall_at_1"] == 1.0
 
 
 def test_group_exclusion_removes_the_same_patient() -> None:
@@ -307,26 +346,43 @@ def test_group_exclusion_removes_the_same_patient() -> None:
     gl = ["sick", "healthy", "healthy", "sick"]
     g_groups = ["p1", "p1", "p2", "p2"]
     q = _on_line(np.array([0.0]))
-    with_group = retrieval_metrics(q, ["sick"], g, gl, query_groups=["p1"], gallery_groups=g_groups,
-                                   exclude_same_group=True, metric="euclidean", ks=(1, 2))  # fmt: skip
+    with_group = retrieval_metrics(
+        q,
+        ["sick"],
+        g,
+        gl,
+        query_groups=["p1"],
+        gallery_groups=g_groups,
+        exclude_same_group=True,
+        metric="euclidean",
+        ks=(1, 2),
+    )
     # Remaining ranking: 3.0 (healthy), 5.0 (sick): R = 1, AP = 1/2, recall@1 = 0, recall@2 = 1.
     assert with_group["map"] == pytest.approx(0.5)
-    assert with_group["recall@1"] == 0.0 and with_group["recall@2"] == 1.0
+    assert with_group["recall_at_1"] == 0.0 and with_group["recall_at_2"] == 1.0
     # Groups given but not excluded: p1's sick image at rank 1. Ranking: s h h s, R = 2,
     # AP = (1/1 + 2/4)/2 = 0.75.
-    without = retrieval_metrics(q, ["sick"], g, gl, query_groups=["p1"], gallery_groups=g_groups,
-                                metric="euclidean", ks=(1, 2))  # fmt: skip
+    without = retrieval_metrics(
+        q, ["sick"], g, gl, query_groups=["p1"], gallery_groups=g_groups, metric="euclidean", ks=(1, 2)
+    )
     assert without["map"] == pytest.approx(0.75)
-    assert without["recall@1"] == 1.0
+    assert without["recall_at_1"] == 1.0
 
 
 def test_group_exclusion_can_remove_every_positive(caplog: pytest.LogCaptureFixture) -> None:
     g = _on_line(np.array([0.0, 1.0]))
     with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.metrics"):
-        got = retrieval_metrics(g, ["a", "b"], g, ["a", "b"], query_groups=["p", "q"], gallery_groups=["p", "q"],
-                                exclude_same_group=True)  # fmt: skip
+        got = retrieval_metrics(
+            g,
+            ["a", "b"],
+            g,
+            ["a", "b"],
+            query_groups=["p", "q"],
+            gallery_groups=["p", "q"],
+            exclude_same_group=True,
+        )
     assert got["n_queries_without_positive"] == 2
-    assert math.isnan(got["map"]) and math.isnan(got["recall@1"])
+    assert math.isnan(got["map"]) and math.isnan(got["recall_at_1"])
     assert "2 of 2 queries" in caplog.text and "group" in caplog.text
 
 
@@ -352,8 +408,15 @@ def test_from_records_matches_explicit_call() -> None:
     emb, df = _records()
     test = df["split"] == "test"
     q, g = (test & df["is_query"]).to_numpy(), (test & df["is_gallery"]).to_numpy()
-    expected = retrieval_metrics(emb[q], df["label"][q], emb[g], df["label"][g], query_ids=df["id"][q],
-                                 gallery_ids=df["id"][g], metric="euclidean")  # fmt: skip
+    expected = retrieval_metrics(
+        emb[q],
+        df["label"][q],
+        emb[g],
+        df["label"][g],
+        query_ids=df["id"][q],
+        gallery_ids=df["id"][g],
+        metric="euclidean",
+    )
     got = retrieval_metrics_from_records(emb, df, split="test", metric="euclidean")
     assert got == expected
     assert got["n_queries"] == 4 and got["n_gallery"] == 5
@@ -365,7 +428,9 @@ def test_from_records_group_exclusion_and_all_splits() -> None:
     emb, df = _records()
     # i0's nearest same-label item is i4 (x=0.5), of the same group p0: excluding groups changes i0's AP.
     plain = retrieval_metrics_from_records(emb, df, split="test", metric="euclidean")
-    grouped = retrieval_metrics_from_records(emb, df, split="test", metric="euclidean", exclude_same_group=True)
+    grouped = retrieval_metrics_from_records(
+        emb, df, split="test", metric="euclidean", exclude_same_group=True
+    )
     assert grouped["map"] < plain["map"]
     everything = retrieval_metrics_from_records(emb, df, metric="euclidean")
     assert everything["n_queries"] == 5 and everything["n_gallery"] == 6
@@ -375,7 +440,7 @@ def test_from_records_errors() -> None:
     emb, df = _records()
     with pytest.raises(DataError, match=r"lacks the column\(s\) \['is_query'\]"):
         retrieval_metrics_from_records(emb, df.drop(columns="is_query"))
-    with pytest.raises(DataError, match="emb has 5 rows .* records_df has 6"):
+    with pytest.raises(DataError, match=r"emb has 5 rows .* records_df has 6"):
         retrieval_metrics_from_records(emb[:5], df)
     with pytest.raises(DataError, match=r"no records in split 'val'.*\['test', 'train'\]"):
         retrieval_metrics_from_records(emb, df, split="val")
@@ -395,8 +460,14 @@ def test_error_label_length_mismatch() -> None:
     with pytest.raises(DataError, match=r"gallery_labels .* \(4\); received shape \(3,\)"):
         retrieval_metrics(np.ones((2, 3)), ["a", "b"], np.ones((4, 3)), ["a", "b", "c"])
     with pytest.raises(DataError, match=r"query_ids .* \(2\); received shape \(1,\)"):
-        retrieval_metrics(np.ones((2, 3)), ["a", "b"], np.ones((4, 3)), list("abcd"), query_ids=["x"],
-                          gallery_ids=list("abcd"))  # fmt: skip
+        retrieval_metrics(
+            np.ones((2, 3)),
+            ["a", "b"],
+            np.ones((4, 3)),
+            list("abcd"),
+            query_ids=["x"],
+            gallery_ids=list("abcd"),
+        )
 
 
 def test_error_empty_gallery_and_no_queries() -> None:
@@ -446,18 +517,21 @@ def test_error_arguments() -> None:
 
 def test_format_metrics_table_with_delta() -> None:
     rows = {
-        "off-the-shelf": {"recall@1": 0.5, "map@r": 0.25, "n_queries": 10},
-        "fine-tuned": {"recall@1": 0.75, "map@r": 0.2, "n_queries": 10},
+        "off-the-shelf": {"recall_at_1": 0.5, "map_at_r": 0.25, "n_queries": 10},
+        "fine-tuned": {"recall_at_1": 0.75, "map_at_r": 0.2, "n_queries": 10},
     }
-    text = format_metrics_table(rows, keys=["recall@1", "map@r", "map", "n_queries"], delta=True)
+    text = format_metrics_table(rows, keys=["recall_at_1", "map_at_r", "map", "n_queries"], delta=True)
     lines = text.splitlines()
-    assert lines[0].split() == ["recall@1", "map@r", "map", "n_queries"]
+    assert lines[0].split() == ["recall_at_1", "map_at_r", "map", "n_queries"]
     assert lines[1].split() == ["off-the-shelf", "0.5000", "0.2500", "-", "10"]
     assert lines[2].split() == ["fine-tuned", "0.7500", "0.2000", "-", "10"]
     assert lines[3].split() == ["delta", "+0.2500", "-0.0500", "-", "+0"]
     # columns are right-aligned: every value ends where its header ends
-    header_end = lines[0].index("map@r") + len("map@r")
-    assert all(line[:header_end].endswith(value) for line, value in zip(lines[1:], ["0.2500", "0.2000", "-0.0500"]))
+    header_end = lines[0].index("map_at_r") + len("map_at_r")
+    assert all(
+        line[:header_end].endswith(value)
+        for line, value in zip(lines[1:], ["0.2500", "0.2000", "-0.0500"], strict=True)
+    )
 
 
 def test_format_metrics_table_all_keys_and_errors() -> None:
@@ -470,3 +544,26 @@ def test_format_metrics_table_all_keys_and_errors() -> None:
         format_metrics_table({})
     with pytest.raises(DataError, match="two rows"):
         format_metrics_table({"model": result}, delta=True)
+
+
+# --- GPU ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="compares the CUDA path with the CPU one; needs a GPU"
+)
+def test_cuda_matches_cpu() -> None:
+    p = _random_problem(seed=7, n_q=300, n_g=2000, dim=32)
+    kwargs = {
+        "query_ids": p["qid"],
+        "gallery_ids": p["gid"],
+        "query_groups": p["qgrp"],
+        "gallery_groups": p["ggrp"],
+        "exclude_same_group": True,
+    }
+    cpu = retrieval_metrics(p["q"], p["ql"], p["g"], p["gl"], chunk_size=64, **kwargs)
+    gpu = retrieval_metrics(
+        torch.from_numpy(p["q"]).cuda(), p["ql"], p["g"], p["gl"], chunk_size=64, **kwargs
+    )
+    _assert_metrics(gpu, cpu)
