@@ -15,9 +15,12 @@ Definitions, for one query with ``R`` relevant gallery items (same label, not ex
 * ``precision_at_k``: ``(1/k) sum_{i<=k} rel(i)`` (Manning, Raghavan & Schütze 2008, "Introduction to
   Information Retrieval", §8.4). OML divides by ``min(k, R)`` instead; we keep the textbook one.
 * ``r_precision``: ``precision_at_R`` (Musgrave, Belongie & Lim 2020, "A Metric Learning Reality Check").
-* ``map_at_r``: ``(1/R) sum_{i<=R} P(i) rel(i)`` (Musgrave et al. 2020, §3.2).
+* ``map_at_r``: ``(1/R) sum_{i<=R} P(i) rel(i)`` (Musgrave et al. 2020).
 * ``map``: average precision over the whole ranked gallery, ``(1/R) sum_{i<=n_gallery} P(i) rel(i)``
   (Manning et al. 2008, §8.4), averaged over queries.
+
+Keys say ``_at_`` rather than ``@`` so that they are valid metric names for every Lightning logger
+(MLflow rejects ``@``) and can be monitored as ``val/map_at_r``.
 
 Each value is the mean over the queries that have at least one relevant item; queries without one are
 counted in ``n_queries_without_positive``, logged as a warning and left out of every mean. Ties in

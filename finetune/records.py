@@ -152,9 +152,7 @@ def validate_records(
     return out
 
 
-def _normalise(
-    df: pd.DataFrame, *, root: str | os.PathLike[str] | None, check_files: bool
-) -> pd.DataFrame:
+def _normalise(df: pd.DataFrame, *, root: str | os.PathLike[str] | None, check_files: bool) -> pd.DataFrame:
     if not isinstance(df, pd.DataFrame):
         raise DataError(f"records must be a pandas DataFrame, got {type(df).__name__}")
     if len(df) == 0:
@@ -404,7 +402,11 @@ def _bool_values(series: pd.Series, column: str, ids: Sequence[str]) -> list[boo
         if isinstance(value, (bool, np.bool_)):
             result.append(bool(value))
             continue
-        if isinstance(value, (int, float, np.integer, np.floating)) and not _is_missing(value) and value in (0, 1):
+        if (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not _is_missing(value)
+            and value in (0, 1)
+        ):
             result.append(bool(value))
             continue
         text = str(value).strip().lower() if isinstance(value, str) else None
@@ -475,7 +477,7 @@ def check_retrievable(df: pd.DataFrame, split: Split | str) -> int:
             "needs both: call assign_query_gallery(df, split=...)"
         )
     per_label = gallery["label"].value_counts()
-    available = queries["label"].map(per_label).fillna(0).to_numpy(dtype=np.int64)
+    available = queries["label"].map(per_label).fillna(0).to_numpy(dtype=np.int64, copy=True)
     available -= queries["is_gallery"].astype(bool).to_numpy(dtype=np.int64)  # a query never matches itself
     scoring = int((available > 0).sum())
     if scoring == 0:
@@ -566,7 +568,9 @@ def read_image_folder(
                 )
                 found += 1
         if found == 0:
-            logger.warning("class folder %r holds no image with extensions %s", class_dir.name, sorted(wanted))
+            logger.warning(
+                "class folder %r holds no image with extensions %s", class_dir.name, sorted(wanted)
+            )
     if skipped:
         logger.info("skipped %d file(s) without an image extension under %s", skipped, base)
     if not rows:
@@ -610,7 +614,9 @@ def read_manifest(
         elif suffix in (".parquet", ".pq"):
             df = pd.read_parquet(file)
         else:
-            raise DataError(f"manifest {str(file)!r} must end in .csv or .parquet, got {suffix or 'no suffix'!r}")
+            raise DataError(
+                f"manifest {str(file)!r} must end in .csv or .parquet, got {suffix or 'no suffix'!r}"
+            )
     except DataError:
         raise
     except Exception as exc:
@@ -665,14 +671,11 @@ def read_hf_dataset(
         try:
             source = datasets.load_from_disk(os.fspath(folder))
         except Exception as exc:
-            raise DataError(
-                f"cannot open {os.fspath(source)!r} with datasets.load_from_disk: {exc}"
-            ) from exc
+            raise DataError(f"cannot open {os.fspath(source)!r} with datasets.load_from_disk: {exc}") from exc
 
     if isinstance(source, datasets.DatasetDict):
         parts = [
-            _hf_frame(part, image_column, label_column, split_name=str(name))
-            for name, part in source.items()
+            _hf_frame(part, image_column, label_column, split_name=str(name)) for name, part in source.items()
         ]
         if not parts:
             raise DataError("the DatasetDict holds no splits")
@@ -832,7 +835,9 @@ def _read_idx(file: Path, *, magic: int) -> np.ndarray:
         raise DataError(f"cannot read {str(file)!r}: {exc}; reinstall dataset-fashion-mnist") from exc
     found = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
     if found != magic:
-        raise DataError(f"{str(file)!r} is not an idx file (magic {found}, expected {magic}); corrupt download")
+        raise DataError(
+            f"{str(file)!r} is not an idx file (magic {found}, expected {magic}); corrupt download"
+        )
     ndim = magic & 0xFF
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
@@ -923,7 +928,10 @@ def _warn_empty_splits(df: pd.DataFrame, fractions: tuple[float, float, float], 
     for name, fraction in zip(SPLITS, fractions, strict=True):
         if fraction > 0 and not (df["split"] == name).any():
             logger.warning(
-                "split %r is empty although its fraction is %.3g: too few %s to share out", name, fraction, unit
+                "split %r is empty although its fraction is %.3g: too few %s to share out",
+                name,
+                fraction,
+                unit,
             )
 
 
@@ -1036,7 +1044,9 @@ def split_by_group(
     out["split"] = out["group"].map(assignment)
     out = _reset_query_gallery(out)
     _warn_empty_splits(out, parts, "groups")
-    logger.info("split_by_group: %s images in train/val/test", [int((out["split"] == s).sum()) for s in SPLITS])
+    logger.info(
+        "split_by_group: %s images in train/val/test", [int((out["split"] == s).sum()) for s in SPLITS]
+    )
     return out
 
 
@@ -1164,7 +1174,10 @@ def write_manifest(
         out = out.drop(columns=["image"])
     else:
         out["image"] = pd.Series(
-            [_encode_array(v, i) if isinstance(v, np.ndarray) else v for v, i in zip(out["image"], out["id"], strict=True)],
+            [
+                _encode_array(v, i) if isinstance(v, np.ndarray) else v
+                for v, i in zip(out["image"], out["id"], strict=True)
+            ],
             dtype=object,
             index=out.index,
         )
@@ -1202,9 +1215,9 @@ def _encode_array(array: np.ndarray, record_id: str) -> bytes:
     from PIL import Image
 
     pixels = array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array
-    ok = (pixels.dtype == np.uint8 and (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4)))) or (
-        pixels.dtype == np.uint16 and pixels.ndim == 2
-    )
+    ok = (
+        pixels.dtype == np.uint8 and (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4)))
+    ) or (pixels.dtype == np.uint16 and pixels.ndim == 2)
     if not ok:
         raise DataError(
             f"record {record_id!r}: cannot store a {pixels.dtype} array of shape {tuple(array.shape)} as "

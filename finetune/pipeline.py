@@ -1,0 +1,193 @@
+"""One obvious path through fine-tuning, safe by default.
+
+``finetune`` trains with the defaults that keep a pretrained backbone's geometry (frozen-backbone
+warm-up, geometry-preserving head, low backbone learning rate, EMA of the weights, model selection
+on the validation split) and then *guards* the result: if the fine-tuned model does not beat the
+off-the-shelf features on validation, the off-the-shelf model is kept and the result says so. A
+user never gets a model that retrieves worse than what they already had, on the data they can see.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, EarlyStopping, ModelCheckpoint
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.miners import BaseMiner
+
+from deepfeat.finetune.bundle import export_bundle
+from deepfeat.finetune.cli import load_module_weights
+from deepfeat.finetune.datamodule import Preset, RetrievalDataModule
+from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
+from deepfeat.finetune.model import EmbeddingModel, HeadType
+from deepfeat.finetune.module import FreezeBackbone, MetricLearningModule
+
+log = logging.getLogger(__name__)
+
+SELECT_KEY = "map_at_r"
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything ``finetune`` needs; the defaults are the safe ones (see the module docstring)."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "imagenet"
+    image_size: int | None = 64
+    head: HeadType = "linear"
+    embedding_dim: int | None = 256
+    lr: float = 1e-4
+    head_lr: float | None = 1e-3
+    loss_lr: float | None = 1e-2
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    l2sp: float = 0.0
+    freeze_bn: bool = True
+    freeze_epochs: int = 1
+    ema_decay: float | None = 0.99
+    max_epochs: int = 6
+    max_minutes: float | None = None
+    batches_per_epoch: int | None = 60
+    p: int = 10
+    k: int = 6
+    preset: Preset = "fashion"
+    num_workers: int = 2
+    eval_batch_size: int = 256
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    seed: int = 0
+    patience: int = 3
+    guard: bool = True
+    exclude_same_group: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (for model cards)."""
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` produced."""
+
+    model: EmbeddingModel
+    chosen: Literal["fine-tuned", "off-the-shelf"]
+    val: dict[str, dict[str, Any]]
+    seconds: float
+    epochs: int
+    steps: int
+    best_checkpoint: str | None
+    bundle: Path | None = None
+    message: str = ""
+
+
+class _StopAfter(Callback):
+    """Stop after a wall-clock budget, measured from the first training batch (not data loading)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self.start: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+        elif time.perf_counter() - self.start > self.seconds:
+            trainer.should_stop = True
+
+
+def make_datamodule(records: pd.DataFrame, settings: FinetuneSettings, **data_kwargs: Any) -> RetrievalDataModule:
+    """A data module over ``records`` with the settings' batch shape and preset."""
+    kw: dict[str, Any] = {"p": settings.p, "k": settings.k, "batches_per_epoch": settings.batches_per_epoch,
+                          "preset": settings.preset, "num_workers": settings.num_workers,
+                          "eval_batch_size": settings.eval_batch_size, "seed": settings.seed}
+    kw.update(data_kwargs)
+    return RetrievalDataModule.from_records(records, **kw)
+
+
+def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str | Path, *,
+             loss: BaseMetricLossFunction | None = None, miner: BaseMiner | None = None,
+             bundle_name: str | None = None, progress: bool = False) -> FinetuneResult:
+    """Fine-tune on ``dm``'s train split, select on its val split, guard against the baseline, export.
+
+    Args:
+        dm: the data (train and val splits needed; see ``RetrievalDataModule``).
+        settings: hyper-parameters (safe defaults).
+        out_dir: run directory: checkpoints and the exported ``bundle/``.
+        loss: a pytorch-metric-learning loss (default MultiSimilarityLoss).
+        miner: an optional miner.
+        bundle_name: name written into the bundle card.
+        progress: show Lightning's progress bar.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(settings.seed, workers=True)
+    if not (dm.records["split"] == "val").any():
+        raise DataError("fine-tuning needs a 'val' split for model selection and the baseline guard; set "
+                        "val_fraction > 0 or use split_mode 'by_class'/'by_group'")
+    module = MetricLearningModule(
+        backbone=settings.backbone, weights=settings.weights, head=settings.head,
+        embedding_dim=settings.embedding_dim, image_size=settings.image_size, loss=loss, miner=miner,
+        lr=settings.lr, head_lr=settings.head_lr, loss_lr=settings.loss_lr, weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_steps, l2sp=settings.l2sp, freeze_bn=settings.freeze_bn)
+    dm.set_preprocessing(module.preprocessing)
+    val_records = dm.split_records("val")
+    base = off_the_shelf(module.model, settings.weights)
+    start = time.perf_counter()
+    val = evaluate_models({"off-the-shelf": base}, val_records, batch_size=settings.eval_batch_size,
+                          num_workers=settings.num_workers, exclude_same_group=settings.exclude_same_group)
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=f"val/{SELECT_KEY}", mode="max", save_top_k=1,
+                           filename="best", save_last=False, enable_version_counter=False)
+    callbacks: list[Callback] = [ckpt, EarlyStopping(monitor=f"val/{SELECT_KEY}", mode="max",
+                                                     patience=settings.patience)]
+    if settings.freeze_epochs > 0:
+        callbacks.append(FreezeBackbone(epochs=settings.freeze_epochs))
+    if settings.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=settings.ema_decay))
+    if settings.max_minutes:
+        callbacks.append(_StopAfter(settings.max_minutes))
+    trainer = pl.Trainer(max_epochs=settings.max_epochs, accelerator=settings.accelerator, devices=1,
+                         precision=settings.precision, logger=False, callbacks=callbacks,  # type: ignore[arg-type]
+                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+                         use_distributed_sampler=False, log_every_n_steps=10, default_root_dir=str(out))
+    trainer.fit(module, datamodule=dm)
+    best = ckpt.best_model_path or None
+    if best:
+        load_module_weights(module, best)
+    module.model.cpu().eval()
+    val.update(evaluate_models({"fine-tuned": module.model}, val_records, batch_size=settings.eval_batch_size,
+                               num_workers=settings.num_workers, exclude_same_group=settings.exclude_same_group))
+    seconds = time.perf_counter() - start
+    before, after = val["off-the-shelf"][SELECT_KEY], val["fine-tuned"][SELECT_KEY]
+    chosen: Literal["fine-tuned", "off-the-shelf"] = "fine-tuned"
+    message = f"fine-tuned model kept: validation MAP@R {after:.4f} vs off-the-shelf {before:.4f}"
+    if settings.guard and not after > before:
+        chosen = "off-the-shelf"
+        message = (f"fine-tuning did not beat the off-the-shelf features on validation (MAP@R {after:.4f} vs "
+                   f"{before:.4f}); keeping the off-the-shelf model. Try more data, more epochs, a lower lr or "
+                   f"l2sp > 0")
+        log.warning(message)
+    else:
+        log.info(message)
+    model = module.model if chosen == "fine-tuned" else base
+    result = FinetuneResult(model=model, chosen=chosen, val=val, seconds=seconds, epochs=trainer.current_epoch,
+                            steps=trainer.global_step, best_checkpoint=best, message=message)
+    training = {"settings": settings.to_dict(), "loss": type(module.loss_fn).__name__,
+                "miner": type(miner).__name__ if miner is not None else None, "chosen": chosen,
+                "epochs": result.epochs, "steps": result.steps, "seconds": round(seconds, 1),
+                "n_train": int((dm.records["split"] == "train").sum()),
+                "n_classes_train": int(dm.split_records("train")["label"].nunique()),
+                "guard": message}
+    metrics = {f"val/{name}/{k}": float(v) for name, m in val.items() for k, v in m.items()
+               if isinstance(v, float | int)}
+    result.bundle = export_bundle(model, out / "bundle", name=bundle_name or out.name, training=training,
+                                  metrics=metrics, overwrite=True)
+    torch.set_grad_enabled(True)
+    return result

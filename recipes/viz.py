@@ -1,0 +1,76 @@
+"""Pictures of results: each query beside its top-k hits, hits framed by correct / wrong label."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CORRECT = (46, 160, 67)
+WRONG = (214, 39, 40)
+NEUTRAL = (140, 140, 140)
+
+
+def _thumb(image: np.ndarray, size: int, frame: tuple[int, int, int] | None, border: int = 4) -> np.ndarray:
+    from PIL import Image
+
+    pil = Image.fromarray(image).convert("RGB")
+    pil.thumbnail((size - 2 * border, size - 2 * border), Image.Resampling.NEAREST if min(image.shape[:2]) < 64
+                  else Image.Resampling.BILINEAR)
+    if pil.size != (size - 2 * border, size - 2 * border):
+        pil = pil.resize((size - 2 * border, size - 2 * border), Image.Resampling.NEAREST)
+    tile = np.full((size, size, 3), 255, dtype=np.uint8)
+    if frame is not None:
+        tile[:, :] = frame
+    tile[border:size - border, border:size - border] = np.asarray(pil)
+    return tile
+
+
+def result_grid(queries: Sequence[dict[str, Any]], out: str | Path, *, thumb: int = 96,
+                title: str | None = None) -> Path:
+    """Write a PNG grid: one row per query, the query image then its hits.
+
+    Args:
+        queries: each ``{"image": HxWx3 uint8, "label": str, "hits": [{"image": ..., "label": str,
+            "score": float}, ...]}``; a hit is framed green when its label equals the query's, red otherwise.
+        out: the PNG path.
+        thumb: tile size in pixels.
+        title: optional title above the grid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows = len(queries)
+    n_cols = 1 + max((len(q["hits"]) for q in queries), default=0)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols, 1.45 * n_rows + (0.4 if title else 0)),
+                             squeeze=False)
+    for r, q in enumerate(queries):
+        ax = axes[r][0]
+        ax.imshow(_thumb(q["image"], thumb, NEUTRAL))
+        ax.set_title(f"query\n{q.get('label', '')}"[:28], fontsize=7, fontweight="bold")
+        for c in range(1, n_cols):
+            ax = axes[r][c]
+            if c - 1 < len(q["hits"]):
+                hit = q["hits"][c - 1]
+                ok = str(hit.get("label")) == str(q.get("label"))
+                ax.imshow(_thumb(hit["image"], thumb, CORRECT if ok else WRONG))
+                ax.set_title(f"{hit.get('label', '')}\n{hit.get('score', float('nan')):.3f}"[:28], fontsize=6,
+                             color="black" if ok else "#d62728")
+        for ax in axes[r]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log.info("wrote %s", path)
+    return path
