@@ -1,0 +1,66 @@
+"""deepfeat.connectors: Milvus collections of deepfeat embeddings.
+
+One connector for every Milvus (a local ``.db`` path for Milvus Lite, ``http(s)://`` for a server),
+collections derived from a model bundle, idempotent resumable loading, incremental sync with
+alias-switched re-indexing, search by image, id or vector, and a pymilvus-model style embedding
+function. No Lightning is imported here.
+"""
+
+from deepfeat.connectors.bulk import BulkStaging, bulk_import_shards
+from deepfeat.connectors.client import MilvusConnector, TLSOptions, connect, resolve_token
+from deepfeat.connectors.collection import (
+    CollectionInfo,
+    collection_info,
+    create_collection,
+    create_index,
+    describe_collection,
+    drop_collection,
+    list_collections,
+    open_collection,
+    verify_index,
+)
+from deepfeat.connectors.load import LoadReport, load_embeddings, load_shards
+from deepfeat.connectors.plugin import DeepfeatImageEmbeddingFunction
+from deepfeat.connectors.schema import CollectionSpec, IndexSpec, ScalarField, primary_key
+from deepfeat.connectors.search import (
+    fetch_vectors,
+    format_hits_table,
+    search_ids,
+    search_images,
+    search_vectors,
+)
+from deepfeat.connectors.sync import SyncReport, reindex, sync_records
+
+__all__ = [
+    "BulkStaging",
+    "CollectionInfo",
+    "CollectionSpec",
+    "DeepfeatImageEmbeddingFunction",
+    "IndexSpec",
+    "LoadReport",
+    "MilvusConnector",
+    "ScalarField",
+    "SyncReport",
+    "TLSOptions",
+    "bulk_import_shards",
+    "collection_info",
+    "connect",
+    "create_collection",
+    "create_index",
+    "describe_collection",
+    "drop_collection",
+    "fetch_vectors",
+    "format_hits_table",
+    "list_collections",
+    "load_embeddings",
+    "load_shards",
+    "open_collection",
+    "primary_key",
+    "reindex",
+    "resolve_token",
+    "search_ids",
+    "search_images",
+    "search_vectors",
+    "sync_records",
+    "verify_index",
+]

@@ -116,13 +116,23 @@ def collate_skipping_errors(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream (albumentations does not reseed forks)."""
+    from deepfeat.finetune.transforms import reseed_in_worker
+
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if transform is not None and hasattr(transform, "transforms"):
+        reseed_in_worker(transform)
+
+
 def make_loader(dataset: RecordDataset, *, batch_size: int = 64, num_workers: int = 0, shuffle: bool = False,
                 batch_sampler: Any = None, pin_memory: bool = False) -> DataLoader[dict[str, Any]]:
     """A DataLoader with the error-separating collate and sensible worker settings."""
     kw: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate_skipping_errors,
                           "pin_memory": pin_memory}
     if num_workers > 0:
-        kw.update(persistent_workers=False, prefetch_factor=4)
+        kw.update(persistent_workers=False, prefetch_factor=4, worker_init_fn=_worker_init)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kw)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **kw)

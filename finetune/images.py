@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
-from deepfeat.finetune.errors import ImageDecodeError
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from deepfeat.finetune.errors import ImageDecodeError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -266,7 +267,9 @@ def _decode_pil(data: bytes, name: str, *, max_pixels: int | None) -> np.ndarray
                 f"max_pixels={max_pixels}; if the image is trusted, pass a larger max_pixels",
             )
         if getattr(image, "is_animated", False):
-            logger.debug("%s is animated (%s frames); using the first frame", name, image.n_frames)
+            logger.debug(
+                "%s is animated (%s frames); using the first frame", name, getattr(image, "n_frames", "?")
+            )
             image.seek(0)
         try:
             image.load()
@@ -277,8 +280,7 @@ def _decode_pil(data: bytes, name: str, *, max_pixels: int | None) -> np.ndarray
             else:
                 reason = f"cannot decode the pixel data ({type(exc).__name__}: {reason})"
             raise ImageDecodeError(name, reason) from exc
-        image = _exif_upright(image, name)
-        return _pil_to_rgb(image, name)
+        return _pil_to_rgb(_exif_upright(image, name), name)
 
 
 def _exif_upright(image: Image.Image, name: str) -> Image.Image:
@@ -396,10 +398,7 @@ def _decode_dicom(data: bytes, name: str, *, max_pixels: int | None, frame: int 
     except Exception as exc:
         raise ImageDecodeError(name, f"cannot apply the DICOM rescale / modality LUT ({exc})") from exc
     unit = _dicom_window(values, ds, index, name)
-    if unit is None:
-        gray = _min_max(values)
-    else:
-        gray = np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    gray = _min_max(values) if unit is None else np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     return _gray_to_rgb(gray)

@@ -13,7 +13,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-HeadType = Literal["none", "linear", "mlp"]
+HeadType = Literal["none", "linear", "mlp", "fne"]
 
 
 class EmbeddingModel(nn.Module):
@@ -26,24 +26,38 @@ class EmbeddingModel(nn.Module):
 
     Args:
         backbone: the feature extractor.
-        head: ``none`` (the pooled features themselves), ``linear`` or ``mlp`` (Linear-BN-ReLU-Linear).
+        head: ``none`` (the pooled features themselves), ``linear``, ``mlp`` (Linear-BN-ReLU-Linear), or
+            ``fne`` (the full-network embedding: standardised, discretised features, see
+            :mod:`deepfeat.finetune.fne`).
         embedding_dim: output size of the head; ``None`` keeps the backbone's size.
         normalize: L2-normalise the output (cosine similarity == inner product).
+        head_options: keyword arguments of the head (``fne``: ``thresholds``, ``discretize``).
     """
 
     def __init__(self, backbone: Backbone, head: HeadType = "linear", embedding_dim: int | None = None,
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, head_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head_type: HeadType = head
         self.normalize = normalize
         in_dim = backbone.num_features
-        if head == "none":
+        if head_options and head != "fne":
+            raise ModelError(f"head_options {sorted(head_options)} were given for head={head!r}, which takes "
+                             f"none; they belong to head='fne'")
+        if head == "fne":
+            from deepfeat.finetune.fne import FNEHead
+
+            if embedding_dim not in (None, in_dim):
+                raise ModelError(f"head='fne' keeps the backbone's {in_dim} features, but embedding_dim="
+                                 f"{embedding_dim} was asked for; leave embedding_dim unset")
+            self.embedding_dim = in_dim
+            self.head: nn.Module = FNEHead(in_dim, **(head_options or {}))
+        elif head == "none":
             if embedding_dim not in (None, in_dim):
                 raise ModelError(f"head='none' keeps the backbone's {in_dim} features, but embedding_dim="
                                  f"{embedding_dim} was asked for; use head='linear' to change the size")
             self.embedding_dim = in_dim
-            self.head: nn.Module = nn.Identity()
+            self.head = nn.Identity()
         elif head == "linear":
             self.embedding_dim = embedding_dim or in_dim
             lin = nn.Linear(in_dim, self.embedding_dim)
@@ -54,7 +68,7 @@ class EmbeddingModel(nn.Module):
             self.head = nn.Sequential(nn.Linear(in_dim, in_dim), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
                                       nn.Linear(in_dim, self.embedding_dim))
         else:
-            raise ModelError(f"unknown head {head!r}; choose one of 'none', 'linear', 'mlp'")
+            raise ModelError(f"unknown head {head!r}; choose one of 'none', 'linear', 'mlp', 'fne'")
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -89,8 +103,12 @@ class EmbeddingModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """What is needed to rebuild this model without weights."""
-        return {"backbone": self.backbone.config(), "head": self.head_type,
-                "embedding_dim": self.embedding_dim, "normalize": self.normalize}
+        config: dict[str, Any] = {"backbone": self.backbone.config(), "head": self.head_type,
+                                  "embedding_dim": self.embedding_dim, "normalize": self.normalize}
+        options = getattr(self.head, "options", None)
+        if callable(options):
+            config["head_options"] = options()
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> EmbeddingModel:
@@ -100,7 +118,7 @@ class EmbeddingModel(nn.Module):
         backbone = create_backbone(bb["name"], weights="none", layers=bb.get("layers"))
         backbone.preprocessing = pre
         return cls(backbone, head=config["head"], embedding_dim=config["embedding_dim"],
-                   normalize=config.get("normalize", True))
+                   normalize=config.get("normalize", True), head_options=config.get("head_options"))
 
 
 def _init_geometry_preserving(lin: nn.Linear) -> None:

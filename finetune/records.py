@@ -183,7 +183,7 @@ def _normalise(df: pd.DataFrame, *, root: str | os.PathLike[str] | None, check_f
     images = _image_values(out["image"], out) if "image" in out.columns else [None] * len(out)
 
     ids = _id_values(out["id"]) if "id" in out.columns else _ids_from_paths(given_paths)
-    paths = _resolve_paths(given_paths, ids, root) if root is not None else given_paths
+    paths = _resolve_paths(given_paths, root) if root is not None else given_paths
     bare = [i for i, (p, im) in enumerate(zip(paths, images, strict=True)) if p is None and im is None]
     if bare:
         raise DataError(
@@ -203,7 +203,7 @@ def _normalise(df: pd.DataFrame, *, root: str | os.PathLike[str] | None, check_f
         )
 
     out["label"] = _label_values(out["label"], ids)
-    out["split"] = _split_values(out["split"], ids) if "split" in out.columns else "train"
+    out["split"] = _split_values(out["split"]) if "split" in out.columns else "train"
     for column in ("is_query", "is_gallery"):
         if column in out.columns:
             out[column] = _bool_values(out[column], column, ids)
@@ -283,13 +283,16 @@ def _id_values(series: pd.Series) -> list[str]:
 
 
 def _ids_from_paths(paths: Sequence[str | None]) -> list[str]:
-    # only reached when a path column exists; rows without a path are caught later as "bare"
-    return [Path(p).as_posix() if p is not None else f"row-{i}" for i, p in enumerate(paths)]
+    without = [i for i, p in enumerate(paths) if p is None]
+    if without:
+        raise DataError(
+            f"{len(without)} row(s) have no path, e.g. rows {_few(without)}, and the table has no id column "
+            "to name them; add an id column (ids default to the paths only when every row has one)"
+        )
+    return [Path(p).as_posix() for p in paths if p is not None]
 
 
-def _resolve_paths(
-    paths: Sequence[str | None], ids: Sequence[str], root: str | os.PathLike[str]
-) -> list[str | None]:
+def _resolve_paths(paths: Sequence[str | None], root: str | os.PathLike[str]) -> list[str | None]:
     root_abs = os.path.normpath(os.path.abspath(os.fspath(root)))
     resolved: list[str | None] = []
     escaping: list[str] = []
@@ -371,7 +374,7 @@ def _label_values(series: pd.Series, ids: Sequence[str]) -> list[str]:
     return [_label_text(v) for v in values]
 
 
-def _split_values(series: pd.Series, ids: Sequence[str]) -> list[str]:
+def _split_values(series: pd.Series) -> list[str]:
     result: list[str] = []
     unknown: dict[str, int] = {}
     aliased: set[str] = set()
@@ -719,7 +722,11 @@ def _hf_frame(ds: Any, image_column: str, label_column: str, *, split_name: str 
                 images.append(None)
                 paths[row] = item.get("path") if item else None
     else:
-        images = [None if v is None else np.asarray(v) for v in ds.with_format("numpy")[image_column]]
+        # the numpy formatter widens integers to int64; restore the declared pixel type
+        dtype = _declared_dtype(image_feature)
+        images = [
+            None if v is None else np.asarray(v, dtype=dtype) for v in ds.with_format("numpy")[image_column]
+        ]
 
     label_feature = features[label_column]
     raw_labels = list(ds[label_column])
@@ -747,16 +754,33 @@ def _hf_frame(ds: Any, image_column: str, label_column: str, *, split_name: str 
     for column, feature in features.items():
         if column in (image_column, label_column, "id"):
             continue
+        # another "path"/"image" column describes the source, not the file deepfeat should read
+        name = f"source_{column}" if column in ("path", "image") else column
         if isinstance(feature, (datasets.Value, datasets.ClassLabel)):
             values = list(ds[column])
             if isinstance(feature, datasets.ClassLabel):
                 values = feature.int2str(values)
-            df[column] = values
+            df[name] = values
         else:
             dropped.append(column)
     if dropped:
         logger.info("dropping non-scalar dataset column(s) %s from the records", dropped)
     return df
+
+
+def _declared_dtype(feature: Any) -> np.dtype[Any] | None:
+    """The element type an array feature (Array2D, List of Value, ...) was declared with."""
+    for _ in range(8):
+        dtype = getattr(feature, "dtype", None)
+        if isinstance(dtype, str):
+            try:
+                return np.dtype(dtype)
+            except TypeError:
+                return None
+        feature = getattr(feature, "feature", None)
+        if feature is None:
+            return None
+    return None
 
 
 def read_fashion_mnist(
@@ -847,7 +871,8 @@ def _read_idx(file: Path, *, magic: int) -> np.ndarray:
             f"{str(file)!r} holds {len(data) - offset} bytes of data, expected {expected} for shape {dims}; "
             "the file is truncated, reinstall dataset-fashion-mnist"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+    # a writable copy: torch.from_numpy warns about read-only arrays and in-place edits would fail
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
 def read_records(source: Any, **kwargs: Any) -> pd.DataFrame:
@@ -1090,8 +1115,9 @@ def assign_query_gallery(
             f"split {split!r} has no records; splits present: {sorted(out['split'].unique().tolist())}; "
             "assign splits first with split_by_class() or split_by_group()"
         )
-    is_query = out["is_query"].to_numpy(dtype=bool, copy=True) if "is_query" in out else ~mask
-    is_gallery = out["is_gallery"].to_numpy(dtype=bool, copy=True) if "is_gallery" in out else ~mask
+    default = (out["split"] != "train").to_numpy(dtype=bool, copy=True)
+    is_query = out["is_query"].to_numpy(dtype=bool, copy=True) if "is_query" in out else default.copy()
+    is_gallery = out["is_gallery"].to_numpy(dtype=bool, copy=True) if "is_gallery" in out else default
     if mode == "all_vs_all":
         is_query[mask] = True
         is_gallery[mask] = True

@@ -30,7 +30,8 @@ def _factorize(labels: Any) -> tuple[np.ndarray, list[Any]]:
     elif isinstance(labels, (pd.Series, pd.Index)):
         values = labels.to_numpy()
     else:
-        values = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
+        # object dtype: np.asarray would turn [1, "1"] into two equal strings
+        values = labels if isinstance(labels, np.ndarray) else np.asarray(list(labels), dtype=object)
     if values.ndim != 1:
         raise DataError(f"labels must be one-dimensional (one per image), got shape {tuple(values.shape)}")
     if values.dtype.kind not in "biuUS":
@@ -114,17 +115,16 @@ class PKSampler(Sampler[list[int]]):
                 skipped[:5],
             )
         if len(usable) < self.p:
+            fix = f"lower p to {len(usable)} or fewer" if len(usable) >= 2 else "add labelled images"
             raise DataError(
                 f"PKSampler needs at least p={self.p} classes with >= 2 images, but only {len(usable)} of "
-                f"{len(names)} class(es) have that; lower p to {max(len(usable), 2)} or fewer, or add data"
+                f"{len(names)} class(es) have that; {fix}"
             )
         self.classes: list[Any] = [names[i] for i in usable]
         self._members: list[np.ndarray] = [members[i] for i in usable]
         self.skipped_classes: list[Any] = skipped
-        usable_images = int(sum(len(m) for m in self._members))
-        if batches_per_epoch is None:
-            batches_per_epoch = max(1, usable_images // (self.batch_size * self.num_replicas))
-        self.batches_per_epoch = int(batches_per_epoch)
+        self._usable_images = int(sum(len(m) for m in self._members))
+        self._batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)
 
     @staticmethod
     def _resolve_distributed(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -138,6 +138,13 @@ class PKSampler(Sampler[list[int]]):
                 f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}"
             )
         return int(num_replicas), int(rank)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch on each rank: as given, or the default for the current ``num_replicas``."""
+        if self._batches_per_epoch is not None:
+            return self._batches_per_epoch
+        return max(1, self._usable_images // (self.batch_size * self.num_replicas))
 
     @property
     def batch_size(self) -> int:
@@ -160,6 +167,8 @@ class PKSampler(Sampler[list[int]]):
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
+        # num_replicas / rank may have been set after construction (e.g. by a data module)
+        self._resolve_distributed(self.num_replicas, self.rank)
         rng = np.random.default_rng([self.seed, self.epoch])
         cycles: dict[int, np.ndarray] = {}
         cursors: dict[int, int] = {}

@@ -48,8 +48,8 @@ from deepfeat.finetune.images import load_image
 __all__ = [
     "INTERPOLATIONS",
     "Interpolation",
-    "Preset",
     "PreprocessingLike",
+    "Preset",
     "ResizeMode",
     "build_eval_transforms",
     "build_transforms",

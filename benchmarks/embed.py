@@ -1,0 +1,351 @@
+"""Embedding throughput, JPEG files on disk to vectors in Parquet, as ratios against two baselines.
+
+(a) ``naive``: the loop users write today, one image at a time (Pillow open, the bundle's own
+    preprocessing, a forward pass with batch 1, append), as in the classic Keras per-image
+    ``model.predict`` tutorial; the vectors are written to Parquet at the end.
+(b) ``model-only``: the forward pass alone on pre-decoded, pre-processed tensors already in memory
+    (on the device), at the same batch size and settings as (c): the ceiling for (c).
+(c) ``deepfeat``: :func:`deepfeat.finetune.embed.embed_to_parquet`, files -> Parquet shards, with
+    DataLoader workers decoding while the model runs.
+(d) ``gpu-decode`` (with ``--gpu-decode``; on by default on CUDA): workers only read the file bytes,
+    ``torchvision.io.decode_jpeg(device=...)`` decodes the batch on the GPU, resize/crop/normalise run
+    there too. Its resize (torch antialias) is not bit-identical to the bundle's OpenCV pipeline, so
+    the mean cosine of its vectors against (c)'s is printed with it.
+
+The three (four) are alternated ``--repeats`` times; ratios are computed within each repeat and the
+medians are reported. On CUDA, (b), (c) and (d) use bf16 autocast and channels_last; (c) uses pinned
+memory. Goals (issue 6): CPU (c)/(a) >= 5 and (c)/(b) >= 0.9; GPU (c)/(b) >= 0.6.
+
+    python benchmarks/embed.py                        # CPU, 224 px, Lite0 with ImageNet weights
+    python benchmarks/embed.py --n 512 --repeats 5 --num-workers 2
+    python benchmarks/embed.py --device cuda --n 4096 --batch-size 256 --num-workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from _common import goal_mark, machine, median, spread, table, write_jpegs
+
+from deepfeat.finetune.bundle import ModelBundle, export_bundle
+from deepfeat.finetune.embed import embed_to_parquet, read_shards
+from deepfeat.finetune.model import build_embedding_model
+from deepfeat.finetune.transforms import build_eval_transforms
+
+GOAL_VS_NAIVE_CPU = 5.0
+GOAL_VS_MODEL_CPU = 0.9
+GOAL_VS_MODEL_GPU = 0.6
+
+
+@dataclass
+class Result:
+    """Images per second of each path, one value per repeat, and the ratios within each repeat."""
+
+    rates: dict[str, list[float]] = field(default_factory=dict)
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add_rate(self, name: str, value: float) -> None:
+        self.rates.setdefault(name, []).append(value)
+
+    def add_ratio(self, name: str, value: float) -> None:
+        self.ratios.setdefault(name, []).append(value)
+
+
+def make_bundle(backbone: str, weights: str, image_size: int, folder: Path, device: torch.device) -> ModelBundle:
+    """A bundle of the backbone with the default (identity-initialised linear) head, as fine-tuning exports."""
+    model = build_embedding_model(backbone, weights, image_size=image_size)
+    path = export_bundle(model, folder / "bundle", torchscript=False, onnx=False)
+    return ModelBundle.load(path, device=device)
+
+
+def autocast_ctx(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (what iter_embeddings does there); a no-op context on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_naive(paths: Sequence[Path], model: torch.nn.Module, bundle: ModelBundle, out: Path) -> float:
+    """(a) One image at a time: open, preprocess, forward batch 1, append; Parquet at the end. Images/s."""
+    from PIL import Image
+
+    transform = build_eval_transforms(bundle.preprocessing)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    vectors = []
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        x = transform(image=image)["image"].unsqueeze(0).to(device)
+        with torch.no_grad():
+            vectors.append(model(x)[0].float().cpu().numpy())
+    pd.DataFrame({"path": [str(p) for p in paths], "vector": vectors}).to_parquet(out)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def preprocess_all(paths: Sequence[Path], bundle: ModelBundle, batch_size: int, device: torch.device,
+                   ) -> list[torch.Tensor]:
+    """Decode and preprocess every image once, into channels_last batches on ``device`` (for (b))."""
+    from deepfeat.finetune.images import load_image
+
+    transform = build_eval_transforms(bundle.preprocessing)
+    tensors = [transform(image=load_image(p))["image"] for p in paths]
+    batches = []
+    for i in range(0, len(tensors), batch_size):
+        x = torch.stack(tensors[i:i + batch_size]).to(device)
+        batches.append(x.contiguous(memory_format=torch.channels_last))
+    return batches
+
+
+def run_model_only(batches: Sequence[torch.Tensor], model: torch.nn.Module, device: torch.device) -> float:
+    """(b) The forward pass alone over pre-made batches (vectors brought back to host memory). Images/s."""
+    n = sum(len(b) for b in batches)
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast_ctx(device):
+        for x in batches:
+            model(x).float().cpu().numpy()
+    return n / (time.perf_counter() - start)
+
+
+def run_deepfeat(bundle: ModelBundle, records: pd.DataFrame, out: Path, args: argparse.Namespace,
+                 device: torch.device) -> float:
+    """(c) embed_to_parquet, files -> Parquet shards. Images/s over the whole call."""
+    start = time.perf_counter()
+    result = embed_to_parquet(bundle, records, out, batch_size=args.batch_size, num_workers=args.num_workers,
+                              device=str(device), progress=False)
+    seconds = time.perf_counter() - start
+    if result.n_embedded != len(records):
+        raise SystemExit(f"embed_to_parquet embedded {result.n_embedded} of {len(records)} images")
+    return len(records) / seconds
+
+
+class _FileBytes(torch.utils.data.Dataset[torch.Tensor]):
+    """The raw bytes of each file as a uint8 tensor (what decode_jpeg takes)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import torchvision.io
+
+        return torchvision.io.read_file(self.paths[index])
+
+
+def _as_list(items: list[torch.Tensor]) -> list[torch.Tensor]:
+    return items
+
+
+def device_preprocess(bundle: ModelBundle, device: torch.device) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """Resize (antialiased), centre-crop and normalise decoded (3, H, W) uint8 images on ``device``."""
+    import math
+
+    import torchvision.transforms.v2.functional as TF
+
+    pre = bundle.preprocessing
+    height, width = pre.input_size
+    mode = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC,
+            "nearest": TF.InterpolationMode.NEAREST}[pre.interpolation]
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+
+    def one(image: torch.Tensor) -> torch.Tensor:
+        x = image.float()
+        if pre.resize_mode == "squash":
+            return TF.resize(x, [height, width], interpolation=mode, antialias=True)
+        h, w = x.shape[-2:]
+        target_h, target_w = math.floor(height / pre.crop_pct), math.floor(width / pre.crop_pct)
+        scale = max(target_h / h, target_w / w)
+        x = TF.resize(x, [max(target_h, round(h * scale)), max(target_w, round(w * scale))], interpolation=mode,
+                      antialias=True)
+        return TF.center_crop(x, [height, width])
+
+    def batch(images: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack([one(im) for im in images]).clamp_(0, 255)
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    return batch
+
+
+def run_device_decode(paths: Sequence[Path], model: torch.nn.Module, bundle: ModelBundle, out: Path,
+                      args: argparse.Namespace, device: torch.device) -> tuple[float, np.ndarray]:
+    """(d) Workers read bytes; decode_jpeg, resize and normalise on ``device``; Parquet at the end."""
+    import torchvision.io
+
+    from deepfeat.finetune.embed import _to_table, write_table_atomic
+
+    prep = device_preprocess(bundle, device)
+    loader = torch.utils.data.DataLoader(_FileBytes(paths), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=_as_list,
+                                         prefetch_factor=4 if args.num_workers else None)
+    start = time.perf_counter()
+    parts = []
+    for datas in loader:
+        images = torchvision.io.decode_jpeg(datas, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        with torch.inference_mode(), autocast_ctx(device):
+            parts.append(model(prep(list(images))).float().cpu().numpy())
+    vectors = np.concatenate(parts)
+    rows = pd.DataFrame({"id": [p.name for p in paths], "path": [str(p) for p in paths]})
+    out.mkdir(parents=True, exist_ok=True)
+    write_table_atomic(_to_table(rows, vectors, bundle.fingerprint()), out / "part-00000.parquet")
+    return len(paths) / (time.perf_counter() - start), vectors
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(axis=1).mean())
+
+
+def main(argv: Sequence[str] | None = None) -> Result:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", default="imagenet", help="imagenet (installed package), a local file, or none")
+    parser.add_argument("--image-size", type=int, default=224, help="network input size (px)")
+    parser.add_argument("--source-size", type=int, default=256, help="side of the JPEG files written (px)")
+    parser.add_argument("--n", type=int, default=192, help="images per pass of (b), (c) and (d)")
+    parser.add_argument("--naive-n", type=int, default=32, help="images per pass of the naive loop (a)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=1,
+                        help="DataLoader workers of (c) and (d) (the machine's cores are shared with the model)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated repeats; medians are reported")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for (b), (c), (d)")
+    parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure (d), decode_jpeg on the device (default: on for CUDA)")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out (a)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
+                         "the GPU figures need a machine with a GPU. Run without --device for the CPU figures")
+    gpu_decode = device.type == "cuda" if args.gpu_decode is None else args.gpu_decode
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="deepfeat-bench-embed-"))
+    try:
+        return _run(args, device, gpu_decode, work)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work: Path) -> Result:
+    print(f"machine: {machine()}")
+    t0 = time.perf_counter()
+    paths = write_jpegs(work / "images", args.n, args.source_size)
+    records = pd.DataFrame({"id": [p.name for p in paths], "path": [str(p) for p in paths], "label": "x"})
+    bundle = make_bundle(args.backbone, args.weights, args.image_size, work, device)
+    naive_model = copy.deepcopy(bundle.model).to(device).to(memory_format=torch.contiguous_format).eval()
+    model = bundle.model.to(device).eval().to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+        bundle.model = model  # type: ignore[assignment]
+    batches = preprocess_all(paths, bundle, args.batch_size, device)
+    # warm-up (oneDNN primitives, cuDNN autotune, compilation): every batch shape once, not timed
+    with torch.inference_mode(), autocast_ctx(device):
+        for shape in {tuple(b.shape) for b in batches}:
+            model(next(b for b in batches if tuple(b.shape) == shape))
+        naive_model(batches[0][:1].contiguous())
+    print(f"setup {time.perf_counter() - t0:.0f}s: {args.n} JPEGs of {args.source_size} px, {args.backbone} at "
+          f"{args.image_size} px, batch {args.batch_size}, {args.num_workers} worker(s), device {device}"
+          f"{', compiled' if args.compile else ''}")
+
+    result = Result()
+    reference: np.ndarray | None = None
+    for rep in range(args.repeats):
+        out = work / f"run-{rep}"
+        order = ["naive", "model", "deepfeat", "decode"]
+        if rep % 2:
+            order.reverse()  # alternate the order, so drifting load does not favour one side
+        rates: dict[str, float] = {}
+        for name in order:
+            if name == "naive" and not args.skip_naive:
+                out.mkdir(parents=True, exist_ok=True)
+                rates[name] = run_naive(paths[:args.naive_n], naive_model, bundle, out / "naive.parquet")
+            elif name == "model":
+                rates[name] = run_model_only(batches, model, device)
+            elif name == "deepfeat":
+                rates[name] = run_deepfeat(bundle, records, out / "deepfeat", args, device)
+            elif name == "decode" and gpu_decode:
+                rates[name], vectors = run_device_decode(paths, model, bundle, out / "decode", args, device)
+                reference = vectors
+        for name, value in rates.items():
+            result.add_rate(name, value)
+        if "naive" in rates:
+            result.add_ratio("deepfeat/naive", rates["deepfeat"] / rates["naive"])
+        result.add_ratio("deepfeat/model", rates["deepfeat"] / rates["model"])
+        if "decode" in rates:
+            result.add_ratio("decode/model", rates["decode"] / rates["model"])
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()))
+        if rep < args.repeats - 1:
+            shutil.rmtree(out, ignore_errors=True)
+
+    if reference is not None:
+        rows, vecs, _ = read_shards(work / f"run-{args.repeats - 1}" / "deepfeat")
+        order_ids = {name: i for i, name in enumerate(p.name for p in paths)}
+        ref = reference[[order_ids[i] for i in rows["id"]]]
+        result.notes.append(f"(d) vs (c) vectors: mean cosine {mean_cosine(ref, vecs):.4f} (device resize is not "
+                            f"bit-identical to the bundle's OpenCV preprocessing)")
+    _report(result, args, device)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                                         **asdict(result)}, indent=2))
+    return result
+
+
+def _report(result: Result, args: argparse.Namespace, device: torch.device) -> None:
+    labels = {"naive": "(a) naive loop, 1 image at a time",
+              "model": f"(b) model-only forward, batch {args.batch_size}, pre-decoded",
+              "deepfeat": f"(c) deepfeat embed_to_parquet, {args.num_workers} worker(s)",
+              "decode": "(d) decode_jpeg on the device + forward"}
+    model_rate = median(result.rates["model"])
+    rows = []
+    for name in ("naive", "model", "deepfeat", "decode"):
+        if name in result.rates:
+            rate = median(result.rates[name])
+            rows.append([labels[name], spread(result.rates[name]), f"{rate / model_rate:.2f}x"])
+    print()
+    print(table(["path (images/s: median (min-max))", "images/s", "vs (b), medians"], rows))
+    print()
+    gpu = device.type == "cuda"
+    checks = []
+    if "deepfeat/naive" in result.ratios:
+        value = median(result.ratios["deepfeat/naive"])
+        checks.append(["(c)/(a) vs naive loop", f"{value:.2f}x", goal_mark(value, GOAL_VS_NAIVE_CPU) if not gpu
+                       else "(goal set for CPU)"])
+    value = median(result.ratios["deepfeat/model"])
+    goal = GOAL_VS_MODEL_GPU if gpu else GOAL_VS_MODEL_CPU
+    checks.append(["(c)/(b) vs model-only", f"{value:.2f}x", goal_mark(value, goal)])
+    if "decode/model" in result.ratios:
+        value = median(result.ratios["decode/model"])
+        checks.append(["(d)/(b) vs model-only", f"{value:.2f}x", goal_mark(value, goal) if gpu else "(goal set for GPU)"])
+    print(table(["ratio (median of per-repeat ratios)", "value", "goal"], checks))
+    for note in result.notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Retrieval quality: off-the-shelf vs fine-tuned EfficientNet-Lite0 on Fashion-MNIST, two protocols.
+
+* ``same``: train on the official train split (a validation split is carved from it by the pipeline),
+  query/gallery = the official test split, all-vs-all (leave-one-out).
+* ``disjoint``: train on classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat), evaluate on the
+  unseen classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) of the official test split.
+
+Prints one table per protocol with the mean and spread over seeds, and the wall time.
+
+    python benchmarks/quality.py --protocol same disjoint --seeds 0 1 2 --minutes 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pytorch_metric_learning import losses, miners
+
+from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
+from deepfeat.finetune.metrics import format_metrics_table
+from deepfeat.finetune.pipeline import FinetuneSettings, finetune, make_datamodule
+from deepfeat.finetune.records import FASHION_MNIST_CLASSES, read_fashion_mnist
+
+KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
+
+
+def make_loss(name: str, n_classes: int, dim: int) -> tuple[Any, Any]:
+    """The loss (and miner) named on the command line, spelt out whole."""
+    if name == "ms":
+        return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+    if name == "arcface":
+        return losses.ArcFaceLoss(num_classes=n_classes, embedding_size=dim, margin=28.6, scale=30), None
+    if name == "cosface":
+        return losses.CosFaceLoss(num_classes=n_classes, embedding_size=dim, margin=0.35, scale=30), None
+    if name == "proxyanchor":
+        return losses.ProxyAnchorLoss(num_classes=n_classes, embedding_size=dim, margin=0.1, alpha=32), None
+    if name == "supcon":
+        return losses.SupConLoss(temperature=0.1), None
+    raise SystemExit(f"unknown loss {name!r}")
+
+
+def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """One protocol, one seed: off-the-shelf and fine-tuned metrics on the test queries/gallery."""
+    records = read_fashion_mnist(args.data, limit_per_class=args.limit_per_class)
+    if args.test_limit_per_class:
+        test = records[records["split"] == "test"]
+        keep = test.groupby("label", group_keys=False).apply(
+            lambda g: g.sample(n=min(len(g), args.test_limit_per_class), random_state=0))
+        records = pd.concat([records[records["split"] != "test"], keep])
+    if protocol == "disjoint":
+        train_classes = set(FASHION_MNIST_CLASSES[:5])
+        is_train = records["split"] == "train"
+        records = records[(is_train & records["label"].isin(train_classes))
+                          | (~is_train & ~records["label"].isin(train_classes))]
+    settings = FinetuneSettings(image_size=args.image_size, embedding_dim=args.dim, max_epochs=args.epochs,
+                                max_minutes=args.minutes, batches_per_epoch=args.batches_per_epoch,
+                                lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed,
+                                num_workers=args.num_workers, ema_decay=args.ema or None,
+                                freeze_epochs=args.freeze_epochs, p=args.p, k=args.k)
+    dm = make_datamodule(records, settings, val_fraction=args.val_fraction)
+    n_classes = dm.split_records("train")["label"].nunique()
+    loss, miner = make_loss(args.loss, n_classes, args.dim)
+    start = time.perf_counter()
+    result = finetune(dm, settings, Path(args.out) / f"{protocol}-seed{seed}", loss=loss, miner=miner)
+    test = dm.split_records("test")
+    rows = evaluate_models({"off-the-shelf": off_the_shelf(result.model), "fine-tuned": result.model}, test,
+                           batch_size=256, num_workers=args.num_workers)
+    rows["fine-tuned"]["chosen"] = result.chosen  # type: ignore[assignment]
+    rows["fine-tuned"]["wall_seconds"] = time.perf_counter() - start
+    logging.getLogger("quality").info("%s seed %d: %s", protocol, seed, result.message)
+    return rows
+
+
+def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Mean and population std over seeds for each model and metric."""
+    table: dict[str, dict[str, float]] = {}
+    for model in ("off-the-shelf", "fine-tuned"):
+        row: dict[str, float] = {}
+        for key in KEYS:
+            values = [float(r[model][key]) for r in runs]
+            row[key] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        table[model] = row
+    return table
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", nargs="+", default=["same", "disjoint"], choices=["same", "disjoint"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--loss", default="arcface", choices=["ms", "arcface", "cosface", "proxyanchor", "supcon"])
+    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--minutes", type=float, default=6.0, help="training budget per run")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batches-per-epoch", type=int, default=100)
+    parser.add_argument("--p", type=int, default=10)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--head-lr", type=float, default=3e-3)
+    parser.add_argument("--l2sp", type=float, default=0.0)
+    parser.add_argument("--ema", type=float, default=0.99)
+    parser.add_argument("--freeze-epochs", type=int, default=1)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--limit-per-class", type=int, default=None, help="subsample train and test")
+    parser.add_argument("--test-limit-per-class", type=int, default=None)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    report: dict[str, Any] = {"args": vars(args), "protocols": {}}
+    for protocol in args.protocol:
+        runs = [run_one(protocol, seed, args) for seed in args.seeds]
+        table = summarise(runs)
+        report["protocols"][protocol] = {"runs": runs, "summary": table}
+        walls = [r["fine-tuned"]["wall_seconds"] for r in runs]
+        print(f"\n== {protocol} (seeds {args.seeds}; loss {args.loss}; {args.image_size}px; "
+              f"wall per run {statistics.fmean(walls) / 60:.1f} min)")
+        print(format_metrics_table(table, [k for key in KEYS for k in (key, f"{key}_std")], delta=False))
+        print("chosen per seed:", [r["fine-tuned"]["chosen"] for r in runs])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

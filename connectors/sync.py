@@ -1,0 +1,337 @@
+"""Incremental sync of an image collection, and zero-downtime re-indexing behind an alias.
+
+:func:`sync_records` compares the records (an image folder or a manifest) with the collection by
+content hash: new and changed images are embedded and upserted, rows whose images are gone are
+deleted, unchanged ones are not touched. :func:`reindex` fills a new collection with another model
+bundle and then switches an alias to it in one step, so searches through the alias never see a
+half-filled collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from deepfeat.connectors.client import MilvusConnector
+from deepfeat.connectors.collection import create_collection, drop_collection, open_collection
+from deepfeat.connectors.load import BatchWriter
+from deepfeat.connectors.schema import (
+    PK_FIELD,
+    RECORD_ID_FIELD,
+    CollectionSpec,
+    IndexSpec,
+    KeyMode,
+    primary_key,
+)
+from deepfeat.finetune.bundle import ModelBundle
+from deepfeat.finetune.errors import ConnectorError, DataError, DeepfeatError
+
+log = logging.getLogger(__name__)
+
+#: Turns records into ``(rows with content_hash, float32 vectors)`` batches, like ``iter_embeddings``.
+Embedder = Callable[[pd.DataFrame], Iterable[tuple[pd.DataFrame, np.ndarray]]]
+
+
+@dataclass
+class SyncReport:
+    """What a sync did (counts of records)."""
+
+    collection: str
+    added: int
+    updated: int
+    unchanged: int
+    deleted: int
+    skipped: int
+    final_count: int
+    seconds: float
+    alias: str | None = None
+    previous_collection: str | None = None
+    dry_run: bool = False
+    skipped_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {
+            "collection": self.collection,
+            "alias": self.alias,
+            "previous_collection": self.previous_collection,
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
+            "skipped": self.skipped,
+            "final_count": self.final_count,
+            "seconds": round(self.seconds, 3),
+            "dry_run": self.dry_run,
+            "skipped_ids": self.skipped_ids[:100],
+        }
+
+
+def _load_bundle(bundle: ModelBundle | str | Path) -> ModelBundle:
+    return bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle)
+
+
+def _read(records: pd.DataFrame | str | Path) -> pd.DataFrame:
+    from deepfeat.finetune.records import read_records
+
+    return read_records(records).reset_index(drop=True)
+
+
+def content_hashes(
+    records: pd.DataFrame, root: str | Path | None = None
+) -> tuple[list[str | None], dict[str, str]]:
+    """The content hash of each record (``None`` where the image cannot be read) and the reasons."""
+    from deepfeat.finetune.data import record_source
+    from deepfeat.finetune.images import content_hash
+
+    out: list[str | None] = []
+    errors: dict[str, str] = {}
+    for row in records.to_dict("records"):
+        try:
+            out.append(content_hash(record_source(row, root)))
+        except (OSError, DeepfeatError) as exc:
+            out.append(None)
+            errors[str(row["id"])] = str(exc)
+    return out, errors
+
+
+def _default_embedder(
+    bundle: ModelBundle,
+    *,
+    root: str | Path | None,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    skipped: dict[str, str],
+) -> Embedder:
+    from deepfeat.finetune.data import SkipReport
+    from deepfeat.finetune.embed import iter_embeddings
+
+    report = SkipReport()
+
+    def embed(rows: pd.DataFrame) -> Iterable[tuple[pd.DataFrame, np.ndarray]]:
+        yield from iter_embeddings(
+            bundle,
+            rows,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            on_error="skip",
+            report=report,
+            root=root,
+            progress=progress,
+        )
+        skipped.update({s["id"]: s["reason"] for s in report.skipped})
+
+    return embed
+
+
+def sync_records(
+    conn: MilvusConnector,
+    collection: str,
+    records: pd.DataFrame | str | Path,
+    bundle: ModelBundle | str | Path,
+    *,
+    root: str | Path | None = None,
+    index: IndexSpec | str | None = None,
+    key: KeyMode = "record_id",
+    delete_missing: bool = True,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+    dry_run: bool = False,
+    embedder: Embedder | None = None,
+) -> SyncReport:
+    """Bring ``collection`` (or the collection an alias points at) in line with ``records``.
+
+    New and changed images (by content hash) are embedded with ``bundle`` and upserted; rows whose
+    record is no longer in ``records`` are deleted (``delete_missing``); unchanged ones are skipped.
+    Images that cannot be read are reported and left as they are in the collection.
+
+    Args:
+        records: a record table, or a source for ``read_records`` (image folder, CSV/Parquet manifest).
+        bundle: the model bundle (must be the one that filled an existing collection).
+        root: folder that relative paths in ``records`` are resolved against.
+        embedder: replaces ``iter_embeddings`` (for tests or custom pipelines).
+
+    Raises:
+        MismatchError: the collection was filled by another bundle (use :func:`reindex`).
+        ConnectorError: Milvus refused, or the final count is not what the sync implies.
+    """
+    start = time.perf_counter()
+    model = _load_bundle(bundle)
+    table = _read(records)
+    target = conn.resolve_alias(collection) if conn.has_collection(collection) else collection
+    if conn.has_collection(target):
+        spec = open_collection(conn, target, bundle=model, what="syncing")
+    else:
+        spec = CollectionSpec.from_bundle(target, model, metadata=table, index=index, key=key)
+        if not dry_run:
+            spec = create_collection(conn, spec)
+    hashes, unreadable = content_hashes(table, root)
+    table = table.assign(content_hash=pd.Series(hashes, index=table.index, dtype=object))
+    readable = table[table["content_hash"].notna()]
+    if spec.key == "content_hash":
+        keys = [primary_key(h) for h in readable["content_hash"]]
+    else:
+        keys = [primary_key(str(i)) for i in readable["id"]]
+    existing: dict[str, str] = {}
+    stored_ids: dict[str, str] = {}
+    if conn.has_collection(target):
+        for r in conn.iter_rows(target, [PK_FIELD, "content_hash", RECORD_ID_FIELD]):
+            existing[r[PK_FIELD]] = r.get("content_hash") or ""
+            stored_ids[r[PK_FIELD]] = str(r.get(RECORD_ID_FIELD))
+    todo_mask = [existing.get(k) != h for k, h in zip(keys, readable["content_hash"], strict=True)]
+    todo = readable[todo_mask]
+    unchanged = len(readable) - len(todo)
+    wanted = set(keys)
+    # rows of records whose image cannot be read now are kept as they are, not deleted
+    gone = (
+        [k for k in existing if k not in wanted and stored_ids[k] not in unreadable] if delete_missing else []
+    )
+    n_new = sum(1 for k, m in zip(keys, todo_mask, strict=True) if m and k not in existing)
+    log.info(
+        "sync %s: %d new, %d changed, %d unchanged, %d gone, %d unreadable",
+        target,
+        n_new,
+        len(todo) - n_new,
+        unchanged,
+        len(gone),
+        len(unreadable),
+    )
+    if dry_run:
+        return SyncReport(
+            target,
+            n_new,
+            len(todo) - n_new,
+            unchanged,
+            len(gone),
+            len(unreadable),
+            len(existing),
+            time.perf_counter() - start,
+            dry_run=True,
+            skipped_ids=sorted(unreadable),
+        )
+    skipped = dict(unreadable)
+    embed = embedder or _default_embedder(
+        model, root=root, batch_size=batch_size, num_workers=num_workers, progress=progress, skipped=skipped
+    )
+    writer = BatchWriter(conn, spec)
+    added = updated = 0
+    embedded_keys: set[str] = set()
+    hint = (
+        "the records written so far are in; re-run the sync to finish (it only embeds what is still missing)"
+    )
+    for rows, vectors in embed(todo):
+        if spec.key == "content_hash" and "content_hash" not in rows:
+            raise DataError("the embedder returned rows without 'content_hash'; it must add that column")
+        for k in writer.write(rows, vectors, on_give_up=hint):
+            embedded_keys.add(k)
+            if k in existing:
+                updated += 1
+            else:
+                added += 1
+    if embedder is not None:
+        todo_ids = set(todo["id"].astype(str))
+        written_ids = (
+            {i for i in todo_ids if primary_key(i) in embedded_keys} if spec.key == "record_id" else todo_ids
+        )
+        for i in sorted(todo_ids - written_ids):
+            skipped.setdefault(i, "not returned by the embedder")
+    deleted = conn.delete(target, gone) if gone else 0
+    conn.flush(target)
+    final = conn.count(target)
+    expected = len(existing) + added - deleted
+    if final != expected:
+        raise ConnectorError(
+            f"collection {target!r} holds {final} rows after the sync, expected {expected} "
+            f"({len(existing)} before + {added} added - {deleted} deleted); re-run the sync"
+        )
+    report = SyncReport(
+        target,
+        added,
+        updated,
+        unchanged,
+        deleted,
+        len(skipped),
+        final,
+        time.perf_counter() - start,
+        skipped_ids=sorted(skipped),
+    )
+    log.info("synced %s: %s", target, report.to_dict())
+    return report
+
+
+def reindex_name(alias: str, bundle_id: str) -> str:
+    """The collection a re-index fills: ``<alias>__<bundle id>`` with unsafe characters replaced."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{alias}__{bundle_id}")[:255]
+
+
+def reindex(
+    conn: MilvusConnector,
+    alias: str,
+    records: pd.DataFrame | str | Path,
+    bundle: ModelBundle | str | Path,
+    *,
+    collection: str | None = None,
+    drop_previous: bool = False,
+    root: str | Path | None = None,
+    index: IndexSpec | str | None = None,
+    key: KeyMode = "record_id",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+    embedder: Embedder | None = None,
+) -> SyncReport:
+    """Fill a new collection with ``bundle``'s embeddings of ``records``, then switch ``alias`` to it.
+
+    Clients that search through ``alias`` keep using the old collection until the new one is complete,
+    indexed and loaded, then move in one step (zero downtime for a model upgrade). An interrupted
+    re-index resumes: the new collection is synced incrementally on the next run.
+
+    Args:
+        alias: the alias clients use; created if missing (it cannot be the name of a collection).
+        collection: the new collection's name (default ``<alias>__<bundle id>``).
+        drop_previous: drop the collection the alias pointed at before (default: keep it for rollback).
+    """
+    model = _load_bundle(bundle)
+    name = collection or reindex_name(alias, str(model.card.bundle_id))
+    if name == alias:
+        raise ConnectorError(
+            f"the new collection cannot be named like the alias {alias!r}; pick another name"
+        )
+    if (
+        alias in conn.call("list_collections", conn.client.list_collections)
+        and alias not in conn.list_aliases()
+    ):
+        raise ConnectorError(
+            f"{alias!r} is a collection, not an alias; re-index behind a new alias name (e.g. "
+            f"'{alias}_live'), point clients at it, and drop {alias!r} when they have moved"
+        )
+    report = sync_records(
+        conn,
+        name,
+        records,
+        model,
+        root=root,
+        index=index,
+        key=key,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        embedder=embedder,
+    )
+    previous = conn.switch_alias(alias, name)
+    report.alias = alias
+    report.previous_collection = previous if previous != name else None
+    if drop_previous and previous and previous != name:
+        drop_collection(conn, previous)
+        log.info("dropped the previous collection %s", previous)
+    return report
