@@ -63,7 +63,8 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
                                 max_minutes=args.minutes, batches_per_epoch=args.batches_per_epoch,
                                 lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed,
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
-                                freeze_epochs=args.freeze_epochs, p=args.p, k=args.k)
+                                freeze_epochs=args.freeze_epochs, p=args.p, k=args.k,
+                                freeze_bn=not args.train_bn, loss_lr=args.loss_lr, warmup_steps=args.warmup_steps)
     dm = make_datamodule(records, settings, val_fraction=args.val_fraction)
     n_classes = dm.split_records("train")["label"].nunique()
     loss, miner = make_loss(args.loss, n_classes, args.dim)
@@ -109,6 +110,9 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=3e-3)
     parser.add_argument("--l2sp", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.99)
+    parser.add_argument("--train-bn", action="store_true", help="let BatchNorm statistics adapt")
+    parser.add_argument("--loss-lr", type=float, default=None)
+    parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--freeze-epochs", type=int, default=1)
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--limit-per-class", type=int, default=None, help="subsample train and test")

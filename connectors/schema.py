@@ -257,9 +257,9 @@ def _user_type_pandas(series: pd.Series) -> ScalarType | None:
 
 
 def _missing(value: Any) -> bool:
-    return (
-        value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value is pd.NaT
-    )
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float | np.floating) and math.isnan(value)
 
 
 def user_fields(
@@ -562,7 +562,8 @@ def _column(table: pa.Table | pa.RecordBatch | pd.DataFrame, name: str, n: int) 
             return None
         series = table[name]
         values = series.tolist()
-        if series.dtype == object or pd.api.types.is_float_dtype(series.dtype):
+        # numpy bool/int columns cannot hold a missing value; every other kind can (NaN, None, pd.NA)
+        if not (isinstance(series.dtype, np.dtype) and series.dtype.kind in "biu"):
             values = [None if _missing(v) else v for v in values]
         return values
     if name not in table.column_names:

@@ -220,12 +220,16 @@ class Backbone(nn.Module):
         self.layer_channels = self._probe_channels()
         self.num_features = sum(self.layer_channels)
 
+    def _intermediate_kwargs(self) -> dict[str, Any]:
+        fi = self.model.forward_intermediates  # type: ignore[union-attr]
+        kw: dict[str, Any] = {"indices": None}
+        if "extra_blocks" in inspect.signature(fi).parameters:
+            kw["extra_blocks"] = True  # every block, not only the feature_info stages
+        return kw
+
     def _intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         fi = self.model.forward_intermediates  # type: ignore[operator,union-attr]
-        kw: dict[str, Any] = {"indices": None, "intermediates_only": True}
-        if "extra_blocks" in inspect.signature(fi).parameters:
-            kw["extra_blocks"] = True
-        return list(fi(x, **kw))
+        return list(fi(x, intermediates_only=True, **self._intermediate_kwargs()))
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         if self._is_timm:
@@ -233,26 +237,37 @@ class Backbone(nn.Module):
             return self.model.forward_head(feats, pre_logits=True)  # type: ignore[operator,no-any-return]
         return self.model(x)  # type: ignore[no-any-return]
 
+    def layer_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The pooled features of each selected layer, from one forward pass of the network."""
+        if self.layers is None:
+            return [self._pooled(x)]
+        fi = self.model.forward_intermediates  # type: ignore[operator,union-attr]
+        pooled: torch.Tensor | None = None
+        if "head" in self.layers:
+            final, inter = fi(x, intermediates_only=False, **self._intermediate_kwargs())
+            pooled = self.model.forward_head(final, pre_logits=True)  # type: ignore[operator]
+        else:
+            inter = fi(x, intermediates_only=True, **self._intermediate_kwargs())
+        return [pooled if spec == "head" else inter[int(spec)].mean(dim=(2, 3))  # type: ignore[misc]
+                for spec in self.layers]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W), preprocessed, to features (N, num_features)."""
         if self.layers is None:
             return self._pooled(x)
-        ints = [i for i in self.layers if i != "head"]
-        parts: list[torch.Tensor] = []
-        inter = self._intermediates(x) if ints else []
-        for spec in self.layers:
-            if spec == "head":
-                parts.append(self._pooled(x))
-            else:
-                parts.append(inter[int(spec)].mean(dim=(2, 3)))
-        return torch.cat(parts, dim=1)
+        return torch.cat(self.layer_features(x), dim=1)
 
     def available_layers(self) -> list[int]:
         """Indices usable in ``layers`` (timm models only)."""
         if not self._is_timm:
             return []
-        with torch.no_grad():
-            return list(range(len(self._intermediates(self._probe_input()))))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return list(range(len(self._intermediates(self._probe_input()))))
+        finally:
+            self.train(was_training)
 
     def _probe_input(self) -> torch.Tensor:
         h, w = self.preprocessing.input_size

@@ -296,32 +296,8 @@ def with_layers(backbone: Backbone, layers: Sequence[LayerSpec] | Literal["all"]
 
 
 def layer_features(backbone: Backbone, x: torch.Tensor) -> list[torch.Tensor]:
-    """The pooled features of each of ``backbone.layers`` for images ``x``, from one forward pass.
-
-    ``Backbone.forward`` runs the network twice when the layers mix intermediates and ``"head"``
-    (once for the intermediates, once for the final features); here the final features come out of
-    the same ``forward_intermediates`` call. ``torch.cat(layer_features(b, x), 1)`` equals ``b(x)``.
-    """
-    if backbone.layers is None:
-        return [backbone(x)]
-    specs = backbone.layers
-    ints = [s for s in specs if s != "head"]
-    if not ints:
-        return [backbone(x) for _ in specs]
-    model: Any = backbone.model
-    kw: dict[str, Any] = {"indices": None}
-    if "extra_blocks" in _parameters(model.forward_intermediates):
-        kw["extra_blocks"] = True
-    if "head" in specs:
-        final, inter = model.forward_intermediates(x, intermediates_only=False, **kw)
-        pooled = model.forward_head(final, pre_logits=True)
-    else:
-        inter = model.forward_intermediates(x, intermediates_only=True, **kw)
-        pooled = None
-    out: list[torch.Tensor] = []
-    for spec in specs:
-        out.append(pooled if spec == "head" else inter[int(spec)].mean(dim=(2, 3)))
-    return out
+    """The pooled features of each of ``backbone.layers`` for images ``x``, from one forward pass."""
+    return backbone.layer_features(x)
 
 
 def _parameters(fn: Any) -> Mapping[str, Any]:

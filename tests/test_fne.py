@@ -35,7 +35,7 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.rand(10, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_fit_statistics_streams_the_backbone_features(fitted: EmbeddingModel, im
     live = head.std.numpy() > 0
     np.testing.assert_allclose(head.std.numpy()[live], std[live], rtol=1e-4, atol=1e-6)
     assert (std[~live] <= 1e-6 * np.maximum(1.0, np.abs(feats.mean(0)[~live]))).all()
-    loader = [{"image": images[:6]}, {"image": None}, {"image": images[6:]}]  # like a deepfeat loader
+    loader = [{"image": images[:4]}, {"image": None}, {"image": images[4:]}]  # like a deepfeat loader
     fit_statistics(fitted, loader)
     np.testing.assert_allclose(head.mean.numpy(), feats.mean(0), rtol=1e-5, atol=1e-6)
 
@@ -136,10 +136,10 @@ def test_fit_statistics_from_records_uses_the_eval_preprocessing(fitted: Embeddi
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8) for _ in range(5)]
     records = read_records(pd.DataFrame({"id": [f"r{i}" for i in range(5)], "image": arrays, "label": "a"}))
-    model = build_fne_model(fitted.backbone).eval()
+    model = EmbeddingModel(fitted.backbone, head="fne").eval()
     stats = fit_statistics_from_records(model, records, batch_size=2)
     assert stats.count == 5
-    expected = build_fne_model(fitted.backbone).eval()
+    expected = EmbeddingModel(fitted.backbone, head="fne").eval()
     fit_statistics(expected, preprocess_batch(arrays, fitted.preprocessing))
     torch.testing.assert_close(fne_head(model).mean, fne_head(expected).mean)
     torch.testing.assert_close(fne_head(model).std, fne_head(expected).std)
@@ -163,7 +163,7 @@ def test_bundle_round_trip_keeps_the_statistics(
     assert torch.equal(fne_head(loaded.model).std, fne_head(fitted).std)
     # other thresholds are other weights: the bundle id changes, so a collection refuses the mix
     other = build_fne_model(fitted.backbone, thresholds=(-0.5, 0.5)).eval()
-    fne_head(other).set_statistics(fne_head(fitted).mean, fne_head(fitted).std, 10)
+    fne_head(other).set_statistics(fne_head(fitted).mean, fne_head(fitted).std, 6)
     other_path = export_bundle(other, tmp_path / "other", onnx=False, torchscript=False)
     assert json.loads((other_path / "card.json").read_text())["bundle_id"] != card["bundle_id"]
 
