@@ -38,9 +38,20 @@ from deepfeat.connectors.schema import primary_keys
 
 def fingerprint(dim: int) -> dict[str, Any]:
     """A bundle fingerprint as shards record it (the benchmark needs no model)."""
-    return {"name": "bench", "bundle_id": "bench@000000000000", "embedding_dim": dim, "metric": "COSINE",
-            "preprocessing": {"input_size": [224, 224], "mean": [0.5] * 3, "std": [0.5] * 3,
-                              "interpolation": "bilinear", "crop_pct": 0.875, "resize_mode": "squash"}}
+    return {
+        "name": "bench",
+        "bundle_id": "bench@000000000000",
+        "embedding_dim": dim,
+        "metric": "COSINE",
+        "preprocessing": {
+            "input_size": [224, 224],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+            "resize_mode": "squash",
+        },
+    }
 
 
 def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, dict[str, list[Any]]]:
@@ -49,9 +60,14 @@ def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, dict[str, li
     vectors = rng.normal(size=(n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = [f"class_{i % 10}/image_{i:07d}.jpg" for i in range(n)]
-    meta = {"id": ids, "path": [f"/data/{i}" for i in ids], "label": [f"class_{i % 10}" for i in range(n)],
-            "split": ["train"] * n, "group": [f"product_{i // 4}" for i in range(n)],
-            "content_hash": [f"{i:064x}" for i in range(n)]}
+    meta = {
+        "id": ids,
+        "path": [f"/data/{i}" for i in ids],
+        "label": [f"class_{i % 10}" for i in range(n)],
+        "split": ["train"] * n,
+        "group": [f"product_{i // 4}" for i in range(n)],
+        "content_hash": [f"{i:064x}" for i in range(n)],
+    }
     return vectors, meta
 
 
@@ -99,8 +115,14 @@ def create_same_collection(conn: MilvusConnector, name: str, dim: int, index: In
     client.load_collection(name)
 
 
-def run_direct(target: Target, vectors: np.ndarray, meta: dict[str, list[Any]], batch: int,
-               index: IndexSpec, n_rows: int | None = None) -> float:
+def run_direct(
+    target: Target,
+    vectors: np.ndarray,
+    meta: dict[str, list[Any]],
+    batch: int,
+    index: IndexSpec,
+    n_rows: int | None = None,
+) -> float:
     """A direct pymilvus loop: build row dicts, insert ``batch`` at a time, flush. Returns vectors/s."""
     conn, name = target.open()
     try:
@@ -110,10 +132,20 @@ def run_direct(target: Target, vectors: np.ndarray, meta: dict[str, list[Any]], 
         keys = primary_keys(meta["id"][:n])
         start = time.perf_counter()
         for s in range(0, n, batch):
-            rows = [{"pk": keys[i], "vector": vectors[i], "record_id": meta["id"][i], "label": meta["label"][i],
-                     "group": meta["group"][i], "split": meta["split"][i], "path": meta["path"][i],
-                     "content_hash": meta["content_hash"][i], "model_version": "bench@000000000000"}
-                    for i in range(s, min(s + batch, n))]
+            rows = [
+                {
+                    "pk": keys[i],
+                    "vector": vectors[i],
+                    "record_id": meta["id"][i],
+                    "label": meta["label"][i],
+                    "group": meta["group"][i],
+                    "split": meta["split"][i],
+                    "path": meta["path"][i],
+                    "content_hash": meta["content_hash"][i],
+                    "model_version": "bench@000000000000",
+                }
+                for i in range(s, min(s + batch, n))
+            ]
             client.insert(name, rows)
         client.flush(name)
         seconds = time.perf_counter() - start
@@ -170,11 +202,15 @@ def main() -> None:
         row = run_direct(target, vectors, meta, 1, index, n_rows=min(args.row_rows, args.rows))
         where = args.uri or f"Milvus Lite {milvus_lite.__version__}"
         best_direct, best_ours = max(direct), max(ours)
-        print(f"ingest: {args.rows} vectors x dim {args.dim}, batch {args.batch}, index {index.index_type}, "
-              f"{where}, pymilvus {pymilvus.__version__}, best of {args.repeats}")
+        print(
+            f"ingest: {args.rows} vectors x dim {args.dim}, batch {args.batch}, index {index.index_type}, "
+            f"{where}, pymilvus {pymilvus.__version__}, best of {args.repeats}"
+        )
         print(f"  direct pymilvus insert loop   {best_direct:9.0f} vectors/s  (median {statistics.median(direct):.0f})")
-        print(f"  deepfeat load_shards          {best_ours:9.0f} vectors/s  (median {statistics.median(ours):.0f}; "
-              f"writing only {max(ours_write):.0f})")
+        print(
+            f"  deepfeat load_shards          {best_ours:9.0f} vectors/s  (median {statistics.median(ours):.0f}; "
+            f"writing only {max(ours_write):.0f})"
+        )
         print(f"  row-at-a-time insert loop     {row:9.0f} vectors/s  ({min(args.row_rows, args.rows)} rows)")
         ratio, vs_row = best_ours / best_direct, best_ours / row
         print(f"  deepfeat / direct = {ratio:.3f}  (goal >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'})")

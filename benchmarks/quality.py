@@ -26,7 +26,7 @@ from pytorch_metric_learning import losses, miners
 from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
 from deepfeat.finetune.metrics import format_metrics_table
 from deepfeat.finetune.pipeline import FinetuneSettings, finetune, make_datamodule
-from deepfeat.finetune.records import FASHION_MNIST_CLASSES, read_fashion_mnist
+from deepfeat.finetune.records import FASHION_MNIST_CLASSES, read_fashion_mnist, sample_per_class
 
 KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
 
@@ -51,8 +51,7 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
     records = read_fashion_mnist(args.data, limit_per_class=args.limit_per_class)
     if args.test_limit_per_class:
         test = records[records["split"] == "test"]
-        keep = test.groupby("label", group_keys=False).apply(
-            lambda g: g.sample(n=min(len(g), args.test_limit_per_class), random_state=0))
+        keep = sample_per_class(test, args.test_limit_per_class, seed=0)
         records = pd.concat([records[records["split"] != "test"], keep])
     if protocol == "disjoint":
         train_classes = set(FASHION_MNIST_CLASSES[:5])

@@ -73,9 +73,7 @@ class BulkStaging:
         try:
             from pymilvus.bulk_writer import BulkFileType, LocalBulkWriter, RemoteBulkWriter
         except ModuleNotFoundError as exc:
-            raise MissingExtraError(
-                "pymilvus[bulk_writer]", "bulk", "bulk import into a Milvus server"
-            ) from exc
+            raise MissingExtraError("pymilvus[bulk_writer]", "bulk", "bulk import into a Milvus server") from exc
         if self.local_dir is not None:
             root = Path(self.local_dir).resolve()
             root.mkdir(parents=True, exist_ok=True)
@@ -111,9 +109,7 @@ def _handler(conn: MilvusConnector) -> Any:
     return handler
 
 
-def _write_files(
-    staging: BulkStaging, spec: CollectionSpec, shard: Path, batch_rows: int, chunk_mb: int
-) -> list[str]:
+def _write_files(staging: BulkStaging, spec: CollectionSpec, shard: Path, batch_rows: int, chunk_mb: int) -> list[str]:
     writer = staging.writer(spec.to_schema(), chunk_mb)
     pf = pq.ParquetFile(shard)
     for batch in pf.iter_batches(batch_size=batch_rows):

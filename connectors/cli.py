@@ -30,8 +30,7 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--uri",
         default=None,
-        help=f"a Milvus Lite path ending in .db, or http(s)://host:19530 (default: ${URI_ENV_VAR} or "
-        f"{DEFAULT_URI})",
+        help=f"a Milvus Lite path ending in .db, or http(s)://host:19530 (default: ${URI_ENV_VAR} or {DEFAULT_URI})",
     )
     g.add_argument(
         "--token-file",
@@ -210,9 +209,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
             )
         else:
             if not args.collection:
-                raise DataError(
-                    "sync needs --collection (or --reindex-alias for a new collection behind an alias)"
-                )
+                raise DataError("sync needs --collection (or --reindex-alias for a new collection behind an alias)")
             report = sync_records(
                 conn,
                 args.collection,
@@ -256,15 +253,9 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
         action="store_true",
         help="with --reindex-alias: drop the collection the alias pointed at before",
     )
-    p.add_argument(
-        "--root", default=None, help="folder that relative paths in a manifest are resolved against"
-    )
-    p.add_argument(
-        "--index", default=None, help="index of a new collection (e.g. HNSW:M=32; default AUTOINDEX)"
-    )
-    p.add_argument(
-        "--key", choices=("record_id", "content_hash"), default="record_id", help="primary key source"
-    )
+    p.add_argument("--root", default=None, help="folder that relative paths in a manifest are resolved against")
+    p.add_argument("--index", default=None, help="index of a new collection (e.g. HNSW:M=32; default AUTOINDEX)")
+    p.add_argument("--key", choices=("record_id", "content_hash"), default="record_id", help="primary key source")
     p.add_argument("--no-delete", action="store_true", help="keep rows whose images are gone")
     p.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -314,7 +305,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
     }
     if args.search_params:
-        kwargs["search_params"] = json.loads(args.search_params)
+        try:
+            kwargs["search_params"] = json.loads(args.search_params)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"--search-params is not JSON ({exc}); write e.g. '{{\"ef\": 128}}'") from exc
     conn = _connect(args)
     try:
         if args.image:
@@ -347,18 +341,12 @@ def _add_search(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     p.add_argument("--collection", "-c", required=True, help="collection or alias")
     q = p.add_argument_group("queries (exactly one)")
-    q.add_argument(
-        "--image", nargs="+", default=None, metavar="FILE", help="query image file(s) (needs --bundle)"
-    )
-    q.add_argument(
-        "--id", nargs="+", default=None, metavar="ID", help="record id(s) already in the collection"
-    )
+    q.add_argument("--image", nargs="+", default=None, metavar="FILE", help="query image file(s) (needs --bundle)")
+    q.add_argument("--id", nargs="+", default=None, metavar="ID", help="record id(s) already in the collection")
     q.add_argument("--vector-file", default=None, help="query vectors: .npy (n, dim) or .json")
     p.add_argument("--bundle", default=None, help="model bundle (required with --image; checked when given)")
     p.add_argument("--top-k", "-k", type=int, default=10, help="hits (or groups) per query")
-    p.add_argument(
-        "--filter", default=None, help='metadata filter, e.g. \'label == "shoe" and split != "train"\''
-    )
+    p.add_argument("--filter", default=None, help='metadata filter, e.g. \'label == "shoe" and split != "train"\'')
     p.add_argument("--group-by", default=None, help="one hit per value of this field (e.g. group)")
     p.add_argument("--group-size", type=int, default=1, help="hits per group with --group-by")
     p.add_argument(
@@ -378,12 +366,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default=None,
         help="comma-separated fields in each hit (default record_id,label,group,split,path; * for all)",
     )
-    p.add_argument(
-        "--search-params", default=None, help="index search parameters as JSON, e.g. '{\"ef\": 128}'"
-    )
-    p.add_argument(
-        "--include-self", action="store_true", help="with --id: keep each query record in its hits"
-    )
+    p.add_argument("--search-params", default=None, help="index search parameters as JSON, e.g. '{\"ef\": 128}'")
+    p.add_argument("--include-self", action="store_true", help="with --id: keep each query record in its hits")
     p.add_argument("--batch-size", type=int, default=256, help="queries per request")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     _add_connection(p)
@@ -409,11 +393,7 @@ def _cmd_collections(args: argparse.Namespace) -> int:
                 from deepfeat.connectors.search import format_table
 
                 cols = ["name", "rows", "bundle_id", "dim", "metric", "index_type", "aliases"]
-                print(
-                    format_table(
-                        cols, [[", ".join(i[c]) if c == "aliases" else i[c] for c in cols] for i in infos]
-                    )
-                )
+                print(format_table(cols, [[", ".join(i[c]) if c == "aliases" else i[c] for c in cols] for i in infos]))
             return 0
         if not args.name:
             raise DataError(f"'collections {args.action}' needs a collection name")
@@ -422,8 +402,7 @@ def _cmd_collections(args: argparse.Namespace) -> int:
             return 0
         if not args.yes:
             print(
-                f"this drops collection {args.name!r} at {conn.display_uri} and all its rows; "
-                "add --yes to do it",
+                f"this drops collection {args.name!r} at {conn.display_uri} and all its rows; add --yes to do it",
                 file=sys.stderr,
             )
             return 1
@@ -465,9 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
     except DeepfeatError as exc:

@@ -158,9 +158,7 @@ def verify_index(conn: MilvusConnector, spec: CollectionSpec) -> dict[str, Any]:
     return dict(desc)
 
 
-def create_index(
-    conn: MilvusConnector, spec: CollectionSpec, *, load: bool = True, timeout: float = 3600.0
-) -> None:
+def create_index(conn: MilvusConnector, spec: CollectionSpec, *, load: bool = True, timeout: float = 3600.0) -> None:
     """Create (or re-create with ``spec.index``) the vector index, check it, and load the collection."""
     client = conn.client
     existing = conn.call("list_indexes", client.list_indexes, spec.name)
@@ -186,9 +184,7 @@ def create_index(
         conn.ensure_loaded(spec.name)
 
 
-def wait_for_index(
-    conn: MilvusConnector, name: str, *, timeout: float = 3600.0, interval: float = 0.2
-) -> None:
+def wait_for_index(conn: MilvusConnector, name: str, *, timeout: float = 3600.0, interval: float = 0.2) -> None:
     """Poll the vector index of ``name`` until it is built.
 
     Raises:
@@ -201,9 +197,7 @@ def wait_for_index(
         if state == "Finished":
             return
         if state == "Failed":
-            raise ConnectorError(
-                f"building the vector index of {name!r} failed: {desc.get('index_state_fail_reason')}"
-            )
+            raise ConnectorError(f"building the vector index of {name!r} failed: {desc.get('index_state_fail_reason')}")
         if time.monotonic() > deadline:
             raise ConnectorError(
                 f"the vector index of {name!r} is still {state} after {timeout:.0f}s "

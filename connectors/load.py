@@ -106,9 +106,7 @@ class LoadState:
         self.data = data
 
     @classmethod
-    def open(
-        cls, path: Path | None, *, collection: str, bundle_id: str, batch_rows: int, resume: bool
-    ) -> LoadState:
+    def open(cls, path: Path | None, *, collection: str, bundle_id: str, batch_rows: int, resume: bool) -> LoadState:
         """Read the state at ``path`` (when resuming and it belongs to this load) or start a new one."""
         fresh = {
             "format": STATE_FORMAT,
@@ -219,9 +217,7 @@ def list_shards(shards: str | Path | Sequence[str | Path]) -> list[Path]:
         elif root.is_file():
             files = [root]
         else:
-            raise DataError(
-                f"shards {str(root)!r} do not exist; pass the --out directory of 'deepfeat embed'"
-            )
+            raise DataError(f"shards {str(root)!r} do not exist; pass the --out directory of 'deepfeat embed'")
     else:
         files = [Path(p) for p in shards]
         missing = [str(p) for p in files if not p.is_file()]
@@ -356,9 +352,7 @@ def _source_keys(files: Sequence[Path], spec: CollectionSpec) -> list[str]:
     return sorted(set(primary_keys(values)))
 
 
-def missing_keys(
-    conn: MilvusConnector, collection: str, keys: Sequence[str], *, chunk: int = 1000
-) -> list[str]:
+def missing_keys(conn: MilvusConnector, collection: str, keys: Sequence[str], *, chunk: int = 1000) -> list[str]:
     """The keys of ``keys`` that the collection does not hold."""
     conn.ensure_loaded(collection)
     missing: list[str] = []
@@ -503,9 +497,7 @@ def load_shards(
     expected: int | None = None
     verified = False
     if verify:
-        expected, verified = _verify(
-            conn, collection, _source_keys(files, spec), state.data["count_before"], final
-        )
+        expected, verified = _verify(conn, collection, _source_keys(files, spec), state.data["count_before"], final)
     state.data["complete"] = True
     state.save()
     report = LoadReport(

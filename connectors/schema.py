@@ -110,9 +110,7 @@ class IndexSpec:
     def __post_init__(self) -> None:
         kind = str(self.index_type).upper()
         if kind not in _BUILD_DEFAULTS:
-            raise ConnectorError(
-                f"unknown index type {self.index_type!r}; choose one of {sorted(_BUILD_DEFAULTS)}"
-            )
+            raise ConnectorError(f"unknown index type {self.index_type!r}; choose one of {sorted(_BUILD_DEFAULTS)}")
         object.__setattr__(self, "index_type", kind)
         unknown = set(self.params) - set(_BUILD_DEFAULTS[kind])
         if unknown:
@@ -158,8 +156,7 @@ class IndexSpec:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConnectorError(
-                    f"index option {item!r} in {text!r} is not key=value; write e.g. "
-                    f"'HNSW:M=32,efConstruction=256'"
+                    f"index option {item!r} in {text!r} is not key=value; write e.g. 'HNSW:M=32,efConstruction=256'"
                 )
             params[key.strip()] = _number(value.strip())
         return cls(cast(IndexType, kind.strip().upper()), params)
@@ -384,9 +381,7 @@ class CollectionSpec:
 
     def with_name(self, name: str) -> CollectionSpec:
         """The same spec for another collection name."""
-        return CollectionSpec(
-            name, self.dim, self.metric, self.fingerprint, self.fields, self.index, self.key
-        )
+        return CollectionSpec(name, self.dim, self.metric, self.fingerprint, self.fields, self.index, self.key)
 
     @property
     def field_names(self) -> list[str]:
@@ -431,9 +426,7 @@ class CollectionSpec:
         fields = tuple(ScalarField.from_dict(f) for f in spec.get("fields", []))
         if not fields:  # recover the fields from the schema itself
             fields = tuple(
-                _field_from_schema(f)
-                for f in desc.get("fields", [])
-                if f.get("name") not in (PK_FIELD, VECTOR_FIELD)
+                _field_from_schema(f) for f in desc.get("fields", []) if f.get("name") not in (PK_FIELD, VECTOR_FIELD)
             )
         return cls(
             name=name,
@@ -445,27 +438,20 @@ class CollectionSpec:
             key=cast(KeyMode, spec.get("key", "record_id")),
         )
 
-    def check_bundle(
-        self, bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | Path, *, what: str
-    ) -> None:
+    def check_bundle(self, bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | Path, *, what: str) -> None:
         """Refuse a bundle whose fingerprint differs from the one that filled this collection.
 
         Raises:
             MismatchError: dim, metric, preprocessing or bundle id differ (each named, with the fix).
         """
-        check_compatible(
-            dict(self.fingerprint), _fingerprint_of(bundle), what=f"{what} collection {self.name!r}"
-        )
+        check_compatible(dict(self.fingerprint), _fingerprint_of(bundle), what=f"{what} collection {self.name!r}")
 
     def check_fields(self, columns: Sequence[str]) -> None:
         """Log metadata columns that the collection has no field for (they are not stored)."""
-        extra = [
-            c for c in columns if c not in _NOT_USER and c not in self.field_names and not c.startswith("__")
-        ]
+        extra = [c for c in columns if c not in _NOT_USER and c not in self.field_names and not c.startswith("__")]
         if extra:
             log.warning(
-                "columns %s have no field in collection %r and are not stored; re-create the collection "
-                "to add them",
+                "columns %s have no field in collection %r and are not stored; re-create the collection to add them",
                 extra,
                 self.name,
             )
@@ -484,9 +470,7 @@ class CollectionSpec:
         for f in self.fields:
             kw: dict[str, Any] = {"nullable": True} if f.nullable else {}
             if f.dtype == "VARCHAR":
-                schema.add_field(
-                    f.name, DataType.VARCHAR, max_length=f.max_length or USER_VARCHAR_LENGTH, **kw
-                )
+                schema.add_field(f.name, DataType.VARCHAR, max_length=f.max_length or USER_VARCHAR_LENGTH, **kw)
             else:
                 schema.add_field(f.name, getattr(DataType, f.dtype), **kw)
         return schema
@@ -509,9 +493,7 @@ class CollectionSpec:
         )
         return ip
 
-    def encode(
-        self, table: pa.Table | pa.RecordBatch | pd.DataFrame, vectors: np.ndarray
-    ) -> list[dict[str, Any]]:
+    def encode(self, table: pa.Table | pa.RecordBatch | pd.DataFrame, vectors: np.ndarray) -> list[dict[str, Any]]:
         """Rows ready for ``upsert``: key, vector, fixed and user fields.
 
         Raises:
@@ -524,9 +506,7 @@ class CollectionSpec:
 def _field_from_schema(f: Mapping[str, Any]) -> ScalarField:
     dtype = getattr(f.get("type"), "name", str(f.get("type")))
     kind = cast(ScalarType, dtype if dtype in ("VARCHAR", "INT64", "DOUBLE", "BOOL") else "VARCHAR")
-    return ScalarField(
-        str(f["name"]), kind, (f.get("params") or {}).get("max_length"), bool(f.get("nullable"))
-    )
+    return ScalarField(str(f["name"]), kind, (f.get("params") or {}).get("max_length"), bool(f.get("nullable")))
 
 
 def check_vectors(vectors: np.ndarray, dim: int, ids: Sequence[Any], *, where: str) -> np.ndarray:

@@ -42,9 +42,7 @@ DEFAULT_OUTPUT_FIELDS = (RECORD_ID_FIELD, "label", "group", "split", "path")
 CLIENT_GROUP_FETCH = 10
 
 
-def _output_fields(
-    spec: CollectionSpec, fields: Sequence[str] | None, extra: Sequence[str] = ()
-) -> list[str]:
+def _output_fields(spec: CollectionSpec, fields: Sequence[str] | None, extra: Sequence[str] = ()) -> list[str]:
     available = [*spec.field_names, VECTOR_FIELD]
     if fields is None:
         wanted = [f for f in DEFAULT_OUTPUT_FIELDS if f in available]
@@ -54,9 +52,7 @@ def _output_fields(
         wanted = list(fields)
     unknown = [f for f in wanted if f not in available]
     if unknown:
-        raise DataError(
-            f"output field(s) {unknown} are not in collection {spec.name!r}; it has {spec.field_names}"
-        )
+        raise DataError(f"output field(s) {unknown} are not in collection {spec.name!r}; it has {spec.field_names}")
     for f in extra:
         if f not in wanted:
             wanted.append(f)
@@ -73,8 +69,7 @@ def _search_params(
     params = {**spec.index.search_defaults(top_k), **dict(search_params or {})}
     if range_filter is not None and radius is None:
         raise DataError(
-            "range_filter needs radius: radius is the outer bound of a range search, range_filter the "
-            "inner one"
+            "range_filter needs radius: radius is the outer bound of a range search, range_filter the inner one"
         )
     if radius is not None:
         params["radius"] = float(radius)
@@ -168,9 +163,7 @@ def search_vectors(
     queries = check_vectors(arr, spec.dim, list(range(len(arr))), where="query vectors")
     fields = _output_fields(spec, output_fields)
     if group_by is not None and group_by not in spec.field_names:
-        raise DataError(
-            f"cannot group by {group_by!r}: collection {spec.name!r} has fields {spec.field_names}"
-        )
+        raise DataError(f"cannot group by {group_by!r}: collection {spec.name!r} has fields {spec.field_names}")
     native_group = group_by is not None and conn.version_at_least(2, 4)
     client_group = group_by is not None and not native_group
     if client_group:

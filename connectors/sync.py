@@ -85,9 +85,7 @@ def _read(records: pd.DataFrame | str | Path) -> pd.DataFrame:
     return read_records(records).reset_index(drop=True)
 
 
-def content_hashes(
-    records: pd.DataFrame, root: str | Path | None = None
-) -> tuple[list[str | None], dict[str, str]]:
+def content_hashes(records: pd.DataFrame, root: str | Path | None = None) -> tuple[list[str | None], dict[str, str]]:
     """The content hash of each record (``None`` where the image cannot be read) and the reasons."""
     from deepfeat.finetune.data import record_source
     from deepfeat.finetune.images import content_hash
@@ -193,9 +191,7 @@ def sync_records(
     unchanged = len(readable) - len(todo)
     wanted = set(keys)
     # rows of records whose image cannot be read now are kept as they are, not deleted
-    gone = (
-        [k for k in existing if k not in wanted and stored_ids[k] not in unreadable] if delete_missing else []
-    )
+    gone = [k for k in existing if k not in wanted and stored_ids[k] not in unreadable] if delete_missing else []
     n_new = sum(1 for k, m in zip(keys, todo_mask, strict=True) if m and k not in existing)
     log.info(
         "sync %s: %d new, %d changed, %d unchanged, %d gone, %d unreadable",
@@ -226,9 +222,7 @@ def sync_records(
     writer = BatchWriter(conn, spec)
     added = updated = 0
     embedded_keys: set[str] = set()
-    hint = (
-        "the records written so far are in; re-run the sync to finish (it only embeds what is still missing)"
-    )
+    hint = "the records written so far are in; re-run the sync to finish (it only embeds what is still missing)"
     for rows, vectors in embed(todo):
         if spec.key == "content_hash" and "content_hash" not in rows:
             raise DataError("the embedder returned rows without 'content_hash'; it must add that column")
@@ -240,9 +234,7 @@ def sync_records(
                 added += 1
     if embedder is not None:
         todo_ids = set(todo["id"].astype(str))
-        written_ids = (
-            {i for i in todo_ids if primary_key(i) in embedded_keys} if spec.key == "record_id" else todo_ids
-        )
+        written_ids = {i for i in todo_ids if primary_key(i) in embedded_keys} if spec.key == "record_id" else todo_ids
         for i in sorted(todo_ids - written_ids):
             skipped.setdefault(i, "not returned by the embedder")
     deleted = conn.delete(target, gone) if gone else 0
@@ -304,13 +296,8 @@ def reindex(
     model = _load_bundle(bundle)
     name = collection or reindex_name(alias, str(model.card.bundle_id))
     if name == alias:
-        raise ConnectorError(
-            f"the new collection cannot be named like the alias {alias!r}; pick another name"
-        )
-    if (
-        alias in conn.call("list_collections", conn.client.list_collections)
-        and alias not in conn.list_aliases()
-    ):
+        raise ConnectorError(f"the new collection cannot be named like the alias {alias!r}; pick another name")
+    if alias in conn.call("list_collections", conn.client.list_collections) and alias not in conn.list_aliases():
         raise ConnectorError(
             f"{alias!r} is a collection, not an alias; re-index behind a new alias name (e.g. "
             f"'{alias}_live'), point clients at it, and drop {alias!r} when they have moved"

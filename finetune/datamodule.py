@@ -17,11 +17,9 @@ Preset = Literal["fashion", "medical", "none"]
 
 
 def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    if not limit:
-        return df
-    return (df.groupby(["split", "label"], group_keys=False, sort=False)
-              .apply(lambda g: g.sample(n=min(len(g), limit), random_state=seed))
-              .sort_index())
+    from deepfeat.finetune.records import sample_per_class
+
+    return sample_per_class(df, limit, seed=seed, by=("split", "label"))
 
 
 class RetrievalDataModule(pl.LightningDataModule):

@@ -1252,3 +1252,15 @@ def _encode_array(array: np.ndarray, record_id: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def sample_per_class(df: pd.DataFrame, n: int | None, *, seed: int = 0,
+                     by: Sequence[str] = ("label",)) -> pd.DataFrame:
+    """At most ``n`` random rows per class (per ``by`` combination), keeping the original row order.
+
+    Deterministic for a seed; ``n=None`` returns ``df`` unchanged.
+    """
+    if not n:
+        return df
+    picked = df.sample(frac=1.0, random_state=seed).groupby(list(by), sort=False).head(n)
+    return df.loc[df.index.isin(picked.index)]

@@ -24,6 +24,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMAND_MODULES = (
     "deepfeat.recipes.cli",
     "deepfeat.connectors.cli",
+    "deepfeat.recipes.quickstart",
     "deepfeat.recipes.commands",
     "deepfeat.recipes.layers",
     "deepfeat.recipes.serve",

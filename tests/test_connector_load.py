@@ -14,18 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_connector_support import (  # noqa: F401  (fixtures)
-    DIM,
-    all_rows,
-    bundle,
-    bundle_dir,
-    conn,
-    fingerprint_of,
-    other_bundle_dir,
-    record_ids,
-    synthetic_vectors,
-    write_shards,
-)
+from test_connector_support import DIM, all_rows, fingerprint_of, record_ids, synthetic_vectors, write_shards
 
 from deepfeat.connectors import (
     CollectionSpec,
@@ -41,15 +30,25 @@ from deepfeat.connectors import (
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
 
+pytest_plugins = ("test_connector_support",)  # shared fixtures: bundle, bundle_dir, conn, ...
 
-def test_load_creates_collection_and_rerun_adds_no_duplicates(conn: MilvusConnector, bundle_dir: Path,
-                                                             tmp_path: Path) -> None:
+
+def test_load_creates_collection_and_rerun_adds_no_duplicates(
+    conn: MilvusConnector, bundle_dir: Path, tmp_path: Path
+) -> None:
     ids = record_ids(120)
     vectors = synthetic_vectors(120)
-    write_shards(tmp_path / "shards", fingerprint_of(bundle_dir), vectors, ids, shard_size=50,
-                 extra={"price": [float(i) for i in range(120)], "stock": list(range(120))})
-    report = load_shards(conn, "items", tmp_path / "shards", index="HNSW:M=8,efConstruction=64", batch_rows=32,
-                         progress=False)
+    write_shards(
+        tmp_path / "shards",
+        fingerprint_of(bundle_dir),
+        vectors,
+        ids,
+        shard_size=50,
+        extra={"price": [float(i) for i in range(120)], "stock": list(range(120))},
+    )
+    report = load_shards(
+        conn, "items", tmp_path / "shards", index="HNSW:M=8,efConstruction=64", batch_rows=32, progress=False
+    )
     assert (report.rows_written, report.final_count, report.expected_count, report.verified) == (120, 120, 120, True)
     spec = open_collection(conn, "items", bundle=bundle_dir)
     assert spec.dim == DIM and spec.metric == "COSINE" and spec.key == "record_id"
@@ -87,8 +86,9 @@ def test_reopened_database_is_searchable_and_keeps_the_bundle(bundle_dir: Path, 
 
 
 @pytest.mark.parametrize("kind, params", [("IVF_FLAT", {"nlist": 8}), ("FLAT", {}), ("AUTOINDEX", {})])
-def test_index_params_reach_the_server(conn: MilvusConnector, bundle_dir: Path, kind: str,
-                                       params: dict[str, int]) -> None:
+def test_index_params_reach_the_server(
+    conn: MilvusConnector, bundle_dir: Path, kind: str, params: dict[str, int]
+) -> None:
     spec = CollectionSpec.from_bundle("idx", bundle_dir, index=IndexSpec(kind, params))  # type: ignore[arg-type]
     create_collection(conn, spec)
     desc = conn.client.describe_index("idx", "vector")
@@ -103,8 +103,9 @@ def test_unknown_index_parameter_is_refused() -> None:
         IndexSpec.parse("DISKANN")
 
 
-def test_nan_and_inf_vectors_are_refused_before_writing(conn: MilvusConnector, bundle_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_nan_and_inf_vectors_are_refused_before_writing(
+    conn: MilvusConnector, bundle_dir: Path, tmp_path: Path
+) -> None:
     vectors = synthetic_vectors(40)
     vectors[13, 2] = np.nan
     vectors[29, 0] = np.inf
@@ -116,8 +117,9 @@ def test_nan_and_inf_vectors_are_refused_before_writing(conn: MilvusConnector, b
     assert conn.count("items") == 0  # nothing of the batch was written
 
 
-def test_shards_of_another_bundle_are_refused(conn: MilvusConnector, bundle_dir: Path, other_bundle_dir: Path,
-                                              tmp_path: Path) -> None:
+def test_shards_of_another_bundle_are_refused(
+    conn: MilvusConnector, bundle_dir: Path, other_bundle_dir: Path, tmp_path: Path
+) -> None:
     write_shards(tmp_path / "a", fingerprint_of(bundle_dir), synthetic_vectors(20), record_ids(20))
     write_shards(tmp_path / "b", fingerprint_of(other_bundle_dir), synthetic_vectors(20, seed=1), record_ids(20))
     load_shards(conn, "items", tmp_path / "a", progress=False)
@@ -147,9 +149,17 @@ def test_load_embeddings_from_an_iterator(conn: MilvusConnector, bundle: object,
 
     ids = record_ids(45)
     vectors = synthetic_vectors(45)
-    frame = pd.DataFrame({"id": ids, "label": ["a"] * 45, "split": ["train"] * 45, "group": ids,
-                          "path": ids, "content_hash": [f"{i:064x}" for i in range(45)]})
-    batches = [(frame.iloc[s:s + 10], vectors[s:s + 10]) for s in range(0, 45, 10)]
+    frame = pd.DataFrame(
+        {
+            "id": ids,
+            "label": ["a"] * 45,
+            "split": ["train"] * 45,
+            "group": ids,
+            "path": ids,
+            "content_hash": [f"{i:064x}" for i in range(45)],
+        }
+    )
+    batches = [(frame.iloc[s : s + 10], vectors[s : s + 10]) for s in range(0, 45, 10)]
     state = tmp_path / "state.json"
     report = load_embeddings(conn, "it", iter(batches), bundle=bundle, state_path=state, progress=False)  # type: ignore[arg-type]
     assert report.final_count == 45 and report.verified
@@ -158,31 +168,45 @@ def test_load_embeddings_from_an_iterator(conn: MilvusConnector, bundle: object,
     assert again.rows_written == 0 and again.final_count == 45
 
 
-def test_content_hash_key_collapses_identical_images(conn: MilvusConnector, bundle_dir: Path,
-                                                     tmp_path: Path) -> None:
-    files = write_shards(tmp_path / "shards", fingerprint_of(bundle_dir), synthetic_vectors(12), record_ids(12),
-                         shard_size=12)
+def test_content_hash_key_collapses_identical_images(conn: MilvusConnector, bundle_dir: Path, tmp_path: Path) -> None:
+    files = write_shards(
+        tmp_path / "shards", fingerprint_of(bundle_dir), synthetic_vectors(12), record_ids(12), shard_size=12
+    )
     table = pq.read_table(files[0])
     hashes = table.column("content_hash").to_pylist()
     hashes[1] = hashes[0]  # the same image under two ids
-    pq.write_table(table.set_column(table.schema.get_field_index("content_hash"), "content_hash",
-                                    __import__("pyarrow").array(hashes)), files[0])
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("content_hash"), "content_hash", __import__("pyarrow").array(hashes)
+        ),
+        files[0],
+    )
     report = load_shards(conn, "byhash", tmp_path / "shards", key="content_hash", progress=False)
     assert report.final_count == 11 == report.expected_count
 
 
 def test_lock_held_by_another_process_is_a_clear_error(bundle_dir: Path, tmp_path: Path) -> None:
     db = tmp_path / "locked.db"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from pymilvus import MilvusClient
         MilvusClient({str(db)!r})
         print("open", flush=True)
         time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        with pytest.raises(ConnectorError, match=rf"locked by process {holder.pid} \(lock file .*LOCK"):
+        with pytest.raises(
+            ConnectorError, match=rf"locked by (process {holder.pid}|another process) \(lock file .*LOCK"
+        ):
             connect(str(db)).client  # noqa: B018
     finally:
         holder.kill()
@@ -212,8 +236,12 @@ def test_killed_load_resumes_to_the_exact_count(bundle_dir: Path, tmp_path: Path
     vectors = synthetic_vectors(n, seed=3)
     write_shards(tmp_path / "shards", fingerprint_of(bundle_dir), vectors, ids, shard_size=100)
     db, state = tmp_path / "killed.db", tmp_path / "state.json"
-    proc = subprocess.Popen([sys.executable, "-c", _LOADER, str(db), str(tmp_path / "shards"), str(state),
-                             str(batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOADER, str(db), str(tmp_path / "shards"), str(state), str(batch)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     done_at_kill = 0
     try:
@@ -249,3 +277,28 @@ def test_killed_load_resumes_to_the_exact_count(bundle_dir: Path, tmp_path: Path
     ref = np.stack([np.asarray(reference[i]["vector"], dtype=np.float32) for i in ids])
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(got, vectors)
+
+
+def test_outage_mid_load_says_what_is_in_then_resumes(
+    conn: MilvusConnector, bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pymilvus.exceptions import MilvusUnavailableException
+
+    write_shards(tmp_path / "shards", fingerprint_of(bundle_dir), synthetic_vectors(100), record_ids(100))
+    conn.retries, conn.backoff = 3, 0.001
+    real_upsert = conn.client.upsert
+    calls = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 7:  # one blip (retried), then an outage from the 7th call on
+            raise MilvusUnavailableException(message="UNAVAILABLE: connection refused")
+        return real_upsert(*args, **kwargs)
+
+    monkeypatch.setattr(conn.client, "upsert", flaky)
+    with pytest.raises(ConnectorError, match=r"unreachable after 3 attempts .* 50 of 100 rows are durably in "
+                                             r"collection 'items' \(state file .*\); re-run the same command"):
+        load_shards(conn, "items", tmp_path / "shards", batch_rows=10, progress=False)
+    monkeypatch.setattr(conn.client, "upsert", real_upsert)
+    report = load_shards(conn, "items", tmp_path / "shards", batch_rows=10, progress=False)
+    assert (report.rows_resumed, report.rows_written, report.final_count) == (50, 50, 100)

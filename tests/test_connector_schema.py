@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from PIL import Image
-from test_connector_support import DIM, bundle, bundle_dir, conn, make_images  # noqa: F401  (fixtures)
+from test_connector_support import DIM, make_images
 
 from deepfeat.connectors import (
     CollectionSpec,
@@ -27,23 +27,36 @@ from deepfeat.connectors.schema import check_vectors, user_fields
 from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
 
+pytest_plugins = ("test_connector_support",)  # shared fixtures: bundle, bundle_dir, conn, ...
+
 
 def test_primary_key_is_a_stable_hex_digest() -> None:
-    key = primary_key("shoes/it's \"red\".png")
-    assert key == primary_key("shoes/it's \"red\".png") and len(key) == 32
+    key = primary_key('shoes/it\'s "red".png')
+    assert key == primary_key('shoes/it\'s "red".png') and len(key) == 32
     assert all(c in "0123456789abcdef" for c in key)
     assert primary_key("a") != primary_key("b")
 
 
 def test_spec_from_bundle_and_metadata(bundle_dir: Path) -> None:
-    records = pd.DataFrame({"id": ["a", "b"], "path": ["a.png", "b.png"], "label": ["x", "y"], "split": "train",
-                            "is_query": [True, False], "is_gallery": [True, True], "group": ["a", "b"],
-                            "price": [1.5, None], "stock": [3, 4], "colour": ["red", None],
-                            "image": [b"", b""], "embedding_extra": [[1, 2], [3]]})
+    records = pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "path": ["a.png", "b.png"],
+            "label": ["x", "y"],
+            "split": "train",
+            "is_query": [True, False],
+            "is_gallery": [True, True],
+            "group": ["a", "b"],
+            "price": [1.5, None],
+            "stock": [3, 4],
+            "colour": ["red", None],
+            "image": [b"", b""],
+            "embedding_extra": [[1, 2], [3]],
+        }
+    )
     spec = CollectionSpec.from_bundle("shop", bundle_dir, metadata=records, index="HNSW:M=32")
     by_name = {f.name: f for f in spec.fields}
-    assert spec.dim == DIM and spec.metric == "COSINE" and spec.index.build_params() == {"M": 32,
-                                                                                         "efConstruction": 200}
+    assert spec.dim == DIM and spec.metric == "COSINE" and spec.index.build_params() == {"M": 32, "efConstruction": 200}
     assert by_name["price"].dtype == "DOUBLE" and by_name["price"].nullable
     assert by_name["stock"].dtype == "INT64" and by_name["colour"].dtype == "VARCHAR"
     assert by_name["is_query"].dtype == "BOOL" and not by_name["is_query"].nullable
@@ -55,10 +68,22 @@ def test_spec_from_bundle_and_metadata(bundle_dir: Path) -> None:
 
 
 def test_arrow_schema_fields_and_bad_names() -> None:
-    schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32())), ("weight", pa.float32()),
-                        ("count", pa.int16()), ("flag", pa.bool_()), ("when", pa.timestamp("s"))])
-    assert [(f.name, f.dtype) for f in user_fields(schema)] == [("weight", "DOUBLE"), ("count", "INT64"),
-                                                                ("flag", "BOOL"), ("when", "VARCHAR")]
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("vector", pa.list_(pa.float32())),
+            ("weight", pa.float32()),
+            ("count", pa.int16()),
+            ("flag", pa.bool_()),
+            ("when", pa.timestamp("s")),
+        ]
+    )
+    assert [(f.name, f.dtype) for f in user_fields(schema)] == [
+        ("weight", "DOUBLE"),
+        ("count", "INT64"),
+        ("flag", "BOOL"),
+        ("when", "VARCHAR"),
+    ]
     with pytest.raises(DataError, match=r"\['bad name'\] are not valid Milvus field names"):
         user_fields(pd.DataFrame({"id": ["a"], "bad name": [1]}))
     assert [f.name for f in user_fields(pd.DataFrame({"id": ["a"], "bad name": [1]}), exclude=["bad name"])] == []
@@ -94,8 +119,9 @@ def test_properties_round_trip_in_milvus_lite(conn: MilvusConnector, bundle_dir:
         CollectionSpec.from_description(conn.describe("plain"))
 
 
-def test_token_from_env_and_file_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_token_from_env_and_file_never_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for name in ("DEEPFEAT_MILVUS_TOKEN", "MILVUS_TOKEN", "DEEPFEAT_MILVUS_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
     assert resolve_token() is None
@@ -137,8 +163,9 @@ def test_index_spec_parsing() -> None:
         IndexSpec.parse("HNSW:M")
 
 
-def test_plugin_has_the_pymilvus_model_shape(bundle: ModelBundle, bundle_dir: Path, tmp_path: Path,
-                                             conn: MilvusConnector) -> None:
+def test_plugin_has_the_pymilvus_model_shape(
+    bundle: ModelBundle, bundle_dir: Path, tmp_path: Path, conn: MilvusConnector
+) -> None:
     ef = DeepfeatImageEmbeddingFunction(bundle_dir)
     root = make_images(tmp_path / "images", n_per_class=2)
     paths = sorted(root.rglob("*.png"))

@@ -77,12 +77,21 @@ def synthetic_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
 def record_ids(n: int, start: int = 0) -> list[str]:
     """Record ids that look like relative paths, some with quotes and spaces (Milvus Lite key traps)."""
     curly, quote = "\u2019", "'"
-    return [f"class_{i % 4}/img {i:05d}{curly if i % 7 == 0 else ''}{'' if i % 5 else quote}.png"
-            for i in range(start, start + n)]
+    return [
+        f"class_{i % 4}/img {i:05d}{curly if i % 7 == 0 else ''}{'' if i % 5 else quote}.png"
+        for i in range(start, start + n)
+    ]
 
 
-def write_shards(out: Path, fingerprint: dict[str, Any], vectors: np.ndarray, ids: list[str], *,
-                 shard_size: int = 50, extra: dict[str, list[Any]] | None = None) -> list[Path]:
+def write_shards(
+    out: Path,
+    fingerprint: dict[str, Any],
+    vectors: np.ndarray,
+    ids: list[str],
+    *,
+    shard_size: int = 50,
+    extra: dict[str, list[Any]] | None = None,
+) -> list[Path]:
     """Write ``part-NNNNN.parquet`` shards as ``deepfeat embed`` does (contracts.md)."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -119,8 +128,9 @@ def all_rows(conn: MilvusConnector, collection: str) -> dict[str, dict[str, Any]
     return rows
 
 
-def make_images(root: Path, n_per_class: int = 3, classes: tuple[str, ...] = ("red", "green", "blue"),
-                seed: int = 0) -> Path:
+def make_images(
+    root: Path, n_per_class: int = 3, classes: tuple[str, ...] = ("red", "green", "blue"), seed: int = 0
+) -> Path:
     """An image folder (one sub-folder per class) of small PNGs with distinct content."""
     rng = np.random.default_rng(seed)
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220), "gray": (128, 128, 128)}

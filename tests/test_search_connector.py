@@ -7,18 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_connector_support import (  # noqa: F401  (fixtures)
-    DIM,
-    bundle,
-    bundle_dir,
-    conn,
-    fingerprint_of,
-    make_images,
-    other_bundle_dir,
-    record_ids,
-    synthetic_vectors,
-    write_shards,
-)
+from test_connector_support import DIM, fingerprint_of, make_images, record_ids, synthetic_vectors, write_shards
 
 from deepfeat.connectors import (
     format_hits_table,
@@ -35,13 +24,21 @@ from deepfeat.finetune.errors import DataError, MismatchError
 
 N = 60
 
+pytest_plugins = ("test_connector_support",)  # shared fixtures: bundle, bundle_dir, conn, ...
+
 
 @pytest.fixture
 def loaded(conn: MilvusConnector, bundle_dir: Path, tmp_path: Path) -> tuple[MilvusConnector, list[str], np.ndarray]:
     ids = record_ids(N)
     vectors = synthetic_vectors(N, seed=7)
-    write_shards(tmp_path / "shards", fingerprint_of(bundle_dir), vectors, ids, shard_size=25,
-                 extra={"price": [float(i) for i in range(N)]})
+    write_shards(
+        tmp_path / "shards",
+        fingerprint_of(bundle_dir),
+        vectors,
+        ids,
+        shard_size=25,
+        extra={"price": [float(i) for i in range(N)]},
+    )
     load_shards(conn, "items", tmp_path / "shards", index="HNSW:M=8", progress=False)
     return conn, ids, vectors
 
@@ -60,8 +57,9 @@ def test_top_k_by_vector_finds_itself_first_in_batches(loaded: tuple[MilvusConne
 
 def test_filters_on_metadata(loaded: tuple[MilvusConnector, list[str], np.ndarray]) -> None:
     conn, _, vectors = loaded
-    hits = search_vectors(conn, "items", vectors[:3], top_k=10, filter='label == "class_1"',
-                          output_fields=["record_id", "label", "price"])
+    hits = search_vectors(
+        conn, "items", vectors[:3], top_k=10, filter='label == "class_1"', output_fields=["record_id", "label", "price"]
+    )
     assert all(h["label"] == "class_1" for q in hits for h in q) and all(len(q) == 10 for q in hits)
     hits = search_vectors(conn, "items", vectors[:1], top_k=50, filter='split == "test" and price < 30')
     assert hits[0] and all(h["split"] == "test" for h in hits[0]) and len(hits[0]) == 10
@@ -136,8 +134,9 @@ def test_hits_table(loaded: tuple[MilvusConnector, list[str], np.ndarray]) -> No
     assert "(no hits)" in format_hits_table([[]], queries=["q"])
 
 
-def test_search_by_image_checks_the_bundle(conn: MilvusConnector, bundle: ModelBundle, other_bundle_dir: Path,
-                                           tmp_path: Path) -> None:
+def test_search_by_image_checks_the_bundle(
+    conn: MilvusConnector, bundle: ModelBundle, other_bundle_dir: Path, tmp_path: Path
+) -> None:
     root = make_images(tmp_path / "images", n_per_class=2)
     sync_records(conn, "shop", root, bundle, progress=False)
     hits = search_images(conn, "shop", [root / "green" / "01.png", root / "blue" / "00.png"], bundle, top_k=2)
@@ -153,14 +152,48 @@ def test_cli_load_search_collections(bundle_dir: Path, tmp_path: Path, capsys: p
     ids = record_ids(30)
     vectors = synthetic_vectors(30, seed=2)
     write_shards(tmp_path / "shards", fingerprint_of(bundle_dir), vectors, ids)
-    assert main(["load", str(tmp_path / "shards"), "-c", "items", "--uri", db, "--no-progress", "--format",
-                 "json", "--index", "IVF_FLAT:nlist=4"]) == 0
+    assert (
+        main(
+            [
+                "load",
+                str(tmp_path / "shards"),
+                "-c",
+                "items",
+                "--uri",
+                db,
+                "--no-progress",
+                "--format",
+                "json",
+                "--index",
+                "IVF_FLAT:nlist=4",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["final_count"] == 30 and report["verified"] is True
 
     np.save(tmp_path / "q.npy", vectors[:2])
-    assert main(["search", "-c", "items", "--uri", db, "--vector-file", str(tmp_path / "q.npy"), "-k", "3",
-                 "--filter", 'split == "train"', "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "-c",
+                "items",
+                "--uri",
+                db,
+                "--vector-file",
+                str(tmp_path / "q.npy"),
+                "-k",
+                "3",
+                "--filter",
+                'split == "train"',
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert len(out) == 2 and all(h["split"] == "train" for q in out for h in q["hits"])
     assert main(["search", "-c", "items", "--uri", db, "--id", ids[4], "--group-by", "group", "-k", "3"]) == 0

@@ -6,15 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_connector_support import (  # noqa: F401  (fixtures)
-    all_rows,
-    bundle,
-    bundle_dir,
-    conn,
-    make_images,
-    other_bundle_dir,
-    write_image,
-)
+from test_connector_support import all_rows, make_images, write_image
 
 from deepfeat.connectors import open_collection, reindex, search_images, sync_records
 from deepfeat.connectors.client import MilvusConnector
@@ -22,9 +14,12 @@ from deepfeat.connectors.sync import reindex_name
 from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import ConnectorError, MismatchError
 
+pytest_plugins = ("test_connector_support",)  # shared fixtures: bundle, bundle_dir, conn, ...
 
-def test_sync_adds_updates_and_deletes_only_what_changed(conn: MilvusConnector, bundle: ModelBundle,
-                                                         tmp_path: Path) -> None:
+
+def test_sync_adds_updates_and_deletes_only_what_changed(
+    conn: MilvusConnector, bundle: ModelBundle, tmp_path: Path
+) -> None:
     root = make_images(tmp_path / "images", n_per_class=3)
     first = sync_records(conn, "shop", root, bundle, progress=False)
     assert (first.added, first.updated, first.deleted, first.unchanged, first.final_count) == (9, 0, 0, 0, 9)
@@ -58,8 +53,9 @@ def test_dry_run_reports_without_writing(conn: MilvusConnector, bundle: ModelBun
     assert report.dry_run and report.deleted == 1 and conn.count("shop") == 6
 
 
-def test_unreadable_image_is_reported_and_its_row_kept(conn: MilvusConnector, bundle: ModelBundle,
-                                                       tmp_path: Path) -> None:
+def test_unreadable_image_is_reported_and_its_row_kept(
+    conn: MilvusConnector, bundle: ModelBundle, tmp_path: Path
+) -> None:
     root = make_images(tmp_path / "images", n_per_class=2)
     sync_records(conn, "shop", root, bundle, progress=False)
     (root / "blue" / "01.png").write_bytes(b"this is not a png")
@@ -68,16 +64,18 @@ def test_unreadable_image_is_reported_and_its_row_kept(conn: MilvusConnector, bu
     assert report.deleted == 0 and conn.count("shop") == 6
 
 
-def test_sync_with_another_bundle_is_refused(conn: MilvusConnector, bundle: ModelBundle, other_bundle_dir: Path,
-                                             tmp_path: Path) -> None:
+def test_sync_with_another_bundle_is_refused(
+    conn: MilvusConnector, bundle: ModelBundle, other_bundle_dir: Path, tmp_path: Path
+) -> None:
     root = make_images(tmp_path / "images", n_per_class=1)
     sync_records(conn, "shop", root, bundle, progress=False)
     with pytest.raises(MismatchError, match=r"bundle_id: 'tiny@.*' != 'tiny_v2@"):
         sync_records(conn, "shop", root, other_bundle_dir, progress=False)
 
 
-def test_reindex_fills_a_new_collection_then_switches_the_alias(conn: MilvusConnector, bundle: ModelBundle,
-                                                                other_bundle_dir: Path, tmp_path: Path) -> None:
+def test_reindex_fills_a_new_collection_then_switches_the_alias(
+    conn: MilvusConnector, bundle: ModelBundle, other_bundle_dir: Path, tmp_path: Path
+) -> None:
     root = make_images(tmp_path / "images", n_per_class=2)
     v1 = reindex(conn, "shop", root, bundle, progress=False)
     assert v1.collection == reindex_name("shop", bundle.card.bundle_id) and v1.previous_collection is None
@@ -99,8 +97,9 @@ def test_reindex_fills_a_new_collection_then_switches_the_alias(conn: MilvusConn
     assert conn.resolve_alias("shop") == v1.collection and not conn.has_collection(v2.collection)
 
 
-def test_reindex_behind_a_collection_name_is_refused(conn: MilvusConnector, bundle: ModelBundle,
-                                                     tmp_path: Path) -> None:
+def test_reindex_behind_a_collection_name_is_refused(
+    conn: MilvusConnector, bundle: ModelBundle, tmp_path: Path
+) -> None:
     root = make_images(tmp_path / "images", n_per_class=1)
     sync_records(conn, "shop", root, bundle, progress=False)
     with pytest.raises(ConnectorError, match="'shop' is a collection, not an alias"):
