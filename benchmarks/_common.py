@@ -46,8 +46,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{os.cpu_count()} CPU cores ({cpu}){gpu}; torch {torch.__version__}, {torch.get_num_threads()} "
-            f"intra-op threads; Python {platform.python_version()}; {_dt.date.today().isoformat()}")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}){gpu}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"intra-op threads; Python {platform.python_version()}; {_dt.date.today().isoformat()}"
+    )
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -88,8 +90,17 @@ def photo_pool() -> list[np.ndarray]:
     import skimage.data
 
     pool = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "colorwheel", "cat", "retina"):
+    for name in (
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "colorwheel",
+        "cat",
+        "retina",
+    ):
         try:
             image = np.asarray(getattr(skimage.data, name)())
         except Exception:  # a photo that would need a download: skip it

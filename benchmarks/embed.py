@@ -99,8 +99,12 @@ def run_naive(paths: Sequence[Path], model: torch.nn.Module, bundle: ModelBundle
     return len(paths) / (time.perf_counter() - start)
 
 
-def preprocess_all(paths: Sequence[Path], bundle: ModelBundle, batch_size: int, device: torch.device,
-                   ) -> list[torch.Tensor]:
+def preprocess_all(
+    paths: Sequence[Path],
+    bundle: ModelBundle,
+    batch_size: int,
+    device: torch.device,
+) -> list[torch.Tensor]:
     """Decode and preprocess every image once, into channels_last batches on ``device`` (for (b))."""
     from deepfeat.finetune.images import load_image
 
@@ -108,7 +112,7 @@ def preprocess_all(paths: Sequence[Path], bundle: ModelBundle, batch_size: int, 
     tensors = [transform(image=load_image(p))["image"] for p in paths]
     batches = []
     for i in range(0, len(tensors), batch_size):
-        x = torch.stack(tensors[i:i + batch_size]).to(device)
+        x = torch.stack(tensors[i : i + batch_size]).to(device)
         batches.append(x.contiguous(memory_format=torch.channels_last))
     return batches
 
@@ -124,20 +128,29 @@ def run_model_only(batches: Sequence[torch.Tensor], model: torch.nn.Module, devi
     return n / (time.perf_counter() - start)
 
 
-def run_deepfeat(bundle: ModelBundle, records: pd.DataFrame, out: Path, args: argparse.Namespace,
-                 device: torch.device) -> float:
+def run_deepfeat(
+    bundle: ModelBundle, records: pd.DataFrame, out: Path, args: argparse.Namespace, device: torch.device
+) -> float:
     """(c) embed_to_parquet, files -> Parquet shards. Images/s over the whole call."""
     start = time.perf_counter()
-    result = embed_to_parquet(bundle, records, out, batch_size=args.batch_size, num_workers=args.num_workers,
-                              device=str(device), progress=False)
+    result = embed_to_parquet(
+        bundle,
+        records,
+        out,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=str(device),
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     if result.n_embedded != len(records):
         raise SystemExit(f"embed_to_parquet embedded {result.n_embedded} of {len(records)} images")
     return len(records) / seconds
 
 
-class _FileBytes(torch.utils.data.Dataset[torch.Tensor]):
-    """The raw bytes of each file as a uint8 tensor (what decode_jpeg takes)."""
+class _FileBytes(torch.utils.data.Dataset[bytes]):
+    """The raw bytes of each file (plain ``bytes``: a tensor from ``torchvision.io.read_file`` cannot be
+    handed from a worker to the main process by file descriptor, and the DataLoader then hangs)."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = [str(p) for p in paths]
@@ -145,13 +158,11 @@ class _FileBytes(torch.utils.data.Dataset[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        import torchvision.io
-
-        return torchvision.io.read_file(self.paths[index])
+    def __getitem__(self, index: int) -> bytes:
+        return Path(self.paths[index]).read_bytes()
 
 
-def _as_list(items: list[torch.Tensor]) -> list[torch.Tensor]:
+def _as_list(items: list[bytes]) -> list[bytes]:
     return items
 
 
@@ -163,8 +174,11 @@ def device_preprocess(bundle: ModelBundle, device: torch.device) -> Callable[[li
 
     pre = bundle.preprocessing
     height, width = pre.input_size
-    mode = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC,
-            "nearest": TF.InterpolationMode.NEAREST}[pre.interpolation]
+    mode = {
+        "bilinear": TF.InterpolationMode.BILINEAR,
+        "bicubic": TF.InterpolationMode.BICUBIC,
+        "nearest": TF.InterpolationMode.NEAREST,
+    }[pre.interpolation]
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
 
@@ -175,8 +189,9 @@ def device_preprocess(bundle: ModelBundle, device: torch.device) -> Callable[[li
         h, w = x.shape[-2:]
         target_h, target_w = math.floor(height / pre.crop_pct), math.floor(width / pre.crop_pct)
         scale = max(target_h / h, target_w / w)
-        x = TF.resize(x, [max(target_h, round(h * scale)), max(target_w, round(w * scale))], interpolation=mode,
-                      antialias=True)
+        x = TF.resize(
+            x, [max(target_h, round(h * scale)), max(target_w, round(w * scale))], interpolation=mode, antialias=True
+        )
         return TF.center_crop(x, [height, width])
 
     def batch(images: list[torch.Tensor]) -> torch.Tensor:
@@ -186,21 +201,32 @@ def device_preprocess(bundle: ModelBundle, device: torch.device) -> Callable[[li
     return batch
 
 
-def run_device_decode(paths: Sequence[Path], model: torch.nn.Module, bundle: ModelBundle, out: Path,
-                      args: argparse.Namespace, device: torch.device) -> tuple[float, np.ndarray]:
+def run_device_decode(
+    paths: Sequence[Path],
+    model: torch.nn.Module,
+    bundle: ModelBundle,
+    out: Path,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[float, np.ndarray]:
     """(d) Workers read bytes; decode_jpeg, resize and normalise on ``device``; Parquet at the end."""
     import torchvision.io
 
     from deepfeat.finetune.embed import _to_table, write_table_atomic
 
     prep = device_preprocess(bundle, device)
-    loader = torch.utils.data.DataLoader(_FileBytes(paths), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=_as_list,
-                                         prefetch_factor=4 if args.num_workers else None)
+    loader = torch.utils.data.DataLoader(
+        _FileBytes(paths),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=_as_list,
+        prefetch_factor=4 if args.num_workers else None,
+    )
     start = time.perf_counter()
     parts = []
     for datas in loader:
-        images = torchvision.io.decode_jpeg(datas, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        images = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=device)
         with torch.inference_mode(), autocast_ctx(device):
             parts.append(model(prep(list(images))).float().cpu().numpy())
     vectors = np.concatenate(parts)
@@ -217,8 +243,9 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> Result:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="imagenet", help="imagenet (installed package), a local file, or none")
     parser.add_argument("--image-size", type=int, default=224, help="network input size (px)")
@@ -226,13 +253,21 @@ def main(argv: Sequence[str] | None = None) -> Result:
     parser.add_argument("--n", type=int, default=192, help="images per pass of (b), (c) and (d)")
     parser.add_argument("--naive-n", type=int, default=32, help="images per pass of the naive loop (a)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=1,
-                        help="DataLoader workers of (c) and (d) (the machine's cores are shared with the model)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="DataLoader workers of (c) and (d) (the machine's cores are shared with the model)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternated repeats; medians are reported")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for (b), (c), (d)")
-    parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
-                        help="also measure (d), decode_jpeg on the device (default: on for CUDA)")
+    parser.add_argument(
+        "--gpu-decode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure (d), decode_jpeg on the device (default: on for CUDA)",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="leave out (a)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
@@ -241,8 +276,10 @@ def main(argv: Sequence[str] | None = None) -> Result:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
-                         "the GPU figures need a machine with a GPU. Run without --device for the CPU figures")
+        raise SystemExit(
+            "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
+            "the GPU figures need a machine with a GPU. Run without --device for the CPU figures"
+        )
     gpu_decode = device.type == "cuda" if args.gpu_decode is None else args.gpu_decode
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deepfeat-bench-embed-"))
     try:
@@ -269,9 +306,11 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
         for shape in {tuple(b.shape) for b in batches}:
             model(next(b for b in batches if tuple(b.shape) == shape))
         naive_model(batches[0][:1].contiguous())
-    print(f"setup {time.perf_counter() - t0:.0f}s: {args.n} JPEGs of {args.source_size} px, {args.backbone} at "
-          f"{args.image_size} px, batch {args.batch_size}, {args.num_workers} worker(s), device {device}"
-          f"{', compiled' if args.compile else ''}")
+    print(
+        f"setup {time.perf_counter() - t0:.0f}s: {args.n} JPEGs of {args.source_size} px, {args.backbone} at "
+        f"{args.image_size} px, batch {args.batch_size}, {args.num_workers} worker(s), device {device}"
+        f"{', compiled' if args.compile else ''}"
+    )
 
     result = Result()
     reference: np.ndarray | None = None
@@ -284,7 +323,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
         for name in order:
             if name == "naive" and not args.skip_naive:
                 out.mkdir(parents=True, exist_ok=True)
-                rates[name] = run_naive(paths[:args.naive_n], naive_model, bundle, out / "naive.parquet")
+                rates[name] = run_naive(paths[: args.naive_n], naive_model, bundle, out / "naive.parquet")
             elif name == "model":
                 rates[name] = run_model_only(batches, model, device)
             elif name == "deepfeat":
@@ -307,20 +346,27 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
         rows, vecs, _ = read_shards(work / f"run-{args.repeats - 1}" / "deepfeat")
         order_ids = {name: i for i, name in enumerate(p.name for p in paths)}
         ref = reference[[order_ids[i] for i in rows["id"]]]
-        result.notes.append(f"(d) vs (c) vectors: mean cosine {mean_cosine(ref, vecs):.4f} (device resize is not "
-                            f"bit-identical to the bundle's OpenCV preprocessing)")
+        result.notes.append(
+            f"(d) vs (c) vectors: mean cosine {mean_cosine(ref, vecs):.4f} (device resize is not "
+            f"bit-identical to the bundle's OpenCV preprocessing)"
+        )
     _report(result, args, device)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                                         **asdict(result)}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, **asdict(result)}, indent=2
+            )
+        )
     return result
 
 
 def _report(result: Result, args: argparse.Namespace, device: torch.device) -> None:
-    labels = {"naive": "(a) naive loop, 1 image at a time",
-              "model": f"(b) model-only forward, batch {args.batch_size}, pre-decoded",
-              "deepfeat": f"(c) deepfeat embed_to_parquet, {args.num_workers} worker(s)",
-              "decode": "(d) decode_jpeg on the device + forward"}
+    labels = {
+        "naive": "(a) naive loop, 1 image at a time",
+        "model": f"(b) model-only forward, batch {args.batch_size}, pre-decoded",
+        "deepfeat": f"(c) deepfeat embed_to_parquet, {args.num_workers} worker(s)",
+        "decode": "(d) decode_jpeg on the device + forward",
+    }
     model_rate = median(result.rates["model"])
     rows = []
     for name in ("naive", "model", "deepfeat", "decode"):
@@ -334,14 +380,21 @@ def _report(result: Result, args: argparse.Namespace, device: torch.device) -> N
     checks = []
     if "deepfeat/naive" in result.ratios:
         value = median(result.ratios["deepfeat/naive"])
-        checks.append(["(c)/(a) vs naive loop", f"{value:.2f}x", goal_mark(value, GOAL_VS_NAIVE_CPU) if not gpu
-                       else "(goal set for CPU)"])
+        checks.append(
+            [
+                "(c)/(a) vs naive loop",
+                f"{value:.2f}x",
+                goal_mark(value, GOAL_VS_NAIVE_CPU) if not gpu else "(goal set for CPU)",
+            ]
+        )
     value = median(result.ratios["deepfeat/model"])
     goal = GOAL_VS_MODEL_GPU if gpu else GOAL_VS_MODEL_CPU
     checks.append(["(c)/(b) vs model-only", f"{value:.2f}x", goal_mark(value, goal)])
     if "decode/model" in result.ratios:
         value = median(result.ratios["decode/model"])
-        checks.append(["(d)/(b) vs model-only", f"{value:.2f}x", goal_mark(value, goal) if gpu else "(goal set for GPU)"])
+        checks.append(
+            ["(d)/(b) vs model-only", f"{value:.2f}x", goal_mark(value, goal) if gpu else "(goal set for GPU)"]
+        )
     print(table(["ratio (median of per-repeat ratios)", "value", "goal"], checks))
     for note in result.notes:
         print(f"note: {note}")

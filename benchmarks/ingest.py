@@ -2,7 +2,8 @@
 
 Three ways of putting the same N vectors (with the same metadata) into a fresh collection, in one run:
 
-* ``direct``: a hand-written pymilvus loop, ``client.insert`` of ``--batch`` rows at a time, then flush;
+* ``direct``: a hand-written pymilvus loop: create the same collection (schema, index, load), then
+  ``client.insert`` of ``--batch`` rows at a time, then flush;
 * ``deepfeat``: :func:`deepfeat.connectors.load_shards` from Parquet shards (reading the shards, NaN
   checks, keyed upserts, the resume state written after every batch, flush and the final count check);
 * ``row``: a row-at-a-time insert loop (on ``--row-rows`` rows, the anti-pattern).
@@ -126,11 +127,11 @@ def run_direct(
     """A direct pymilvus loop: build row dicts, insert ``batch`` at a time, flush. Returns vectors/s."""
     conn, name = target.open()
     try:
-        create_same_collection(conn, name, vectors.shape[1], index)
-        client = conn.client
         n = len(vectors) if n_rows is None else n_rows
         keys = primary_keys(meta["id"][:n])
-        start = time.perf_counter()
+        start = time.perf_counter()  # from nothing to a loaded, flushed collection, as load_shards does
+        create_same_collection(conn, name, vectors.shape[1], index)
+        client = conn.client
         for s in range(0, n, batch):
             rows = [
                 {

@@ -215,7 +215,7 @@ def bulk_import_shards(
         paths = _write_files(staging, spec, f, batch_rows, chunk_mb)
         job_id = conn.call("bulk insert", handler.do_bulk_insert, collection, "", paths)
         jobs[f.name] = {"status": "submitted", "job": int(job_id), "files": paths}
-        state.save()
+        state.save(sync=True)
         log.info("submitted import job %s for %s (%d files)", job_id, f.name, len(paths))
     done = sum(int(j.get("rows", 0)) for j in jobs.values() if j.get("status") == "completed")
     t_write = time.perf_counter()
@@ -251,7 +251,7 @@ def bulk_import_shards(
     if verify:
         expected, verified = _verify(conn, collection, _source_keys(files, spec), 0, final)
     state.data["complete"] = True
-    state.save()
+    state.save(sync=True)
     return LoadReport(
         collection,
         written,

@@ -40,6 +40,8 @@ Hit = dict[str, Any]
 DEFAULT_OUTPUT_FIELDS = (RECORD_ID_FIELD, "label", "group", "split", "path")
 #: Over-fetch factor when a server without native group-by (Milvus < 2.4) is grouped on the client.
 CLIENT_GROUP_FETCH = 10
+#: Milvus' largest top-k.
+MAX_LIMIT = 16384
 
 
 def _output_fields(spec: CollectionSpec, fields: Sequence[str] | None, extra: Sequence[str] = ()) -> list[str]:
@@ -155,8 +157,8 @@ def search_vectors(
         MismatchError: ``bundle`` or the vectors' dim disagree with the collection.
         DataError: NaN/Inf query vectors, unknown fields, inconsistent range bounds.
     """
-    if top_k < 1:
-        raise DataError(f"top_k must be at least 1, got {top_k}")
+    if not 1 <= top_k <= MAX_LIMIT:
+        raise DataError(f"top_k must be between 1 and {MAX_LIMIT}, got {top_k}")
     spec = open_collection(conn, collection, bundle=bundle, what="searching")
     arr = np.asarray(vectors, dtype=np.float32)
     arr = arr[None, :] if arr.ndim == 1 else arr
@@ -173,7 +175,7 @@ def search_vectors(
             CLIENT_GROUP_FETCH,
         )
     request_fields = _output_fields(spec, fields, extra=[group_by] if group_by else [])
-    limit = top_k * CLIENT_GROUP_FETCH * group_size if client_group else top_k
+    limit = min(top_k * CLIENT_GROUP_FETCH * group_size if client_group else top_k, MAX_LIMIT)
     params = _search_params(spec, limit, radius, range_filter, search_params)
     kwargs: dict[str, Any] = {
         "limit": limit,

@@ -166,7 +166,7 @@ def sync_records(
     start = time.perf_counter()
     model = _load_bundle(bundle)
     table = _read(records)
-    target = conn.resolve_alias(collection) if conn.has_collection(collection) else collection
+    target = conn.resolve_alias(collection)
     if conn.has_collection(target):
         spec = open_collection(conn, target, bundle=model, what="syncing")
     else:
@@ -178,6 +178,8 @@ def sync_records(
     readable = table[table["content_hash"].notna()]
     if spec.key == "content_hash":
         keys = [primary_key(h) for h in readable["content_hash"]]
+        first = ~pd.Series(keys).duplicated().to_numpy()  # identical images share one row
+        readable, keys = readable[first], [k for k, keep in zip(keys, first, strict=True) if keep]
     else:
         keys = [primary_key(str(i)) for i in readable["id"]]
     existing: dict[str, str] = {}

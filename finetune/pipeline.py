@@ -132,6 +132,12 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
     if not (dm.records["split"] == "val").any():
         raise DataError("fine-tuning needs a 'val' split for model selection and the baseline guard; set "
                         "val_fraction > 0 or use split_mode 'by_class'/'by_group'")
+    counts = dm.split_records("train")["label"].value_counts()
+    usable = int((counts >= 2).sum())
+    if 2 <= usable < dm.hparams["p"]:
+        log.info("only %d training classes have 2+ images: batches take p=%d classes instead of %d", usable,
+                 usable, dm.hparams["p"])
+        dm.hparams["p"] = usable
     module = MetricLearningModule(
         backbone=settings.backbone, weights=settings.weights, head=settings.head,
         embedding_dim=settings.embedding_dim, image_size=settings.image_size, loss=loss, miner=miner,

@@ -296,8 +296,11 @@ def test_outage_mid_load_says_what_is_in_then_resumes(
         return real_upsert(*args, **kwargs)
 
     monkeypatch.setattr(conn.client, "upsert", flaky)
-    with pytest.raises(ConnectorError, match=r"unreachable after 3 attempts .* 50 of 100 rows are durably in "
-                                             r"collection 'items' \(state file .*\); re-run the same command"):
+    with pytest.raises(
+        ConnectorError,
+        match=r"unreachable after 3 attempts .* 50 of 100 rows are durably in "
+        r"collection 'items' \(state file .*\); re-run the same command",
+    ):
         load_shards(conn, "items", tmp_path / "shards", batch_rows=10, progress=False)
     monkeypatch.setattr(conn.client, "upsert", real_upsert)
     report = load_shards(conn, "items", tmp_path / "shards", batch_rows=10, progress=False)

@@ -104,3 +104,25 @@ def test_reindex_behind_a_collection_name_is_refused(
     sync_records(conn, "shop", root, bundle, progress=False)
     with pytest.raises(ConnectorError, match="'shop' is a collection, not an alias"):
         reindex(conn, "shop", root, bundle, progress=False)
+
+
+def test_sync_keyed_by_content_collapses_copies(conn: MilvusConnector, bundle: ModelBundle, tmp_path: Path) -> None:
+    import shutil
+
+    root = make_images(tmp_path / "images", n_per_class=2)
+    shutil.copy(root / "red" / "00.png", root / "blue" / "copy_of_red.png")
+    report = sync_records(conn, "dedup", root, bundle, key="content_hash", progress=False)
+    assert report.added == 6 and report.final_count == 6
+    (root / "red" / "00.png").unlink()  # the copy still holds that content: its row stays
+    again = sync_records(conn, "dedup", root, bundle, progress=False)
+    assert (again.added, again.deleted, again.unchanged, again.final_count) == (0, 0, 6, 6)
+
+
+def test_sync_through_an_alias_updates_its_collection(
+    conn: MilvusConnector, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    root = make_images(tmp_path / "images", n_per_class=1)
+    first = reindex(conn, "live", root, bundle, progress=False)
+    write_image(root / "red" / "99.png", (200, 0, 0), np.random.default_rng(1))
+    report = sync_records(conn, "live", root, bundle, progress=False)
+    assert report.collection == first.collection and report.added == 1 and conn.count(first.collection) == 4

@@ -1,0 +1,51 @@
+"""The quickstart, end to end in its reduced mode: real data, real training, real Milvus Lite, a picture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from imagegen import make_image_folder
+from PIL import Image
+
+from deepfeat.recipes.cli import main
+from deepfeat.recipes.quickstart import QuickstartOptions, run_quickstart
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Debian package dataset-fashion-mnist not installed (make test installs it)")
+def test_quickstart_tiny_on_fashion_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--tiny", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "off-the-shelf" in printed and "fine-tuned" in printed and "picture:" in printed
+    report = json.loads((out / "quickstart.json").read_text())
+    assert set(report["metrics"]) == {"off-the-shelf", "fine-tuned"}
+    n_gallery = report["metrics"]["fine-tuned"]["n_gallery"]
+    assert report["n_loaded"] == n_gallery == 120  # 12 test images x 10 classes, all in Milvus
+    for search in report["searches"]:
+        ids = [h["id"] for h in search["hits"]]
+        assert len(ids) == 6 and search["query"] not in ids and len(set(ids)) == 6
+        scores = [h["score"] for h in search["hits"]]
+        assert scores == sorted(scores, reverse=True)
+    with Image.open(out / "quickstart_results.png") as im:
+        assert im.width > 500 and im.height > 500
+
+
+def test_quickstart_on_an_image_folder(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=8, size=32)
+    opts = QuickstartOptions(data=str(data), out=str(tmp_path / "qs"), train_per_class=None, image_size=32,
+                             max_epochs=1, batches_per_epoch=3, num_workers=0, n_queries=3, top_k=3, progress=False)
+    res = run_quickstart(opts)
+    assert res.picture.is_file()
+    assert res.n_loaded == res.metrics["fine-tuned"]["n_gallery"] > 0
+    # the stripes-per-class images are easy: even a few steps retrieve the right class first
+    assert res.metrics["fine-tuned"]["recall_at_1"] >= 0.5
+
+
+def test_quickstart_explains_missing_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quickstart", "--tiny", "--quiet", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "error" in err
