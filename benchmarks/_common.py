@@ -10,7 +10,9 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,47 @@ def write_jpegs(folder: Path, n: int, size: int, *, seed: int = 0, quality: int 
         tile.save(path, quality=quality)
         paths.append(path)
     return paths
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished (reaped) children, e.g. DataLoader workers."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Measure:
+    """``items`` processed in ``wall`` seconds, using ``cpu`` CPU-seconds (this process and its children).
+
+    Wall time is what the goals are about; CPU time moves much less when other jobs share the machine,
+    so items per CPU-second is printed beside it as a check on noisy figures.
+    """
+
+    items: int
+    wall: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.items / max(self.wall, 1e-9)
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.items / max(self.cpu, 1e-9)
+
+
+class Clock:
+    """``with Clock() as c: ...`` then ``c.measure(items)``."""
+
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._wall, cpu_seconds() - self._cpu
+
+    def measure(self, items: int) -> Measure:
+        return Measure(items, self.wall, self.cpu)

@@ -53,18 +53,29 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
         test = records[records["split"] == "test"]
         keep = sample_per_class(test, args.test_limit_per_class, seed=0)
         records = pd.concat([records[records["split"] != "test"], keep])
+    val_fraction = args.val_fraction
     if protocol == "disjoint":
         train_classes = set(FASHION_MNIST_CLASSES[:5])
         is_train = records["split"] == "train"
         records = records[(is_train & records["label"].isin(train_classes))
-                          | (~is_train & ~records["label"].isin(train_classes))]
+                          | (~is_train & ~records["label"].isin(train_classes))].copy()
+        if args.disjoint_val == "classes":
+            # Model selection on classes the model never trains on: the closest proxy, on seen data,
+            # for retrieval of unseen classes. Two of the five training classes become validation.
+            val_classes = set(FASHION_MNIST_CLASSES[3:5])
+            moved = (records["split"] == "train") & records["label"].isin(val_classes)
+            records.loc[moved, "split"] = "val"
+            val_rows = records[records["split"] == "val"]
+            drop = val_rows.index.difference(sample_per_class(val_rows, args.val_per_class, seed=seed).index)
+            records = records.drop(index=drop)
+            val_fraction = 0.0
     settings = FinetuneSettings(image_size=args.image_size, embedding_dim=args.dim, max_epochs=args.epochs,
                                 max_minutes=args.minutes, batches_per_epoch=args.batches_per_epoch,
                                 lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed,
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
                                 freeze_epochs=args.freeze_epochs, p=args.p, k=args.k,
                                 freeze_bn=not args.train_bn, loss_lr=args.loss_lr, warmup_steps=args.warmup_steps)
-    dm = make_datamodule(records, settings, val_fraction=args.val_fraction)
+    dm = make_datamodule(records, settings, val_fraction=val_fraction)
     n_classes = dm.split_records("train")["label"].nunique()
     loss, miner = make_loss(args.loss, n_classes, args.dim)
     start = time.perf_counter()
@@ -114,6 +125,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--freeze-epochs", type=int, default=1)
     parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--disjoint-val", choices=["classes", "images"], default="classes",
+                        help="disjoint protocol: validate on held-out training classes, or held-out images")
+    parser.add_argument("--val-per-class", type=int, default=600)
     parser.add_argument("--limit-per-class", type=int, default=None, help="subsample train and test")
     parser.add_argument("--test-limit-per-class", type=int, default=None)
     parser.add_argument("--num-workers", type=int, default=2)

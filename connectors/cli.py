@@ -196,6 +196,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     }
     try:
         if args.reindex_alias:
+            if args.on_error != "skip":
+                raise DataError("--on-error fail is not available with --reindex-alias")
             if args.dry_run:
                 raise DataError("--dry-run is not available with --reindex-alias")
             report = reindex(
@@ -217,12 +219,28 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                 args.bundle,
                 delete_missing=not args.no_delete,
                 dry_run=args.dry_run,
+                on_error=args.on_error,
                 **common,
             )
     finally:
         conn.close()
+    if args.report:
+        _write_skip_report(Path(args.report), report.skipped_reasons)
     _print_report(report.to_dict(), args.format)
     return 0
+
+
+def _write_skip_report(path: Path, reasons: dict[str, str]) -> None:
+    """Every skipped record and why, as JSON (the layout of ``deepfeat embed``'s ``_report.json``)."""
+    data = {"n_skipped": len(reasons), "skipped": [{"id": k, "reason": v} for k, v in reasons.items()]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write the skip report {str(path)!r}: {exc.strerror or exc}; the sync itself "
+                        f"finished") from exc
 
 
 def _add_sync(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -258,6 +276,13 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--key", choices=("record_id", "content_hash"), default="record_id", help="primary key source")
     p.add_argument("--no-delete", action="store_true", help="keep rows whose images are gone")
     p.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
+    p.add_argument(
+        "--on-error",
+        choices=("skip", "fail"),
+        default="skip",
+        help="an unreadable image: skip and report it (default), or stop (before writing, where possible)",
+    )
+    p.add_argument("--report", default=None, metavar="FILE", help="write every skipped image and why to this JSON file")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ from deepfeat.connectors.schema import (
     primary_key,
 )
 from deepfeat.finetune.bundle import ModelBundle
-from deepfeat.finetune.errors import ConnectorError, DataError, DeepfeatError
+from deepfeat.finetune.errors import ConnectorError, DataError, DeepfeatError, ImageDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class SyncReport:
     previous_collection: str | None = None
     dry_run: bool = False
     skipped_ids: list[str] = field(default_factory=list)
+    #: record id -> why it was skipped (every one; ``skipped_ids`` in :meth:`to_dict` shows 100)
+    skipped_reasons: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data."""
@@ -79,10 +81,15 @@ def _load_bundle(bundle: ModelBundle | str | Path) -> ModelBundle:
     return bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle)
 
 
-def _read(records: pd.DataFrame | str | Path) -> pd.DataFrame:
+def _read(records: pd.DataFrame | str | Path, root: str | Path | None) -> pd.DataFrame:
     from deepfeat.finetune.records import read_records
 
-    return read_records(records).reset_index(drop=True)
+    # Missing files and broken links are kept as records: the sync reports and skips each one (and keeps
+    # its row) instead of refusing the whole folder. A root is enforced (no path may leave it) for manifests
+    # and tables; an image folder is its own root.
+    is_folder = isinstance(records, str | Path) and Path(records).is_dir()
+    kwargs: dict[str, Any] = {"root": root} if root is not None and not is_folder else {}
+    return read_records(records, check_files=False, **kwargs).reset_index(drop=True)
 
 
 def content_hashes(records: pd.DataFrame, root: str | Path | None = None) -> tuple[list[str | None], dict[str, str]]:
@@ -109,6 +116,7 @@ def _default_embedder(
     num_workers: int,
     progress: bool,
     skipped: dict[str, str],
+    on_error: Literal["skip", "fail"] = "skip",
 ) -> Embedder:
     from deepfeat.finetune.data import SkipReport
     from deepfeat.finetune.embed import iter_embeddings
@@ -121,7 +129,7 @@ def _default_embedder(
             rows,
             batch_size=batch_size,
             num_workers=num_workers,
-            on_error="skip",
+            on_error=on_error,
             report=report,
             root=root,
             progress=progress,
@@ -146,6 +154,7 @@ def sync_records(
     progress: bool = True,
     dry_run: bool = False,
     embedder: Embedder | None = None,
+    on_error: Literal["skip", "fail"] = "skip",
 ) -> SyncReport:
     """Bring ``collection`` (or the collection an alias points at) in line with ``records``.
 
@@ -158,22 +167,35 @@ def sync_records(
         bundle: the model bundle (must be the one that filled an existing collection).
         root: folder that relative paths in ``records`` are resolved against.
         embedder: replaces ``iter_embeddings`` (for tests or custom pipelines).
+        on_error: ``skip`` reports each unreadable image (``SyncReport.skipped_reasons``) and goes on;
+            ``fail`` refuses before writing when an image cannot be read, and stops at the first image
+            that does not decode (what was written before it stays in; a re-run continues).
 
     Raises:
         MismatchError: the collection was filled by another bundle (use :func:`reindex`).
+        ImageDecodeError / DataError: with ``on_error='fail'``, an image that cannot be read.
         ConnectorError: Milvus refused, or the final count is not what the sync implies.
     """
+    if on_error not in ("skip", "fail"):
+        raise DataError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     start = time.perf_counter()
     model = _load_bundle(bundle)
-    table = _read(records)
+    table = _read(records, root)
     target = conn.resolve_alias(collection)
-    if conn.has_collection(target):
+    exists = conn.has_collection(target)
+    if exists:  # a collection of another bundle is refused before any image is read
         spec = open_collection(conn, target, bundle=model, what="syncing")
-    else:
+    hashes, unreadable = content_hashes(table, root)
+    if on_error == "fail" and unreadable:
+        first = next(iter(unreadable))
+        raise DataError(
+            f"{len(unreadable)} image(s) cannot be read, e.g. {first!r}: {unreadable[first]}. Nothing was "
+            f"written; fix or remove them, or run with --on-error skip to skip and report them"
+        )
+    if not exists:
         spec = CollectionSpec.from_bundle(target, model, metadata=table, index=index, key=key)
         if not dry_run:
             spec = create_collection(conn, spec)
-    hashes, unreadable = content_hashes(table, root)
     table = table.assign(content_hash=pd.Series(hashes, index=table.index, dtype=object))
     readable = table[table["content_hash"].notna()]
     if spec.key == "content_hash":
@@ -216,24 +238,37 @@ def sync_records(
             time.perf_counter() - start,
             dry_run=True,
             skipped_ids=sorted(unreadable),
+            skipped_reasons=dict(sorted(unreadable.items())),
         )
     skipped = dict(unreadable)
     embed = embedder or _default_embedder(
-        model, root=root, batch_size=batch_size, num_workers=num_workers, progress=progress, skipped=skipped
+        model,
+        root=root,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        skipped=skipped,
+        on_error=on_error,
     )
     writer = BatchWriter(conn, spec)
     added = updated = 0
     embedded_keys: set[str] = set()
     hint = "the records written so far are in; re-run the sync to finish (it only embeds what is still missing)"
-    for rows, vectors in embed(todo):
-        if spec.key == "content_hash" and "content_hash" not in rows:
-            raise DataError("the embedder returned rows without 'content_hash'; it must add that column")
-        for k in writer.write(rows, vectors, on_give_up=hint):
-            embedded_keys.add(k)
-            if k in existing:
-                updated += 1
-            else:
-                added += 1
+    try:
+        for rows, vectors in embed(todo):
+            if spec.key == "content_hash" and "content_hash" not in rows:
+                raise DataError("the embedder returned rows without 'content_hash'; it must add that column")
+            for k in writer.write(rows, vectors, on_give_up=hint):
+                embedded_keys.add(k)
+                if k in existing:
+                    updated += 1
+                else:
+                    added += 1
+    except ImageDecodeError as exc:  # on_error='fail': say what is in before stopping
+        raise ImageDecodeError(
+            exc.source, f"{exc.reason}. {added + updated} of {len(todo)} records to write were written before it "
+            f"and are in {target!r}; fix the file and re-run the sync (it only embeds what is still missing)"
+        ) from exc
     if embedder is not None:
         todo_ids = set(todo["id"].astype(str))
         written_ids = {i for i in todo_ids if primary_key(i) in embedded_keys} if spec.key == "record_id" else todo_ids
@@ -258,6 +293,7 @@ def sync_records(
         final,
         time.perf_counter() - start,
         skipped_ids=sorted(skipped),
+        skipped_reasons=dict(sorted(skipped.items())),
     )
     log.info("synced %s: %s", target, report.to_dict())
     return report

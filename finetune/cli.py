@@ -83,6 +83,10 @@ class DeepfeatCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+        # A recipe YAML (recipes/configs/*.yaml) is a LightningCLI config plus a `recipe:` section (collection,
+        # search, the recipe's action) that only `deepfeat recipe run` reads; `fit` accepts and ignores it.
+        parser.add_argument("--recipe", type=dict[str, Any] | None, default=None,
+                            help="deepfeat recipe section, read by 'deepfeat recipe run' (ignored here)")
 
 
 def run_lightning_cli(args: list[str]) -> DeepfeatCLI:

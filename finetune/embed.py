@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from deepfeat.finetune.bundle import ModelBundle
-from deepfeat.finetune.data import RecordDataset, SkipReport, make_loader, record_source
-from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from deepfeat.finetune.bundle import ModelBundle
+from deepfeat.finetune.data import RecordDataset, SkipReport, collate_skipping_errors, record_source
+from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +38,75 @@ SHARD_GLOB = "part-*.parquet"
 _RESERVED = ("vector", "image")
 
 
-def _content_hashes(records: pd.DataFrame, root: str | Path | None) -> list[str]:
-    from deepfeat.finetune.images import content_hash
+class _HashingDataset(RecordDataset):
+    """A :class:`RecordDataset` that also computes each record's ``content_hash`` in the worker.
 
-    out = []
-    for _, row in records.iterrows():
-        try:
-            out.append(content_hash(record_source(row, root)))
-        except (OSError, DeepfeatError):
-            out.append("")
-    return out
+    Hashing used to run in the main process after each forward pass, re-reading every file there: time on
+    the critical path of the process that drives the model (on a GPU, a large share of it). In the worker
+    the file is still in the page cache from decoding, and the hash overlaps with the forward pass.
+    """
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from deepfeat.finetune.images import content_hash
+
+        item = super().__getitem__(index)
+        if "error" not in item:
+            try:
+                item["content_hash"] = content_hash(record_source(self.records.iloc[index], self.root))
+            except (OSError, DeepfeatError):
+                item["content_hash"] = ""
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = collate_skipping_errors(items)
+    batch["content_hash"] = [str(it["content_hash"]) for it in items if "error" not in it]
+    return batch
+
+
+def _init_worker(worker_id: int) -> None:
+    # The model already uses every core in the main process: OpenCV's own thread pool in each worker
+    # would only oversubscribe them (torch already runs workers with one thread).
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)``, once per model object, so repeated calls reuse the compiled graphs."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model)  # type: ignore[assignment]
+    return _COMPILED[model]
+
+
+@dataclass
+class _InFlight:
+    """A batch whose forward pass was launched; on CUDA its vectors are still being copied to the host."""
+
+    index: np.ndarray
+    hashes: list[str]
+    vectors: torch.Tensor
+    done: torch.cuda.Event | None
 
 
 def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: int = 64, num_workers: int = 0,
                     on_error: Literal["skip", "fail"] = "skip", report: SkipReport | None = None,
                     root: str | Path | None = None, device: str | torch.device | None = None,
                     channels_last: bool = True, autocast: bool | None = None, progress: bool = False,
-                    ) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+                    compile: bool = False) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """Embed ``records`` and yield ``(rows, vectors)`` per batch.
 
     ``rows`` are the batch's records (in input order, failed ones removed) with a ``content_hash``
     column added; ``vectors`` is float32 (len(rows), dim). With ``on_error='fail'`` the first image
     that does not decode raises :class:`ImageDecodeError`; with ``skip`` it goes into ``report``.
+
+    Workers decode, preprocess and hash the next batches while the model runs. On CUDA the input
+    comes from pinned memory, the forward pass runs under bf16 autocast, and the vectors of a batch are
+    copied back while the next batch is already being computed. ``compile`` runs the model through
+    ``torch.compile`` (worth it for long runs: compiling takes a minute or more).
     """
     from deepfeat.finetune.transforms import build_transforms
 
@@ -67,16 +117,43 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     model = bundle.model.to(dev).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    use_autocast = (dev.type == "cuda") if autocast is None else autocast
+    if compile:
+        model = _compiled(model)
+    cuda = dev.type == "cuda"
+    use_autocast = cuda if autocast is None else autocast
     transform = build_transforms(bundle.preprocessing, preset="none", train=False)
-    dataset = RecordDataset(records, transform, class_to_idx={}, root=root)
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    dataset = _HashingDataset(records, transform, class_to_idx={}, root=root)
+    loader_kw: dict[str, Any] = {}
+    if num_workers > 0:
+        loader_kw.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=_init_worker)
+    loader: DataLoader[dict[str, Any]] = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                    num_workers=num_workers, collate_fn=_collate,
+                                                    pin_memory=cuda, **loader_kw)
     bar = tqdm(total=len(records), unit="img", desc="embed", disable=not progress)
+
+    def finish(job: _InFlight) -> tuple[pd.DataFrame, np.ndarray]:
+        if job.done is not None:
+            job.done.synchronize()
+        vectors = job.vectors.numpy()
+        if not np.isfinite(vectors).all():
+            bad = int((~np.isfinite(vectors).all(axis=1)).sum())
+            raise DeepfeatError(f"the model produced {bad} non-finite embeddings in one batch; the bundle's "
+                                f"weights are damaged or the input is out of range. Nothing was written "
+                                f"for this batch")
+        rows = records.iloc[job.index].copy()
+        rows["content_hash"] = job.hashes
+        bar.update(len(rows))
+        return rows, np.ascontiguousarray(vectors, dtype=np.float32)
+
+    in_flight: _InFlight | None = None
     try:
         for batch in loader:
             for index, message in batch["errors"]:
                 rid = str(records.at[index, "id"])
                 if on_error == "fail":
+                    if in_flight is not None:  # the batches before the bad image still come out first
+                        job, in_flight = in_flight, None
+                        yield finish(job)
                     raise ImageDecodeError(rid, f"{message} (run with --on-error skip to skip bad images)")
                 if report is not None:
                     report.add(rid, str(records.at[index, "path"]) if "path" in records else "", message)
@@ -87,16 +164,27 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                vectors = model(x).float().cpu().numpy()
-            if not np.isfinite(vectors).all():
-                bad = int((~np.isfinite(vectors).all(axis=1)).sum())
-                raise DeepfeatError(f"the model produced {bad} non-finite embeddings in one batch; the bundle's "
-                                    f"weights are damaged or the input is out of range. Nothing was written "
-                                    f"for this batch")
-            rows = records.iloc[batch["index"].numpy()].copy()
-            rows["content_hash"] = _content_hashes(rows, root)
-            bar.update(len(rows))
-            yield rows, np.ascontiguousarray(vectors, dtype=np.float32)
+                out = model(x).float()
+            done = None
+            if cuda:
+                host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                out = host
+            else:
+                out = out.cpu()
+            job = _InFlight(batch["index"].numpy(), batch["content_hash"], out, done)
+            if in_flight is not None:
+                previous, in_flight = in_flight, None
+                yield finish(previous)
+            if cuda:
+                in_flight = job  # yielded once the next batch is queued on the GPU
+            else:
+                yield finish(job)
+        if in_flight is not None:
+            job, in_flight = in_flight, None
+            yield finish(job)
     finally:
         bar.close()
 
@@ -110,8 +198,12 @@ def _to_table(rows: pd.DataFrame, vectors: np.ndarray, fingerprint: dict[str, An
     for c in _metadata_columns(rows):
         values = rows[c]
         if values.dtype == object:
-            values = values.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-        cols[c] = pa.array(values.tolist())
+            # a list, not Series.map: map turns None into NaN, and a NaN among strings fails in pyarrow
+            # (records mixing files and in-memory images); typed string, so all-None shards still concat
+            texts = [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
+            cols[c] = pa.array(texts, type=pa.string())
+        else:
+            cols[c] = pa.array(values.tolist())
     dim = vectors.shape[1]
     cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
     table = pa.table(cols)
@@ -152,11 +244,13 @@ class EmbedResult:
 
 def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Path, *, shard_size: int = 50_000,
                      batch_size: int = 64, num_workers: int = 0, on_error: Literal["skip", "fail"] = "skip",
-                     root: str | Path | None = None, device: str | None = None, progress: bool = True) -> EmbedResult:
+                     root: str | Path | None = None, device: str | None = None, progress: bool = True,
+                     compile: bool = False) -> EmbedResult:
     """Embed ``records`` into Parquet shards ``part-NNNNN.parquet`` under ``out_dir``.
 
     Resumable: shards already complete (same bundle fingerprint) are kept and their records skipped,
     so an interrupted run continues where it stopped. Memory stays at one shard of vectors.
+    ``compile`` runs the model through ``torch.compile`` (see :func:`iter_embeddings`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +289,7 @@ def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | 
 
     for rows, vectors in iter_embeddings(bundle, todo, batch_size=batch_size, num_workers=num_workers,
                                          on_error=on_error, report=report, root=root, device=device,
-                                         progress=progress):
+                                         progress=progress, compile=compile):
         pending_rows.append(rows)
         pending_vecs.append(vectors)
         n_pending += len(rows)

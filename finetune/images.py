@@ -278,7 +278,12 @@ def _decode_pil(data: bytes, name: str, *, max_pixels: int | None) -> np.ndarray
             if "truncated" in reason:
                 reason = f"the file is truncated ({reason}); re-export or re-download it"
             else:
-                reason = f"cannot decode the pixel data ({type(exc).__name__}: {reason})"
+                # e.g. a TIFF with WebP/JPEG 2000 compression that this Pillow/libtiff build lacks
+                compression = image.info.get("compression")
+                unsupported = (f" with compression {compression!r}, which this Pillow build may not support "
+                               f"(convert the file to PNG or JPEG)" if compression else "")
+                reason = (f"cannot decode the pixel data of this {image.format or 'image'} file{unsupported} "
+                          f"({type(exc).__name__}: {reason})")
             raise ImageDecodeError(name, reason) from exc
         return _pil_to_rgb(_exif_upright(image, name), name)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -46,6 +47,8 @@ class MetricLearningModule(pl.LightningModule):
             (Li et al., "Explicit inductive bias for transfer learning", ICML 2018); 0 disables it.
         freeze_bn: keep BatchNorm statistics of the backbone fixed (small PK batches are biased).
         gather_across_ranks: under DDP, compute the loss on embeddings gathered from all ranks.
+        max_minutes: a wall-clock training budget; the cosine schedule then follows whichever of
+            steps or time runs out first, so a time-limited run still ends at a low learning rate.
     """
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet",
@@ -54,7 +57,7 @@ class MetricLearningModule(pl.LightningModule):
                  miner: BaseMiner | None = None, lr: float = 1e-4, head_lr: float | None = None,
                  loss_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.01, l2sp: float = 0.0, freeze_bn: bool = True,
-                 gather_across_ranks: bool = True) -> None:
+                 gather_across_ranks: bool = True, max_minutes: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "miner"])
         self.model: EmbeddingModel = build_embedding_model(backbone, weights, head=head,
@@ -184,10 +187,15 @@ class MetricLearningModule(pl.LightningModule):
         warmup = int(hp["warmup_steps"])
         floor = float(hp["min_lr_ratio"])
 
+        budget = float(hp["max_minutes"]) * 60 if hp.get("max_minutes") else None
+        started = time.perf_counter()
+
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if budget:
+                progress = max(progress, min(1.0, (time.perf_counter() - started) / budget))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -142,7 +142,8 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
         backbone=settings.backbone, weights=settings.weights, head=settings.head,
         embedding_dim=settings.embedding_dim, image_size=settings.image_size, loss=loss, miner=miner,
         lr=settings.lr, head_lr=settings.head_lr, loss_lr=settings.loss_lr, weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_steps, l2sp=settings.l2sp, freeze_bn=settings.freeze_bn)
+        warmup_steps=settings.warmup_steps, l2sp=settings.l2sp, freeze_bn=settings.freeze_bn,
+        max_minutes=settings.max_minutes)
     dm.set_preprocessing(module.preprocessing)
     val_records = dm.split_records("val")
     base = off_the_shelf(module.model, settings.weights)

@@ -518,6 +518,7 @@ def read_image_folder(
     root: str | os.PathLike[str],
     *,
     extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    check_files: bool = True,
 ) -> pd.DataFrame:
     """Read a folder with one sub-folder per class (the ``ImageFolder`` layout).
 
@@ -529,6 +530,8 @@ def read_image_folder(
     Args:
         root: the folder holding the class folders.
         extensions: file name endings to read (case-insensitive, with or without the dot).
+        check_files: refuse the folder when a listed file cannot be found (a broken symbolic link);
+            ``False`` keeps such records, so that a run with ``on_error='skip'`` reports each of them.
 
     Raises:
         DataError: ``root`` is missing or not a folder, or holds no image in a class folder.
@@ -582,20 +585,22 @@ def read_image_folder(
             f"(found {len(classes)} sub-folder(s)); the layout is root/<class>/<image>"
         )
     logger.info("read %d image(s) in %d class(es) from %s", len(rows), len(classes), base)
-    return validate_records(pd.DataFrame(rows), root=base)
+    return validate_records(pd.DataFrame(rows), root=base, check_files=check_files)
 
 
 def read_manifest(
     path: str | os.PathLike[str],
     *,
     root: str | os.PathLike[str] | None = None,
+    check_files: bool = True,
 ) -> pd.DataFrame:
     """Read a CSV or Parquet manifest of records.
 
     Relative paths are resolved against ``root`` when given (and must then stay inside it), else
     against the manifest's own folder (where ``../images/x.jpg`` is allowed). A missing ``id`` column
     is filled with the paths as written in the manifest. CSV cells are read as text and only empty
-    cells count as missing, so a class named ``NA`` stays ``"NA"``.
+    cells count as missing, so a class named ``NA`` stays ``"NA"``. ``check_files=False`` keeps rows
+    whose file is missing (a run with ``on_error='skip'`` then reports each of them).
 
     Raises:
         DataError: the file is missing, not CSV/Parquet, unreadable, or its records are invalid.
@@ -637,7 +642,7 @@ def read_manifest(
                 index=df.index,
             )
     logger.info("read %d record(s) from %s", len(df), file)
-    return validate_records(df, root=root)
+    return validate_records(df, root=root, check_files=check_files)
 
 
 def read_hf_dataset(
@@ -875,7 +880,7 @@ def _read_idx(file: Path, *, magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
-def read_records(source: Any, **kwargs: Any) -> pd.DataFrame:
+def read_records(source: Any, *, check_files: bool = True, **kwargs: Any) -> pd.DataFrame:
     """Read records from any supported source.
 
     ``source`` may be a record ``DataFrame`` (validated), a ``datasets.Dataset``/``DatasetDict``, the
@@ -883,18 +888,22 @@ def read_records(source: Any, **kwargs: Any) -> pd.DataFrame:
     ``Dataset.save_to_disk`` (it holds ``state.json`` or ``dataset_dict.json``), or an image folder
     with one sub-folder per class. ``kwargs`` go to the matching reader.
 
+    ``check_files=False`` keeps records whose image file is missing or a broken link (image folders,
+    manifests, tables), for callers that report and skip unreadable images one by one instead of
+    refusing the whole source (``deepfeat embed --on-error skip``, ``deepfeat sync``).
+
     Raises:
         DataError: the source does not exist or is of no supported kind.
     """
     if isinstance(source, pd.DataFrame):
-        return validate_records(source, **kwargs)
+        return validate_records(source, check_files=check_files, **kwargs)
     if isinstance(source, str) and source.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
         return read_fashion_mnist(**kwargs)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_file():
             if path.suffix.lower() in (".csv", ".parquet", ".pq"):
-                return read_manifest(path, **kwargs)
+                return read_manifest(path, check_files=check_files, **kwargs)
             raise DataError(
                 f"{os.fspath(source)!r} is a file but not a .csv/.parquet manifest; pass a manifest, an "
                 "image folder, a saved Hugging Face dataset folder or 'fashion-mnist'"
@@ -902,7 +911,13 @@ def read_records(source: Any, **kwargs: Any) -> pd.DataFrame:
         if path.is_dir():
             if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
                 return read_hf_dataset(path, **kwargs)
-            return read_image_folder(path, **kwargs)
+            root = kwargs.pop("root", None)
+            if root is not None and os.path.abspath(root) != os.path.abspath(path):
+                raise DataError(
+                    f"a data root ({os.fspath(root)!r}) applies to manifests; the image folder "
+                    f"{os.fspath(source)!r} is its own root: drop the root"
+                )
+            return read_image_folder(path, check_files=check_files, **kwargs)
         raise DataError(
             f"data source {os.fspath(source)!r} does not exist; pass an image folder, a .csv/.parquet "
             "manifest, a saved Hugging Face dataset folder or 'fashion-mnist'"

@@ -97,7 +97,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from deepfeat.finetune.records import read_records
 
     bundle = ModelBundle.load(args.bundle)
-    records = read_records(args.data)
+    # skip: a missing file or broken link is one reported skip, not a refusal of the whole source
+    records = read_records(args.data, check_files=args.on_error == "fail",
+                           **({"root": args.root} if args.root else {}))
     if args.limit:
         records = records.head(args.limit)
     result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
@@ -147,6 +149,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", required=True, help="image folder, CSV/Parquet manifest, HF dataset dir or fashion-mnist")
     p.add_argument("--out", required=True, help="output directory for part-NNNNN.parquet shards")
+    p.add_argument("--root", default=None,
+                   help="folder that relative manifest paths are read from; no path may leave it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--shard-size", type=int, default=50_000)
