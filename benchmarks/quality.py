@@ -71,7 +71,7 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
             val_fraction = 0.0
     settings = FinetuneSettings(image_size=args.image_size, embedding_dim=args.dim, max_epochs=args.epochs,
                                 max_minutes=args.minutes, batches_per_epoch=args.batches_per_epoch,
-                                lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed,
+                                lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed, distill=args.distill,
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
                                 freeze_epochs=args.freeze_epochs, p=args.p, k=args.k,
                                 freeze_bn=not args.train_bn, loss_lr=args.loss_lr, warmup_steps=args.warmup_steps)
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--head-lr", type=float, default=3e-3)
     parser.add_argument("--l2sp", type=float, default=0.0)
+    parser.add_argument("--distill", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.99)
     parser.add_argument("--train-bn", action="store_true", help="let BatchNorm statistics adapt")
     parser.add_argument("--loss-lr", type=float, default=None)

@@ -38,6 +38,9 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
         help="file holding the token (default: $DEEPFEAT_MILVUS_TOKEN, $MILVUS_TOKEN)",
     )
     g.add_argument("--db-name", default="", help="database on a server (default: the default database)")
+    g.add_argument("--retries", type=int, default=5,
+                   help="attempts per operation on connection errors, with exponential back-off (default 5)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds for one request (default 60)")
     g.add_argument("--server-pem", default=None, help="TLS: server certificate (one-way TLS)")
     g.add_argument("--ca-pem", default=None, help="TLS: CA certificate (two-way TLS)")
     g.add_argument("--client-pem", default=None, help="TLS: client certificate (two-way TLS)")
@@ -53,7 +56,10 @@ def _connect(args: argparse.Namespace) -> MilvusConnector:
         client_key_path=args.client_key,
         server_name=args.server_name,
     )
-    return connect(args.uri, token_file=args.token_file, db_name=args.db_name, tls=tls)
+    if args.retries < 1 or args.timeout <= 0:
+        raise DataError(f"--retries must be >= 1 and --timeout > 0, got {args.retries} and {args.timeout}")
+    return connect(args.uri, token_file=args.token_file, db_name=args.db_name, tls=tls, retries=args.retries,
+                   timeout=args.timeout)
 
 
 def _csv(text: str | None) -> list[str] | None:

@@ -272,10 +272,12 @@ class MilvusConnector:
                         f"the URI, the token (${TOKEN_ENV_VARS[0]}) and TLS options"
                     ) from exc
                 last = exc
-                self._sleep(attempt, "connect")
+                if attempt + 1 < self.retries:
+                    self._sleep(attempt, "connect")
         raise ConnectorError(
             f"Milvus at {self.display_uri} is unreachable after {self.retries} attempts "
-            f"({_clean(last)}); start the server or fix the URI"
+            f"({_clean(last)}); nothing was written through this connection. Start the server or fix the "
+            f"URI, then re-run the same command"
         ) from last
 
     def _sleep(self, attempt: int, what: str) -> None:

@@ -264,6 +264,10 @@ def sync_records(
                     updated += 1
                 else:
                     added += 1
+    except ConnectorError as exc:  # Milvus gone mid-way: say how much of this sync is in
+        raise ConnectorError(
+            f"{exc} ({added + updated} of {len(todo)} records to write were written before it)"
+        ) from exc
     except ImageDecodeError as exc:  # on_error='fail': say what is in before stopping
         raise ImageDecodeError(
             exc.source, f"{exc.reason}. {added + updated} of {len(todo)} records to write were written before it "

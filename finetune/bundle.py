@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -82,13 +83,28 @@ def _state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: Environment variables that hold the Milvus token: their values never reach a card.
+_SECRET_ENV_VARS = ("DEEPFEAT_MILVUS_TOKEN", "MILVUS_TOKEN")
+
+
 def _sanitize(obj: Any) -> Any:
-    """Drop anything that looks like a credential before it reaches a card on disk."""
+    """Drop anything that looks like a credential before it reaches a card on disk.
+
+    Values under keys naming a token, password or secret; ``user:password@`` in URLs (a server URI passed
+    along in a config); and the value of the token environment variables wherever it appears.
+    """
     if isinstance(obj, dict):
         return {k: ("***" if any(s in str(k).lower() for s in ("token", "password", "secret")) else _sanitize(v))
                 for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_sanitize(v) for v in obj]
+    if isinstance(obj, str):
+        text = re.sub(r"//[^/@\s]*@", "//***@", obj)
+        for name in _SECRET_ENV_VARS:
+            secret = os.environ.get(name)
+            if secret:
+                text = text.replace(secret, "***")
+        return text
     return obj
 
 

@@ -40,12 +40,21 @@ class SkipReport:
         return len(self.skipped)
 
     def write(self, path: str | Path) -> Path:
-        """Write the report as JSON (atomically) and return its path."""
+        """Write the report as JSON (atomically) and return its path.
+
+        Raises:
+            DataError: the file cannot be written (disk full, no permission); no partial file is left.
+        """
         p = Path(path)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps({"n_skipped": len(self.skipped), "skipped": self.skipped}, indent=2,
-                                  ensure_ascii=False))
-        tmp.replace(p)
+        try:
+            tmp.write_text(json.dumps({"n_skipped": len(self.skipped), "skipped": self.skipped}, indent=2,
+                                      ensure_ascii=False))
+            tmp.replace(p)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write the skip report {str(p)!r}: {exc.strerror or exc}; {len(self.skipped)} "
+                            f"skipped input(s) are listed in the log. Free space and re-run") from exc
         return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -59,6 +60,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._records: pd.DataFrame | None = None
         self._preprocessing: Any = None
         self._class_to_idx: dict[str, int] = {}
+        self._resume: dict[str, int] = {}
 
     @classmethod
     def from_records(cls, records: pd.DataFrame, **kwargs: Any) -> RetrievalDataModule:
@@ -152,7 +154,32 @@ class RetrievalDataModule(pl.LightningDataModule):
             sampler.set_epoch(self.trainer.current_epoch)
             if self.trainer.world_size > 1:
                 sampler.num_replicas, sampler.rank = self.trainer.world_size, self.trainer.global_rank
+        if self._resume:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
+            self._resume = {}
         return make_loader(ds, batch_sampler=sampler, num_workers=hp["num_workers"])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the current epoch (saved in every checkpoint).
+
+        The DataLoader itself keeps no state, so without this a run resumed from a mid-epoch checkpoint
+        (``ModelCheckpoint(every_n_train_steps=...)``) would train on the epoch's first batches again
+        instead of the ones that came next, and end elsewhere than the uninterrupted run.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(trainer.current_epoch), "batches_done": int(progress.processed)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the next training loader skips the batches already done."""
+        if "epoch" in state_dict and "batches_done" in state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}
+            # Lightning warns that a plain DataLoader cannot resume mid-epoch; this one does (see state_dict)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def _eval_loader(self, split: str) -> DataLoader[dict[str, Any]]:
         if not (self.records["split"] == split).any():

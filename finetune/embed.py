@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import weakref
 from collections.abc import Iterator
@@ -274,7 +275,10 @@ def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | 
     pending_vecs: list[np.ndarray] = []
     n_pending = 0
     n_done = 0
-    next_index = len(shards)
+    # after the highest shard, never len(shards): with a gap (a shard removed by hand) that would overwrite
+    # a complete shard whose ids were just counted as done, and lose them
+    next_index = 1 + max((int(m.group(1)) for f in shards if (m := re.fullmatch(r"part-(\d+)\.parquet", f.name))),
+                         default=-1)
 
     def flush() -> None:
         nonlocal pending_rows, pending_vecs, n_pending, next_index

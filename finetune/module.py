@@ -47,6 +47,10 @@ class MetricLearningModule(pl.LightningModule):
             (Li et al., "Explicit inductive bias for transfer learning", ICML 2018); 0 disables it.
         freeze_bn: keep BatchNorm statistics of the backbone fixed (small PK batches are biased).
         gather_across_ranks: under DDP, compute the loss on embeddings gathered from all ranks.
+        distill: weight of a relational distillation term that keeps the batch's similarity matrix
+            close to the one of the frozen pretrained features (Park et al., "Relational Knowledge
+            Distillation", CVPR 2019): it fights the collapse onto the training classes that hurts
+            retrieval of unseen classes; 0 disables it (and the teacher's extra forward pass).
         max_minutes: a wall-clock training budget; the cosine schedule then follows whichever of
             steps or time runs out first, so a time-limited run still ends at a low learning rate.
     """
@@ -57,7 +61,7 @@ class MetricLearningModule(pl.LightningModule):
                  miner: BaseMiner | None = None, lr: float = 1e-4, head_lr: float | None = None,
                  loss_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.01, l2sp: float = 0.0, freeze_bn: bool = True,
-                 gather_across_ranks: bool = True, max_minutes: float | None = None) -> None:
+                 gather_across_ranks: bool = True, distill: float = 0.0, max_minutes: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "miner"])
         self.model: EmbeddingModel = build_embedding_model(backbone, weights, head=head,
@@ -70,6 +74,15 @@ class MetricLearningModule(pl.LightningModule):
         if l2sp > 0:
             self._pretrained = {n: p.detach().clone() for n, p in self.model.backbone.named_parameters()}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The teacher is kept out of the module's parameters and state dict (not trained, not saved).
+        self._teacher: list[nn.Module] = []
+        if distill > 0:
+            import copy
+
+            teacher = copy.deepcopy(self.model.backbone).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._teacher.append(teacher)
 
     def _check_loss_dims(self) -> None:
         size = getattr(self.loss_fn, "embedding_size", None)
@@ -108,6 +121,14 @@ class MetricLearningModule(pl.LightningModule):
             labels = self.all_gather(labels).flatten(0, 1)  # type: ignore[union-attr]
         tuples = self.miner(emb, labels) if self.miner is not None else None
         loss = self.loss_fn(emb, labels, tuples)
+        if self._teacher:
+            teacher = self._teacher[0].to(images.device)
+            with torch.no_grad():
+                t = torch.nn.functional.normalize(teacher(images), dim=1)
+            s = torch.nn.functional.normalize(emb[: len(t)], dim=1)
+            rkd = torch.nn.functional.mse_loss(s @ s.T, t @ t.T)
+            self.log("train/distill", rkd, batch_size=len(labels))
+            loss = loss + self.hparams["distill"] * rkd
         if self._pretrained:
             reg = sum(((p - self._pretrained[n].to(p.device)) ** 2).sum()
                       for n, p in self.model.backbone.named_parameters() if p.requires_grad)

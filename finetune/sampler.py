@@ -98,6 +98,7 @@ class PKSampler(Sampler[list[int]]):
         self.k = int(k)
         self.seed = int(seed)
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
         self.num_replicas, self.rank = self._resolve_distributed(num_replicas, rank)
 
         codes, names = _factorize(labels)
@@ -162,6 +163,17 @@ class PKSampler(Sampler[list[int]]):
             raise DataError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next iteration over ``epoch`` start after its first ``batches_done`` batches (once).
+
+        A run resumed from a mid-epoch checkpoint then trains on the batches that came next in the
+        interrupted run, not on the epoch's first batches again (the batch order depends only on the
+        seed and the epoch, so the skipped batches are drawn and dropped, not stored).
+        """
+        if epoch < 0 or batches_done < 0:
+            raise DataError(f"epoch and batches_done must be >= 0, got {epoch} and {batches_done}")
+        self._resume = (int(epoch), int(batches_done))
+
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         return self.batches_per_epoch
@@ -169,6 +181,8 @@ class PKSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         # num_replicas / rank may have been set after construction (e.g. by a data module)
         self._resolve_distributed(self.num_replicas, self.rank)
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
         rng = np.random.default_rng([self.seed, self.epoch])
         cycles: dict[int, np.ndarray] = {}
         cursors: dict[int, int] = {}
@@ -176,7 +190,7 @@ class PKSampler(Sampler[list[int]]):
         for batch in range(self.batches_per_epoch * self.num_replicas):
             chosen = rng.choice(n_classes, size=self.p, replace=False)
             indices = np.concatenate([self._take(int(c), rng, cycles, cursors) for c in chosen])
-            if batch % self.num_replicas == self.rank:
+            if batch % self.num_replicas == self.rank and batch // self.num_replicas >= skip:
                 yield indices.tolist()
 
     def _take(

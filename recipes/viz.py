@@ -74,3 +74,44 @@ def result_grid(queries: Sequence[dict[str, Any]], out: str | Path, *, thumb: in
     plt.close(fig)
     log.info("wrote %s", path)
     return path
+
+
+def image_rows(rows: Sequence[dict[str, Any]], out: str | Path, *, thumb: int = 96, title: str | None = None) -> Path:
+    """Write a PNG grid of labelled rows of images (clusters, duplicate groups): no correct/wrong framing.
+
+    Args:
+        rows: each ``{"title": str, "images": [HxWx3 uint8, ...], "captions": [str, ...]}`` (captions
+            optional); the title is drawn left of the row.
+        out: the PNG path.
+        thumb: tile size in pixels.
+        title: optional title above the grid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows = max(len(rows), 1)
+    n_cols = max((len(r["images"]) for r in rows), default=1) or 1
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 0.8, 1.4 * n_rows + (0.4 if title else 0)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        captions = list(row.get("captions") or [])
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row["images"]):
+                ax.imshow(_thumb(row["images"][c], thumb, NEUTRAL, border=2))
+                if c < len(captions):
+                    ax.set_title(str(captions[c])[:20], fontsize=6)
+        axes[r][0].text(-0.08, 0.5, str(row.get("title", ""))[:24], transform=axes[r][0].transAxes, fontsize=7,
+                        fontweight="bold", ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log.info("wrote %s", path)
+    return path
