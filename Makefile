@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-# Fashion-MNIST from Debian (real labelled images, offline). Skipped with a hint where apt is not allowed.
+# Debian packages: Fashion-MNIST (real labelled images, offline) and Chromium + its driver (the search
+# page's browser test). Skipped with a hint where apt is not allowed; the tests that need them then skip.
+APT_PACKAGES := dataset-fashion-mnist chromium chromium-driver
 data:
-	@if [ ! -f $(FMNIST) ]; then \
+	@if [ ! -f $(FMNIST) ] || [ ! -x /usr/bin/chromedriver ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null) \
-	      || echo "note: apt-get install dataset-fashion-mnist failed; tests that need it will skip"; \
-	  else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for the real-data demo"; fi; \
+	    (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES) >/dev/null) \
+	      || echo "note: apt-get install $(APT_PACKAGES) failed; tests that need them will skip"; \
+	  else echo "note: run 'sudo apt-get install $(APT_PACKAGES)' for the real-data demo and browser tests"; fi; \
 	fi
 
 demo: $(STAMP) data

@@ -12,7 +12,6 @@ lower is closer) and the output fields.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -233,6 +232,22 @@ def search_images(
     return search_vectors(conn, collection, vectors, **kwargs)
 
 
+def quote_string(value: str) -> str:
+    """``value`` as a double-quoted Milvus expression string.
+
+    Milvus' parser knows ``\\\\ \\" \\n \\r \\t`` but refuses ``\\uXXXX`` and ``\\xNN`` (so
+    ``json.dumps`` is not safe for non-ASCII text); other control characters are refused.
+
+    Raises:
+        DataError: the value holds a control character Milvus cannot express.
+    """
+    bad = sorted({hex(ord(c)) for c in value if (ord(c) < 0x20 and c not in "\n\r\t") or ord(c) == 0x7F})
+    if bad:
+        raise DataError(f"filter value {value!r} holds control character(s) {bad} that a Milvus filter cannot express")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return '"' + escaped.replace("\t", "\\t") + '"'
+
+
 def _fetch(conn: MilvusConnector, collection: str, record_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     spec = open_collection(conn, collection)
     conn.ensure_loaded(spec.name)
@@ -241,7 +256,7 @@ def _fetch(conn: MilvusConnector, collection: str, record_ids: Sequence[str]) ->
     if spec.key == "record_id":
         got = conn.call("get", conn.client.get, collection, ids=primary_keys(ids), output_fields=fields)
     else:  # keyed by content: look the ids up by the record_id field (JSON quoting escapes quotes)
-        expr = f"{RECORD_ID_FIELD} in [{', '.join(json.dumps(i) for i in ids)}]"
+        expr = f"{RECORD_ID_FIELD} in [{', '.join(quote_string(str(i)) for i in ids)}]"
         got = conn.call("query", conn.client.query, collection, filter=expr, output_fields=fields)
     by_id = {str(r[RECORD_ID_FIELD]): r for r in got}
     missing = [i for i in ids if i not in by_id]

@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 
 from deepfeat.connectors.client import MilvusConnector
-from deepfeat.connectors.collection import create_collection, drop_collection, open_collection
+from deepfeat.connectors.collection import create_collection, create_index, drop_collection, open_collection
 from deepfeat.connectors.load import BatchWriter
 from deepfeat.connectors.schema import (
     PK_FIELD,
     RECORD_ID_FIELD,
+    VECTOR_FIELD,
     CollectionSpec,
     IndexSpec,
     KeyMode,
@@ -196,6 +197,10 @@ def sync_records(
         spec = CollectionSpec.from_bundle(target, model, metadata=table, index=index, key=key)
         if not dry_run:
             spec = create_collection(conn, spec)
+    elif not dry_run and VECTOR_FIELD not in conn.call("list_indexes", conn.client.list_indexes, target):
+        # a sync killed between creating the collection and building its index: a server cannot load it
+        log.info("collection %s has no vector index (an interrupted sync); building it now", target)
+        create_index(conn, spec)
     table = table.assign(content_hash=pd.Series(hashes, index=table.index, dtype=object))
     readable = table[table["content_hash"].notna()]
     if spec.key == "content_hash":

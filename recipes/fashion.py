@@ -71,16 +71,17 @@ def price_filter(low: float | None = None, high: float | None = None, *, column:
 
 def similar_items(conn: MilvusConnector, collection: str, record_ids: Sequence[str], *, top_k: int = 5,
                   filter: str | None = None, same_category: bool = False, exclude_own_product: bool = True,
-                  group_by: str | None = "group") -> Hits:
+                  group_by: str | None = "group", output_fields: Sequence[str] | None = None) -> Hits:
     """Items like catalogue records: one hit per product (``group_by``), the query's own product left out.
 
     Args:
         filter: a Milvus expression on metadata, e.g. ``price_filter(20, 80)`` or ``'brand == "acme"'``.
         same_category: only items of the query's own category (``label``).
+        output_fields: fields in each hit (default: record_id, label, group, split, path).
     """
     return search_each(conn, collection, record_ids, top_k=top_k, filter=filter,
                        same=("label",) if same_category else (), exclude_own_group=exclude_own_product,
-                       group_by=group_by)
+                       group_by=group_by, output_fields=output_fields)
 
 
 def shop_the_look(conn: MilvusConnector, collection: str, bundle: ModelBundle | str | Path, images: Sequence[Any],
@@ -124,10 +125,9 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
         if has_price and not pd.isna(q[price_column]):
             price = float(q[price_column])
             low, high = price * (1 - band), price * (1 + band)
-            hits = search_each(ctx.conn, ctx.collection, [str(q["id"])], top_k=top_k,
-                               filter=build_filter(base_filter, price_filter(low, high, column=price_column)),
-                               exclude_own_group=True, group_by=group_by,
-                               output_fields=["record_id", "label", "group", "path", price_column])[0]
+            hits = similar_items(ctx.conn, ctx.collection, [str(q["id"])], top_k=top_k,
+                                 filter=build_filter(base_filter, price_filter(low, high, column=price_column)),
+                                 group_by=group_by, output_fields=["record_id", "label", "group", price_column])[0]
             entry["price_band"] = {"low": low, "high": high, "hits": _brief(hits, extra)}
         searches.append(entry)
     looks: list[dict[str, Any]] = []

@@ -149,15 +149,18 @@ def patients_by_split(records: pd.DataFrame) -> dict[str, set[str]]:
 
 
 def similar_cases(conn: MilvusConnector, collection: str, record_ids: Sequence[str], *, top_k: int = 5,
-                  filter: str | None = None, same: Sequence[str] = SAME_FIELDS) -> Hits:
+                  filter: str | None = None, same: Sequence[str] = SAME_FIELDS,
+                  output_fields: Sequence[str] | None = None) -> Hits:
     """Cases like stored scans: one scan per patient, never the query's own patient.
 
     Args:
         filter: a Milvus expression, e.g. ``'modality == "CT"'`` or ``'split != "test"'``.
         same: fields a case must share with its query (default: modality and body part).
+        output_fields: fields in each hit (default: record_id, label, group, split, path and ``same``).
     """
+    fields = output_fields if output_fields is not None else ["record_id", "label", "group", "split", "path", *same]
     return search_each(conn, collection, record_ids, top_k=top_k, filter=filter, same=same, exclude_own_group=True,
-                       group_by="group", output_fields=["record_id", "label", "group", "split", "path", *same])
+                       group_by="group", output_fields=fields)
 
 
 def similar_cases_for_scans(conn: MilvusConnector, collection: str, bundle: ModelBundle | str | Path,

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
+from deepfeat.connectors.search import quote_string
 from deepfeat.finetune.errors import DataError, DeepfeatError, MissingExtraError
 
 if TYPE_CHECKING:
@@ -206,22 +207,6 @@ def parse_search_request(data: Mapping[str, Any]) -> SearchRequest:
         record_id=record_id,
         include_self=include_self,
     )
-
-
-def quote_string(value: str) -> str:
-    """``value`` as a double-quoted Milvus expression string.
-
-    Milvus' parser knows ``\\\\ \\" \\n \\r \\t`` but refuses ``\\uXXXX`` and ``\\xNN`` (so
-    ``json.dumps`` is not safe for non-ASCII text); other control characters are refused.
-
-    Raises:
-        DataError: the value holds a control character Milvus cannot express.
-    """
-    bad = sorted({hex(ord(c)) for c in value if (ord(c) < 0x20 and c not in "\n\r\t") or ord(c) == 0x7F})
-    if bad:
-        raise DataError(f"filter value {value!r} holds control character(s) {bad} that a Milvus filter cannot express")
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return '"' + escaped.replace("\t", "\\t") + '"'
 
 
 def _literal(spec: "CollectionSpec", cond: Condition) -> str:
@@ -470,7 +455,6 @@ class Panel:
             "bundle_id": card.bundle_id,
             "bundle_name": card.name,
             "backbone": card.backbone,
-            "has_images": self.has_path,
             "fields": fields,
             "group_by": [f.name for f in self.spec.fields if f.dtype in _GROUPABLE and f.name in self.output_fields],
         }

@@ -147,7 +147,7 @@ def test_a_record_missing_from_one_panel_is_that_panel_s_error(client: TestClien
 
 def test_filters_on_text_numbers_and_a_label_that_needs_quoting(client: TestClient) -> None:
     rid = "class_00/img_01.png"
-    f = [{"field": "label", "op": "==", "value": "class_02"}]
+    f: list[dict[str, Any]] = [{"field": "label", "op": "==", "value": "class_02"}]
     body = by_id(client, rid, top_k=10, filters=f).json()
     for panel in body["panels"]:
         assert len(panel["hits"]) == 6 and {h["label"] for h in panel["hits"]} == {"class_02"}

@@ -26,14 +26,11 @@ from test_serve_support import MEMORY_ID, TRICKY_LABEL, ServeData
 
 from deepfeat.recipes.serve import create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-WINDOW = (1440, 1000)
-
 pytest.importorskip("selenium", reason="needs selenium (pip install selenium) to drive Chromium")
 pytest.importorskip("uvicorn", reason='needs the serve extra: pip install "deepfeat[serve]"')
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -41,6 +38,10 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 pytest_plugins = ("test_serve_support",)  # the serve_data fixture
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+WINDOW = (1440, 1000)
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
@@ -107,7 +108,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
 
 
 def wait(driver: WebDriver, condition: Any, timeout: float = 60) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    # the page redraws the grid on every search: an element found a moment ago may be gone
+    ignored = (StaleElementReferenceException,)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(condition)
 
 
 def hits_of(panel: WebElement) -> list[WebElement]:

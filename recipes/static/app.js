@@ -15,6 +15,8 @@
   const state = { info: null, query: null, seq: 0, timer: null, examples: [] };
   // fields a hit card does not list (shown elsewhere on the card, or not useful there)
   const CARD_SKIP = new Set(["rank", "pk", "score", "image", "record_id", "label", "path"]);
+  // the evaluation flags of the record contract: in the tooltip, not on the card
+  const TOOLTIP_ONLY = new Set(["is_query", "is_gallery"]);
 
   // ----------------------------------------------------------------------------------------------
   // talking to the server
@@ -281,13 +283,14 @@
       if (mine !== state.seq) return;  // a newer search is under way
       drawQuery(result.query);
       drawPanels(result);
-      const counts = result.panels.map((p) => (p.error ? "error" : `${p.hits.length} hits`)).join(" | ");
+      const counts = result.panels.map((p) => `${p.label}: ${p.error ? "error" : `${p.hits.length} hits`}`);
       const ms = result.panels.map((p) => p.ms).reduce((a, b) => a + b, 0);
-      setStatus(`${counts} for ${result.query.name} · ${ms.toFixed(0)} ms`, false);
+      setStatus(`${result.query.name} · ${counts.join(", ")} · ${ms.toFixed(0)} ms`, false);
     } catch (err) {
       if (mine !== state.seq) return;
       showError(err.message);
       setStatus("search failed; see the message above", false);
+      $("#query").hidden = true;  // the card would show the previous query beside this error
       $("#panels").replaceChildren();
     }
   }
@@ -307,7 +310,7 @@
 
   function formatValue(v) {
     if (v === null || v === undefined || v === "") return "–";
-    if (typeof v === "number" && !Number.isInteger(v)) return v.toPrecision(4);
+    if (typeof v === "number" && !Number.isInteger(v)) return String(Number(v.toPrecision(4)));
     return String(v);
   }
 
@@ -342,6 +345,7 @@
         continue;
       }
       tooltip.push(`${k}: ${formatValue(v)}`);
+      if (TOOLTIP_ONLY.has(k)) continue;
       if (k === "group" && v === hit.record_id) continue;  // the default group is the record itself
       dl.append(el("dt", null, k), el("dd", null, formatValue(v)));
     }
