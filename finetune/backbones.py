@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from deepfeat.finetune.errors import ModelError
 from torch import nn
+
+from deepfeat.finetune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +222,14 @@ class Backbone(nn.Module):
         self.num_features = sum(self.layer_channels)
 
     def _intermediate_kwargs(self) -> dict[str, Any]:
-        fi = self.model.forward_intermediates  # type: ignore[union-attr]
+        fi: Any = self.model.forward_intermediates
         kw: dict[str, Any] = {"indices": None}
         if "extra_blocks" in inspect.signature(fi).parameters:
             kw["extra_blocks"] = True  # every block, not only the feature_info stages
         return kw
 
     def _intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        fi = self.model.forward_intermediates  # type: ignore[operator,union-attr]
+        fi: Any = self.model.forward_intermediates
         return list(fi(x, intermediates_only=True, **self._intermediate_kwargs()))
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,11 +242,12 @@ class Backbone(nn.Module):
         """The pooled features of each selected layer, from one forward pass of the network."""
         if self.layers is None:
             return [self._pooled(x)]
-        fi = self.model.forward_intermediates  # type: ignore[operator,union-attr]
+        fi: Any = self.model.forward_intermediates
+        model: Any = self.model
         pooled: torch.Tensor | None = None
         if "head" in self.layers:
             final, inter = fi(x, intermediates_only=False, **self._intermediate_kwargs())
-            pooled = self.model.forward_head(final, pre_logits=True)  # type: ignore[operator]
+            pooled = model.forward_head(final, pre_logits=True)
         else:
             inter = fi(x, intermediates_only=True, **self._intermediate_kwargs())
         return [pooled if spec == "head" else inter[int(spec)].mean(dim=(2, 3))  # type: ignore[misc]
@@ -326,7 +328,7 @@ def _torchvision_model(name: str) -> tuple[nn.Module, Preprocessing]:
         weights_enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError) as exc:
         raise ModelError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()") from exc
-    meta = list(weights_enum)[0].transforms()  # metadata only, nothing is downloaded
+    meta = next(iter(weights_enum)).transforms()  # metadata only, nothing is downloaded
     crop = int(meta.crop_size[0])
     resize = int(meta.resize_size[0])
     pre = Preprocessing(input_size=(crop, crop), mean=tuple(meta.mean), std=tuple(meta.std),  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from deepfeat.finetune.backbones import Preprocessing
 from deepfeat.finetune.errors import MismatchError, ModelError
 from deepfeat.finetune.model import EmbeddingModel

@@ -8,13 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
 from deepfeat.finetune.bundle import export_bundle
 from deepfeat.finetune.datamodule import RetrievalDataModule
 from deepfeat.finetune.errors import ModelError
 from deepfeat.finetune.module import MetricLearningModule
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
-from typing_extensions import override
 
 log = logging.getLogger(__name__)
 

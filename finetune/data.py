@@ -17,8 +17,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from deepfeat.finetune.errors import DataError, ImageDecodeError
 from torch.utils.data import DataLoader, Dataset
+
+from deepfeat.finetune.errors import DataError, ImageDecodeError
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
 from deepfeat.finetune.data import RecordDataset, SkipReport, make_loader
 from deepfeat.finetune.errors import DataError
 from deepfeat.finetune.model import EmbeddingModel, build_embedding_model

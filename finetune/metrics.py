@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+
 from deepfeat.finetune.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from deepfeat.finetune.backbones import Backbone, Preprocessing, create_backbone
 from deepfeat.finetune.errors import ModelError
-from torch import nn
 
 log = logging.getLogger(__name__)
 

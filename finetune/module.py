@@ -14,13 +14,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from deepfeat.finetune.errors import ModelError
-from deepfeat.finetune.model import EmbeddingModel, HeadType, build_embedding_model
 from lightning.pytorch.callbacks import BaseFinetuning
 from pytorch_metric_learning.losses import BaseMetricLossFunction, MultiSimilarityLoss
 from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 from typing_extensions import override
+
+from deepfeat.finetune.errors import ModelError
+from deepfeat.finetune.model import EmbeddingModel, HeadType, build_embedding_model
 
 log = logging.getLogger(__name__)
 

@@ -170,8 +170,8 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     seconds["search"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     res = QuickstartResult(table=table, metrics=metrics, chosen=result.chosen, guard_message=result.message,
-                           bundle=result.bundle, milvus_uri=uri, collection=COLLECTION, n_loaded=report.final_count, picture=picture,
-                           searches=searches, seconds=seconds)
+                           bundle=result.bundle, milvus_uri=uri, collection=COLLECTION,
+                           n_loaded=report.final_count, picture=picture, searches=searches, seconds=seconds)
     (out / "quickstart.json").write_text(json.dumps({**asdict(res), "bundle": str(res.bundle),
                                                      "picture": str(res.picture)}, indent=2, default=str))
     return res
