@@ -1,0 +1,66 @@
+"""``deepfeat fit|test --config recipe.yaml`` through LightningCLI, then export, embed and evaluate from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from imagegen import make_image_folder
+
+from deepfeat.finetune.bundle import ModelBundle
+from deepfeat.recipes.cli import main
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "fashion.yaml"
+
+
+def _overrides(data: Path, run: Path) -> list[str]:
+    return [
+        "--config", str(RECIPE),
+        f"--data.source={data}", "--data.split_mode=by_group", "--data.fractions=[0.5,0.25,0.25]",
+        "--data.limit_per_class=null", "--data.p=3", "--data.k=2", "--data.batches_per_epoch=2",
+        "--data.num_workers=0", "--data.eval_batch_size=16",
+        "--model.backbone=test_efficientnet", "--model.weights=none", "--model.image_size=32",
+        "--model.embedding_dim=16", "--trainer.max_epochs=2", f"--trainer.default_root_dir={run}",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def test_print_config_shows_the_loss_spelt_out(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(RECIPE), "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "pytorch_metric_learning.losses.MultiSimilarityLoss" in out and "init_args" in out
+
+
+def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=8, size=32)
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # the recipe's ExportBundle writes runs/fashion/bundle relative to the cwd
+    bundle_dir = tmp_path / "runs" / "fashion" / "bundle"
+    assert main(["fit", *_overrides(data, run)]) == 0
+    ckpts = sorted(run.rglob("best*.ckpt"))
+    assert ckpts, f"no best checkpoint under {run}"
+    bundle = ModelBundle.load(bundle_dir)
+    assert bundle.dim == 16
+    assert bundle.card.training["loss"] == "MultiSimilarityLoss"
+
+    exported = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(ckpts[0]), "--out", str(exported), "--no-onnx"]) == 0
+    assert ModelBundle.load(exported).dim == 16
+
+    shards = tmp_path / "shards"
+    assert main(["embed", "--bundle", str(exported), "--data", str(data), "--out", str(shards), "--num-workers", "0",
+                 "--quiet"]) == 0
+    table = pq.read_table(sorted(shards.glob("part-*.parquet"))[0])
+    assert table.num_rows == 32 and table.schema.field("vector").type.list_size == 16
+    capsys.readouterr()
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["embed", "--bundle", str(tmp_path / "missing"), "--data", str(tmp_path), "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepfeat: error:") and "not a deepfeat model bundle" in err and "\n" not in err
