@@ -188,9 +188,9 @@ def sync_records(
         spec = open_collection(conn, target, bundle=model, what="syncing")
     hashes, unreadable = content_hashes(table, root)
     if on_error == "fail" and unreadable:
-        first = next(iter(unreadable))
+        example = next(iter(unreadable))
         raise DataError(
-            f"{len(unreadable)} image(s) cannot be read, e.g. {first!r}: {unreadable[first]}. Nothing was "
+            f"{len(unreadable)} image(s) cannot be read, e.g. {example!r}: {unreadable[example]}. Nothing was "
             f"written; fix or remove them, or run with --on-error skip to skip and report them"
         )
     if not exists:

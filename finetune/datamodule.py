@@ -7,10 +7,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import pandas as pd
-from deepfeat.finetune.data import RecordDataset, make_loader
-from deepfeat.finetune.errors import DataError
 from torch.utils.data import DataLoader
 from typing_extensions import override
+
+from deepfeat.finetune.data import RecordDataset, make_loader
+from deepfeat.finetune.errors import DataError
 
 SplitMode = Literal["as_is", "by_class", "by_group"]
 QueryMode = Literal["all_vs_all", "holdout"]
@@ -170,8 +171,10 @@ class RetrievalDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
+        # batches whose step is done, the one being checkpointed in on_train_batch_end included
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": int(trainer.current_epoch), "batches_done": int(progress.processed)}
+        done = int(getattr(progress, "processed", progress.ready))
+        return {"epoch": int(trainer.current_epoch), "batches_done": done}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

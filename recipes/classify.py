@@ -43,8 +43,13 @@ class Prediction:
     neighbours: int = 0
 
 
-def vote(hits: Sequence[dict[str, Any]], *, metric: str = "COSINE", weighting: Weighting = "similarity",
-         label_field: str = "label") -> Prediction:
+def vote(
+    hits: Sequence[dict[str, Any]],
+    *,
+    metric: str = "COSINE",
+    weighting: Weighting = "similarity",
+    label_field: str = "label",
+) -> Prediction:
     """The weighted kNN vote of one query's hits (ties go to the label seen first, i.e. the closest)."""
     if weighting not in ("similarity", "uniform"):
         raise DataError(f"weighting must be 'similarity' or 'uniform', got {weighting!r}")
@@ -71,9 +76,16 @@ def _metric(conn: MilvusConnector, collection: str) -> str:
     return open_collection(conn, collection).metric
 
 
-def classify_vectors(conn: MilvusConnector, collection: str, vectors: np.ndarray, *, k: int = 10,
-                     filter: str | None = None, weighting: Weighting = "similarity",
-                     label_field: str = "label") -> list[Prediction]:
+def classify_vectors(
+    conn: MilvusConnector,
+    collection: str,
+    vectors: np.ndarray,
+    *,
+    k: int = 10,
+    filter: str | None = None,
+    weighting: Weighting = "similarity",
+    label_field: str = "label",
+) -> list[Prediction]:
     """kNN predictions for query vectors (n, dim) from the labelled rows of ``collection`` matching ``filter``."""
     from deepfeat.connectors.search import search_vectors
 
@@ -84,9 +96,18 @@ def classify_vectors(conn: MilvusConnector, collection: str, vectors: np.ndarray
     return [vote(h, metric=metric, weighting=weighting, label_field=label_field) for h in hits]
 
 
-def classify_images(conn: MilvusConnector, collection: str, bundle: ModelBundle | str | Path, images: Sequence[Any],
-                    *, k: int = 10, filter: str | None = None, weighting: Weighting = "similarity",
-                    label_field: str = "label", batch_size: int = 64) -> list[Prediction]:
+def classify_images(
+    conn: MilvusConnector,
+    collection: str,
+    bundle: ModelBundle | str | Path,
+    images: Sequence[Any],
+    *,
+    k: int = 10,
+    filter: str | None = None,
+    weighting: Weighting = "similarity",
+    label_field: str = "label",
+    batch_size: int = 64,
+) -> list[Prediction]:
     """kNN predictions for images (paths, encoded bytes or arrays), embedded with ``bundle``.
 
     Raises:
@@ -100,8 +121,7 @@ def classify_images(conn: MilvusConnector, collection: str, bundle: ModelBundle 
     if not len(images):
         return []
     vectors = model.embed(list(images), batch_size=batch_size)
-    return classify_vectors(conn, collection, vectors, k=k, filter=filter, weighting=weighting,
-                            label_field=label_field)
+    return classify_vectors(conn, collection, vectors, k=k, filter=filter, weighting=weighting, label_field=label_field)
 
 
 @dataclass
@@ -126,33 +146,69 @@ class KnnReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no per-record predictions)."""
-        return {"split": self.split, "k": self.k, "n": self.n, "n_reference": self.n_reference,
-                "accuracy": self.accuracy, "chance": self.chance, "majority": self.majority}
+        return {
+            "split": self.split,
+            "k": self.k,
+            "n": self.n,
+            "n_reference": self.n_reference,
+            "accuracy": self.accuracy,
+            "chance": self.chance,
+            "majority": self.majority,
+        }
 
 
-def knn_accuracy(conn: MilvusConnector, collection: str, *, split: str = "test", k: int = 10,
-                 weighting: Weighting = "similarity", label_field: str = "label") -> KnnReport:
+def knn_accuracy(
+    conn: MilvusConnector,
+    collection: str,
+    *,
+    split: str = "test",
+    k: int = 10,
+    weighting: Weighting = "similarity",
+    label_field: str = "label",
+) -> KnnReport:
     """Accuracy of the kNN vote on the records of ``split``, with neighbours from the other splits only.
 
     Raises:
         DataError: the split has no records in the collection, or the other splits have none.
     """
-    queries, vectors = collection_frame(conn, collection, ("record_id", label_field, "split"),
-                                        filter=build_filter(equals={"split": split}) or "")
-    reference, _ = collection_frame(conn, collection, ("record_id", label_field),
-                                    filter=build_filter(not_equals={"split": split}) or "")
-    predictions = classify_vectors(conn, collection, vectors, k=k, filter=build_filter(not_equals={"split": split}),
-                                   weighting=weighting, label_field=label_field)
-    table = pd.DataFrame({"record_id": queries["record_id"].astype(str), "label": queries[label_field].astype(str),
-                          "predicted": [p.label for p in predictions],
-                          "confidence": [round(p.confidence, 4) for p in predictions]})
+    queries, vectors = collection_frame(
+        conn, collection, ("record_id", label_field, "split"), filter=build_filter(equals={"split": split}) or ""
+    )
+    reference, _ = collection_frame(
+        conn, collection, ("record_id", label_field), filter=build_filter(not_equals={"split": split}) or ""
+    )
+    predictions = classify_vectors(
+        conn,
+        collection,
+        vectors,
+        k=k,
+        filter=build_filter(not_equals={"split": split}),
+        weighting=weighting,
+        label_field=label_field,
+    )
+    table = pd.DataFrame(
+        {
+            "record_id": queries["record_id"].astype(str),
+            "label": queries[label_field].astype(str),
+            "predicted": [p.label for p in predictions],
+            "confidence": [round(p.confidence, 4) for p in predictions],
+        }
+    )
     table["correct"] = table["label"] == table["predicted"]
     counts = reference[label_field].astype(str).value_counts()
-    report = KnnReport(split=split, k=k, n=len(table), n_reference=len(reference),
-                       accuracy=float(table["correct"].mean()), chance=1.0 / len(counts),
-                       majority=float((table["label"] == counts.index[0]).mean()), predictions=table)
-    log.info("kNN (k=%d) accuracy on %r: %.3f (%d records; chance %.3f)", k, split, report.accuracy, report.n,
-             report.chance)
+    report = KnnReport(
+        split=split,
+        k=k,
+        n=len(table),
+        n_reference=len(reference),
+        accuracy=float(table["correct"].mean()),
+        chance=1.0 / len(counts),
+        majority=float((table["label"] == counts.index[0]).mean()),
+        predictions=table,
+    )
+    log.info(
+        "kNN (k=%d) accuracy on %r: %.3f (%d records; chance %.3f)", k, split, report.accuracy, report.n, report.chance
+    )
     return report
 
 
@@ -167,8 +223,14 @@ def write_predictions_csv(predictions: Sequence[Prediction], sources: Sequence[s
         writer.writerow(["source", "predicted", "confidence", "votes"])
         for src, p in zip(sources, predictions, strict=True):
             ranked = sorted(p.votes.items(), key=lambda kv: -kv[1])
-            writer.writerow([src, p.label if p.label is not None else "", f"{p.confidence:.4f}",
-                             " ".join(f"{k}:{v:.3f}" for k, v in ranked)])
+            writer.writerow(
+                [
+                    src,
+                    p.label if p.label is not None else "",
+                    f"{p.confidence:.4f}",
+                    " ".join(f"{k}:{v:.3f}" for k, v in ranked),
+                ]
+            )
     return out
 
 
@@ -192,6 +254,8 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
         # every labelled record votes for new images, the held-out split included
         preds = classify_images(ctx.conn, ctx.collection, ctx.bundle, ctx.queries, k=k, weighting=weighting)
         files["unlabelled"] = str(write_predictions_csv(preds, ctx.queries, ctx.out / "predictions.csv"))
-        unlabelled = [{"source": s, "predicted": p.label, "confidence": round(p.confidence, 4)}
-                      for s, p in zip(ctx.queries, preds, strict=True)]
+        unlabelled = [
+            {"source": s, "predicted": p.label, "confidence": round(p.confidence, 4)}
+            for s, p in zip(ctx.queries, preds, strict=True)
+        ]
     return {**report.to_dict(), "unlabelled": unlabelled, "files": files}

@@ -12,6 +12,8 @@ import argparse
 import importlib
 import json
 import logging
+import pickle
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -206,6 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if debug:
                 raise
             print(f"deepfeat: error: {exc}", file=sys.stderr)
+            return 2
+        except pickle.UnpicklingError as exc:  # --ckpt_path: Lightning loads with torch's weights_only=True
+            if debug:
+                raise
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f"a pickled {found.group(1)!r}" if found else "pickled Python objects"
+            print(f"deepfeat: error: refused to load the checkpoint: it holds {what}, and deepfeat loads "
+                  f"checkpoints with weights_only=True (no code runs from a file); resume only from a checkpoint "
+                  f"written by 'deepfeat fit'", file=sys.stderr)
             return 2
         return 0
     parser = build_parser()

@@ -47,12 +47,19 @@ class ClusterResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
-        return {"k": self.k, "n": len(self.assignments), "sizes": self.sizes, "inertia": self.inertia,
-                "purity": self.purity, "ari": self.ari}
+        return {
+            "k": self.k,
+            "n": len(self.assignments),
+            "sizes": self.sizes,
+            "inertia": self.inertia,
+            "purity": self.purity,
+            "ari": self.ari,
+        }
 
 
-def kmeans(vectors: np.ndarray, k: int, *, seed: int = 0, normalize: bool = True) -> tuple[np.ndarray, np.ndarray,
-                                                                                          float]:
+def kmeans(
+    vectors: np.ndarray, k: int, *, seed: int = 0, normalize: bool = True
+) -> tuple[np.ndarray, np.ndarray, float]:
     """``(labels, distances to own centre, inertia)`` of k-means (scikit-learn), clusters numbered by size."""
     from sklearn.cluster import KMeans
 
@@ -68,8 +75,9 @@ def kmeans(vectors: np.ndarray, k: int, *, seed: int = 0, normalize: bool = True
     return renumber[raw], distances, float(model.inertia_)
 
 
-def cluster_collection(conn: MilvusConnector, collection: str, k: int, *, seed: int = 0,
-                       filter: str | None = None) -> ClusterResult:
+def cluster_collection(
+    conn: MilvusConnector, collection: str, k: int, *, seed: int = 0, filter: str | None = None
+) -> ClusterResult:
     """k-means with ``k`` clusters over the rows of ``collection`` (those matching ``filter``).
 
     Raises:
@@ -96,8 +104,13 @@ def cluster_collection(conn: MilvusConnector, collection: str, k: int, *, seed: 
     return ClusterResult(k=k, assignments=table, sizes=sizes, inertia=inertia, purity=purity, ari=ari)
 
 
-def write_clusters(result: ClusterResult, out_dir: str | Path, *, per_cluster: int = 8,
-                   image_of: Callable[[Mapping[str, Any]], np.ndarray | None] | None = None) -> dict[str, Path]:
+def write_clusters(
+    result: ClusterResult,
+    out_dir: str | Path,
+    *,
+    per_cluster: int = 8,
+    image_of: Callable[[Mapping[str, Any]], np.ndarray | None] | None = None,
+) -> dict[str, Path]:
     """``clusters.csv`` (one row per record) and ``clusters.png`` (the images nearest each centre).
 
     Args:
@@ -115,14 +128,16 @@ def write_clusters(result: ClusterResult, out_dir: str | Path, *, per_cluster: i
     for cluster, members in result.assignments.groupby("cluster", sort=True):
         images, captions = [], []
         for _, row in members.head(per_cluster).iterrows():
-            image = load(row.to_dict())
+            image = load({str(k): v for k, v in row.items()})
             if image is not None:
                 images.append(image)
                 captions.append(str(row["label"]))
         rows.append({"title": f"cluster {cluster} ({len(members)})", "images": images, "captions": captions})
     if not any(r["images"] for r in rows):
-        raise DataError("no image of any cluster could be read for the picture; the collection's 'path' field is "
-                        "empty or the files moved")
+        raise DataError(
+            "no image of any cluster could be read for the picture; the collection's 'path' field is "
+            "empty or the files moved"
+        )
     png = image_rows(rows, out / "clusters.png", title=f"k-means, k={result.k}: images nearest each centre")
     return {"csv": csv_path, "picture": png}
 

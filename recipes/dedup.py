@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,8 +86,15 @@ class _Components:
         return sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: (-len(m), m[0]))
 
 
-def find_duplicates(conn: MilvusConnector, collection: str, *, threshold: float = DEFAULT_THRESHOLD,
-                    max_neighbours: int = 32, filter: str | None = None, batch_size: int = 256) -> DuplicateReport:
+def find_duplicates(
+    conn: MilvusConnector,
+    collection: str,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_neighbours: int = 32,
+    filter: str | None = None,
+    batch_size: int = 256,
+) -> DuplicateReport:
     """Near-duplicate groups among the rows of ``collection`` (those matching ``filter``).
 
     Args:
@@ -107,13 +114,23 @@ def find_duplicates(conn: MilvusConnector, collection: str, *, threshold: float 
         if threshold <= 0:
             raise DataError(f"for an L2 collection the threshold is a distance and must be > 0, got {threshold}")
     elif not -1.0 < threshold < 1.0:
-        raise DataError(f"for a {spec.metric} collection the threshold is a similarity in (-1, 1), got {threshold}; "
-                        f"e.g. 0.95 for near-duplicates")
+        raise DataError(
+            f"for a {spec.metric} collection the threshold is a similarity in (-1, 1), got {threshold}; "
+            f"e.g. 0.95 for near-duplicates"
+        )
     if max_neighbours < 1:
         raise DataError(f"max_neighbours must be >= 1, got {max_neighbours}")
     rows, vectors = collection_frame(conn, collection, ("record_id", "label", "path"), filter=filter or "")
-    hits = search_vectors(conn, collection, vectors, top_k=max_neighbours + 1, radius=threshold, filter=filter,
-                          output_fields=["record_id"], batch_size=batch_size)
+    hits = search_vectors(
+        conn,
+        collection,
+        vectors,
+        top_k=max_neighbours + 1,
+        radius=threshold,
+        filter=filter,
+        output_fields=["record_id"],
+        batch_size=batch_size,
+    )
     components = _Components()
     pairs: dict[tuple[str, str], float] = {}
     for rid, found in zip(rows["record_id"].astype(str), hits, strict=True):
@@ -124,13 +141,27 @@ def find_duplicates(conn: MilvusConnector, collection: str, *, threshold: float 
                 continue
             components.union(rid, other)
             key = (min(rid, other), max(rid, other))
-            pairs[key] = max(pairs.get(key, -np.inf), float(h["score"])) if spec.metric != "L2" else min(
-                pairs.get(key, np.inf), float(h["score"]))
+            pairs[key] = (
+                max(pairs.get(key, -np.inf), float(h["score"]))
+                if spec.metric != "L2"
+                else min(pairs.get(key, np.inf), float(h["score"]))
+            )
     groups = components.groups()
-    report = DuplicateReport(threshold=threshold, metric=spec.metric, n_records=len(rows), groups=groups,
-                             pairs=[(a, b, s) for (a, b), s in sorted(pairs.items())], rows=rows)
-    log.info("%d near-duplicate group(s) (%d removable records) among %d at threshold %s", len(groups),
-             report.n_duplicates, len(rows), threshold)
+    report = DuplicateReport(
+        threshold=threshold,
+        metric=spec.metric,
+        n_records=len(rows),
+        groups=groups,
+        pairs=[(a, b, s) for (a, b), s in sorted(pairs.items())],
+        rows=rows,
+    )
+    log.info(
+        "%d near-duplicate group(s) (%d removable records) among %d at threshold %s",
+        len(groups),
+        report.n_duplicates,
+        len(rows),
+        threshold,
+    )
     return report
 
 
@@ -153,9 +184,18 @@ def write_duplicates_csv(report: DuplicateReport, path: str | Path) -> Path:
         writer.writerow(["group", "group_size", "keep", "record_id", "path", "label", "best_score"])
         for number, members in enumerate(report.groups):
             for i, rid in enumerate(members):
-                row = info.loc[rid] if rid in info.index else {}
-                writer.writerow([number, len(members), i == 0, rid, row.get("path", ""), row.get("label", ""),
-                                 f"{best.get(rid, float('nan')):.6f}"])
+                row: Mapping[Any, Any] = info.loc[rid].to_dict() if rid in info.index else {}
+                writer.writerow(
+                    [
+                        number,
+                        len(members),
+                        i == 0,
+                        rid,
+                        row.get("path", ""),
+                        row.get("label", ""),
+                        f"{best.get(rid, float('nan')):.6f}",
+                    ]
+                )
     return out
 
 
@@ -164,8 +204,14 @@ def read(source: str, config: RecipeConfig) -> pd.DataFrame:
     return read_any(source)
 
 
-def groups_picture(report: DuplicateReport, path: str | Path, image_of: Callable[[str], np.ndarray | None], *,
-                   max_groups: int = 12, max_members: int = 8) -> Path | None:
+def groups_picture(
+    report: DuplicateReport,
+    path: str | Path,
+    image_of: Callable[[str], np.ndarray | None],
+    *,
+    max_groups: int = 12,
+    max_members: int = 8,
+) -> Path | None:
     """A picture of the largest groups, one row each (``None`` when there is no group to draw)."""
     from deepfeat.recipes.viz import image_rows
 
@@ -173,8 +219,13 @@ def groups_picture(report: DuplicateReport, path: str | Path, image_of: Callable
     for number, members in enumerate(report.groups[:max_groups]):
         images = [(rid, im) for rid in members[:max_members] if (im := image_of(rid)) is not None]
         if images:
-            rows.append({"title": f"group {number} ({len(members)})", "images": [im for _, im in images],
-                         "captions": [Path(rid).name for rid, _ in images]})
+            rows.append(
+                {
+                    "title": f"group {number} ({len(members)})",
+                    "images": [im for _, im in images],
+                    "captions": [Path(rid).name for rid, _ in images],
+                }
+            )
     if not rows:
         return None
     return image_rows(rows, path, title=f"near-duplicate groups (threshold {report.threshold})")
@@ -183,8 +234,12 @@ def groups_picture(report: DuplicateReport, path: str | Path, image_of: Callable
 def act(ctx: RecipeContext) -> dict[str, Any]:
     """Duplicate groups of the loaded collection at ``recipe.dedup.threshold``, as CSV and a picture."""
     opts = ctx.config.action
-    report = find_duplicates(ctx.conn, ctx.collection, threshold=float(opts.get("threshold", DEFAULT_THRESHOLD)),
-                             max_neighbours=int(opts.get("max_neighbours", 32)))
+    report = find_duplicates(
+        ctx.conn,
+        ctx.collection,
+        threshold=float(opts.get("threshold", DEFAULT_THRESHOLD)),
+        max_neighbours=int(opts.get("max_neighbours", 32)),
+    )
     path = write_duplicates_csv(report, ctx.out / "duplicates.csv")
     by_id = ctx.record_by_id()
 
@@ -192,6 +247,11 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
         return record_image(by_id.loc[rid]) if rid in by_id.index else None
 
     picture = groups_picture(report, ctx.out / "duplicates.png", image_of)
-    return {"threshold": report.threshold, "n_records": report.n_records, "n_groups": len(report.groups),
-            "n_duplicates": report.n_duplicates, "groups": report.groups,
-            "files": {"csv": str(path), "picture": str(picture) if picture else None}}
+    return {
+        "threshold": report.threshold,
+        "n_records": report.n_records,
+        "n_groups": len(report.groups),
+        "n_duplicates": report.n_duplicates,
+        "groups": report.groups,
+        "files": {"csv": str(path), "picture": str(picture) if picture else None},
+    }

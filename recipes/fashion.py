@@ -52,8 +52,12 @@ def read_catalogue(source: str, *, group_column: str | None = "product_id") -> p
     if group_column and group_column in records.columns:
         records = records.assign(group=records[group_column].astype(str))
         records = validate_records(records, check_files=False)
-        log.info("%d photos of %d products in %d categories", len(records), records["group"].nunique(),
-                 records["label"].nunique())
+        log.info(
+            "%d photos of %d products in %d categories",
+            len(records),
+            records["group"].nunique(),
+            records["label"].nunique(),
+        )
     elif group_column:
         log.info("no %r column: every photo is its own product", group_column)
     return records
@@ -69,9 +73,18 @@ def price_filter(low: float | None = None, high: float | None = None, *, column:
     return build_filter(ranges={column: (low, high)})
 
 
-def similar_items(conn: MilvusConnector, collection: str, record_ids: Sequence[str], *, top_k: int = 5,
-                  filter: str | None = None, same_category: bool = False, exclude_own_product: bool = True,
-                  group_by: str | None = "group", output_fields: Sequence[str] | None = None) -> Hits:
+def similar_items(
+    conn: MilvusConnector,
+    collection: str,
+    record_ids: Sequence[str],
+    *,
+    top_k: int = 5,
+    filter: str | None = None,
+    same_category: bool = False,
+    exclude_own_product: bool = True,
+    group_by: str | None = "group",
+    output_fields: Sequence[str] | None = None,
+) -> Hits:
     """Items like catalogue records: one hit per product (``group_by``), the query's own product left out.
 
     Args:
@@ -79,13 +92,29 @@ def similar_items(conn: MilvusConnector, collection: str, record_ids: Sequence[s
         same_category: only items of the query's own category (``label``).
         output_fields: fields in each hit (default: record_id, label, group, split, path).
     """
-    return search_each(conn, collection, record_ids, top_k=top_k, filter=filter,
-                       same=("label",) if same_category else (), exclude_own_group=exclude_own_product,
-                       group_by=group_by, output_fields=output_fields)
+    return search_each(
+        conn,
+        collection,
+        record_ids,
+        top_k=top_k,
+        filter=filter,
+        same=("label",) if same_category else (),
+        exclude_own_group=exclude_own_product,
+        group_by=group_by,
+        output_fields=output_fields,
+    )
 
 
-def shop_the_look(conn: MilvusConnector, collection: str, bundle: ModelBundle | str | Path, images: Sequence[Any],
-                  *, top_k: int = 5, filter: str | None = None, group_by: str | None = "group") -> Hits:
+def shop_the_look(
+    conn: MilvusConnector,
+    collection: str,
+    bundle: ModelBundle | str | Path,
+    images: Sequence[Any],
+    *,
+    top_k: int = 5,
+    filter: str | None = None,
+    group_by: str | None = "group",
+) -> Hits:
     """Catalogue products that look like each query photo (a path, encoded bytes or an array), one per product."""
     from deepfeat.connectors.search import search_images
 
@@ -93,8 +122,16 @@ def shop_the_look(conn: MilvusConnector, collection: str, bundle: ModelBundle | 
 
 
 def _brief(hits: list[dict[str, Any]], extra: Sequence[str] = ()) -> list[dict[str, Any]]:
-    return [{"id": h.get("record_id"), "product": h.get("group"), "label": h.get("label"),
-             "score": round(float(h["score"]), 4), **{k: h.get(k) for k in extra}} for h in hits]
+    return [
+        {
+            "id": h.get("record_id"),
+            "product": h.get("group"),
+            "label": h.get("label"),
+            "score": round(float(h["score"]), 4),
+            **{k: h.get(k) for k in extra},
+        }
+        for h in hits
+    ]
 
 
 def act(ctx: RecipeContext) -> dict[str, Any]:
@@ -108,33 +145,50 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
     price_column = str(opts.get("price_column", "price"))
     band = float(opts.get("price_band", 0.5))
     has_price = price_column in ctx.records.columns and pd.api.types.is_numeric_dtype(ctx.records[price_column])
-    picks = pick_queries(ctx.records, int(search.get("n_queries", 4)), seed=int(ctx.config.section("data").get(
-        "seed", 0)))
+    picks = pick_queries(
+        ctx.records, int(search.get("n_queries", 4)), seed=int(ctx.config.section("data").get("seed", 0))
+    )
     if picks.empty:
         raise DataError("the fashion recipe found no query records in the catalogue")
     ids = picks["id"].astype(str).tolist()
     extra = [price_column] if has_price else []
 
     plain = similar_items(ctx.conn, ctx.collection, ids, top_k=top_k, filter=base_filter, group_by=group_by)
-    category = similar_items(ctx.conn, ctx.collection, ids, top_k=top_k, filter=base_filter, same_category=True,
-                             group_by=group_by)
+    category = similar_items(
+        ctx.conn, ctx.collection, ids, top_k=top_k, filter=base_filter, same_category=True, group_by=group_by
+    )
     searches: list[dict[str, Any]] = []
     for i, (_, q) in enumerate(picks.iterrows()):
-        entry: dict[str, Any] = {"query": str(q["id"]), "product": str(q["group"]), "label": str(q["label"]),
-                                 "similar": _brief(plain[i]), "same_category": _brief(category[i])}
+        entry: dict[str, Any] = {
+            "query": str(q["id"]),
+            "product": str(q["group"]),
+            "label": str(q["label"]),
+            "similar": _brief(plain[i]),
+            "same_category": _brief(category[i]),
+        }
         if has_price and not pd.isna(q[price_column]):
             price = float(q[price_column])
             low, high = price * (1 - band), price * (1 + band)
-            hits = similar_items(ctx.conn, ctx.collection, [str(q["id"])], top_k=top_k,
-                                 filter=build_filter(base_filter, price_filter(low, high, column=price_column)),
-                                 group_by=group_by, output_fields=["record_id", "label", "group", price_column])[0]
+            hits = similar_items(
+                ctx.conn,
+                ctx.collection,
+                [str(q["id"])],
+                top_k=top_k,
+                filter=build_filter(base_filter, price_filter(low, high, column=price_column)),
+                group_by=group_by,
+                output_fields=["record_id", "label", "group", price_column],
+            )[0]
             entry["price_band"] = {"low": low, "high": high, "hits": _brief(hits, extra)}
         searches.append(entry)
     looks: list[dict[str, Any]] = []
     if ctx.queries:
-        for photo, hits in zip(ctx.queries, shop_the_look(ctx.conn, ctx.collection, ctx.bundle, ctx.queries,
-                                                          top_k=top_k, filter=base_filter, group_by=group_by),
-                               strict=True):
+        for photo, hits in zip(
+            ctx.queries,
+            shop_the_look(
+                ctx.conn, ctx.collection, ctx.bundle, ctx.queries, top_k=top_k, filter=base_filter, group_by=group_by
+            ),
+            strict=True,
+        ):
             looks.append({"photo": photo, "hits": _brief(hits)})
 
     by_id = ctx.record_by_id()
@@ -143,16 +197,25 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
         q_image = record_image(by_id.loc[entry["query"]])
         if q_image is None:
             continue
-        drawn = [{"image": im, "label": h["label"], "score": h["score"]}
-                 for h in entry["similar"] if (im := record_image(by_id.loc[h["id"]])) is not None]
+        drawn = [
+            {"image": im, "label": h["label"], "score": h["score"]}
+            for h in entry["similar"]
+            if (im := record_image(by_id.loc[h["id"]])) is not None
+        ]
         rows.append({"image": q_image, "label": entry["label"], "hits": drawn})
-    picture = result_grid(rows, ctx.out / "fashion_results.png",
-                          title=f"similar items, one per product (top {top_k})") if rows else None
+    picture = (
+        result_grid(rows, ctx.out / "fashion_results.png", title=f"similar items, one per product (top {top_k})")
+        if rows
+        else None
+    )
     (ctx.out / "searches.json").write_text(json.dumps({"searches": searches, "shop_the_look": looks}, indent=2))
     precision = [np.mean([h["label"] == e["label"] for h in e["similar"]]) for e in searches if e["similar"]]
-    summary = {"n_queries": len(searches), "top_k": top_k,
-               "category_precision": float(np.mean(precision)) if precision else None,
-               "searches": searches, "shop_the_look": looks,
-               "files": {"searches": str(ctx.out / "searches.json"),
-                         "picture": str(picture) if picture else None}}
+    summary = {
+        "n_queries": len(searches),
+        "top_k": top_k,
+        "category_precision": float(np.mean(precision)) if precision else None,
+        "searches": searches,
+        "shop_the_look": looks,
+        "files": {"searches": str(ctx.out / "searches.json"), "picture": str(picture) if picture else None},
+    }
     return summary

@@ -97,9 +97,12 @@ def read_scans(source: str, *, patient_column: str = "patient_id") -> pd.DataFra
 
     records = read_records(source)
     headers = {i: dicom_header(p) for i, p in zip(records.index, records["path"], strict=True) if _is_dicom_file(p)}
-    columns = {c: list(records[c]) if c in records.columns else [None] * len(records)
-               for c in (patient_column, "modality", "body_part")}
-    n_frames, photometric = [], []
+    columns: dict[str, list[Any]] = {
+        c: list(records[c]) if c in records.columns else [None] * len(records)
+        for c in (patient_column, "modality", "body_part")
+    }
+    n_frames: list[int] = []
+    photometric: list[str] = []
     own = 0
     for pos, (index, rid) in enumerate(zip(records.index, records["id"], strict=True)):
         header = headers.get(index, {})
@@ -116,10 +119,15 @@ def read_scans(source: str, *, patient_column: str = "patient_id") -> pd.DataFra
         n_frames.append(int(header.get("n_frames", 1)))
         photometric.append(str(header.get("photometric", "")))
     if own:
-        log.warning("%d scan(s) name no patient (no %s column, no DICOM PatientID, no <label>/<patient>/ folder): "
-                    "each is treated as its own patient", own, patient_column)
-    out = records.assign(**{c: [str(v) for v in values] for c, values in columns.items()},
-                         n_frames=n_frames, photometric=photometric)
+        log.warning(
+            "%d scan(s) name no patient (no %s column, no DICOM PatientID, no <label>/<patient>/ folder): "
+            "each is treated as its own patient",
+            own,
+            patient_column,
+        )
+    out = records.assign(
+        **{c: [str(v) for v in values] for c, values in columns.items()}, n_frames=n_frames, photometric=photometric
+    )
     out["group"] = out[patient_column]
     out = validate_records(out, check_files=False)
     log.info("%d scans of %d patients (%d DICOM)", len(out), out["group"].nunique(), len(headers))
@@ -140,17 +148,26 @@ def patients_by_split(records: pd.DataFrame) -> dict[str, set[str]]:
     splits = {str(s): set(map(str, g["group"])) for s, g in records.groupby("split")}
     names = sorted(splits)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             shared = splits[a] & splits[b]
             if shared:
-                raise DataError(f"{len(shared)} patient(s) have scans in both {a!r} and {b!r}, e.g. {sorted(shared)[:3]}; "
-                                f"split by patient (data.split_mode: by_group)")
+                raise DataError(
+                    f"{len(shared)} patient(s) have scans in both {a!r} and {b!r}, e.g. {sorted(shared)[:3]}; "
+                    f"split by patient (data.split_mode: by_group)"
+                )
     return splits
 
 
-def similar_cases(conn: MilvusConnector, collection: str, record_ids: Sequence[str], *, top_k: int = 5,
-                  filter: str | None = None, same: Sequence[str] = SAME_FIELDS,
-                  output_fields: Sequence[str] | None = None) -> Hits:
+def similar_cases(
+    conn: MilvusConnector,
+    collection: str,
+    record_ids: Sequence[str],
+    *,
+    top_k: int = 5,
+    filter: str | None = None,
+    same: Sequence[str] = SAME_FIELDS,
+    output_fields: Sequence[str] | None = None,
+) -> Hits:
     """Cases like stored scans: one scan per patient, never the query's own patient.
 
     Args:
@@ -159,13 +176,29 @@ def similar_cases(conn: MilvusConnector, collection: str, record_ids: Sequence[s
         output_fields: fields in each hit (default: record_id, label, group, split, path and ``same``).
     """
     fields = output_fields if output_fields is not None else ["record_id", "label", "group", "split", "path", *same]
-    return search_each(conn, collection, record_ids, top_k=top_k, filter=filter, same=same, exclude_own_group=True,
-                       group_by="group", output_fields=fields)
+    return search_each(
+        conn,
+        collection,
+        record_ids,
+        top_k=top_k,
+        filter=filter,
+        same=same,
+        exclude_own_group=True,
+        group_by="group",
+        output_fields=fields,
+    )
 
 
-def similar_cases_for_scans(conn: MilvusConnector, collection: str, bundle: ModelBundle | str | Path,
-                            scans: Sequence[str], *, top_k: int = 5, filter: str | None = None,
-                            same: Sequence[str] = SAME_FIELDS) -> Hits:
+def similar_cases_for_scans(
+    conn: MilvusConnector,
+    collection: str,
+    bundle: ModelBundle | str | Path,
+    scans: Sequence[str],
+    *,
+    top_k: int = 5,
+    filter: str | None = None,
+    same: Sequence[str] = SAME_FIELDS,
+) -> Hits:
     """Cases like new scan files; a DICOM query's own patient (``PatientID``) is left out, and ``same``
     fields are matched where its header gives them."""
     from deepfeat.connectors.search import search_images
@@ -176,8 +209,18 @@ def similar_cases_for_scans(conn: MilvusConnector, collection: str, bundle: Mode
         equals = {f: header[f] for f in same if header.get(f)}
         not_equals = {"group": header["patient_id"]} if header.get("patient_id") else {}
         expr = build_filter(filter, equals=equals, not_equals=not_equals)
-        out.extend(search_images(conn, collection, [scan], bundle, top_k=top_k, filter=expr, group_by="group",
-                                 output_fields=["record_id", "label", "group", "split", "path", *same]))
+        out.extend(
+            search_images(
+                conn,
+                collection,
+                [scan],
+                bundle,
+                top_k=top_k,
+                filter=expr,
+                group_by="group",
+                output_fields=["record_id", "label", "group", "split", "path", *same],
+            )
+        )
     return out
 
 
@@ -198,47 +241,120 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
     splits = patients_by_split(ctx.records)
     test = ctx.records[(ctx.records["split"] == "test") & ctx.records["is_query"]]
     if test.empty:
-        raise DataError("the medical recipe found no test scans; give more patients or a larger test fraction "
-                        "(data.fractions)")
-    picks = pick_queries(ctx.records, int(search.get("n_queries", 8)), seed=int(ctx.config.section("data").get(
-        "seed", 0)))
+        raise DataError(
+            "the medical recipe found no test scans; give more patients or a larger test fraction (data.fractions)"
+        )
+    picks = pick_queries(
+        ctx.records, int(search.get("n_queries", 8)), seed=int(ctx.config.section("data").get("seed", 0))
+    )
     ids = picks["id"].astype(str).tolist()
     hits = similar_cases(ctx.conn, ctx.collection, ids, top_k=top_k, filter=search.get("filter"), same=same)
     checks = check_cases(picks.to_dict("records"), hits)
     path = ctx.out / "similar_cases.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["query_id", "query_patient", "query_label", "rank", "case_id", "case_patient",
-                         "case_label", "score", *same])
+        writer.writerow(
+            [
+                "query_id",
+                "query_patient",
+                "query_label",
+                "rank",
+                "case_id",
+                "case_patient",
+                "case_label",
+                "score",
+                *same,
+            ]
+        )
         for (_, q), hs in zip(picks.iterrows(), hits, strict=True):
             for h in hs:
-                writer.writerow([q["id"], q["group"], q["label"], h["rank"], h.get("record_id"), h.get("group"),
-                                 h.get("label"), f"{h['score']:.6f}", *(h.get(f) for f in same)])
+                writer.writerow(
+                    [
+                        q["id"],
+                        q["group"],
+                        q["label"],
+                        h["rank"],
+                        h.get("record_id"),
+                        h.get("group"),
+                        h.get("label"),
+                        f"{h['score']:.6f}",
+                        *(h.get(f) for f in same),
+                    ]
+                )
     external: list[dict[str, Any]] = []
     if ctx.queries:
-        for scan, hs in zip(ctx.queries, similar_cases_for_scans(ctx.conn, ctx.collection, ctx.bundle, ctx.queries,
-                                                                 top_k=top_k, filter=search.get("filter"), same=same),
-                            strict=True):
-            external.append({"scan": scan, "cases": [{"id": h.get("record_id"), "patient": h.get("group"),
-                                                      "label": h.get("label"), "score": h["score"]} for h in hs]})
+        for scan, hs in zip(
+            ctx.queries,
+            similar_cases_for_scans(
+                ctx.conn, ctx.collection, ctx.bundle, ctx.queries, top_k=top_k, filter=search.get("filter"), same=same
+            ),
+            strict=True,
+        ):
+            external.append(
+                {
+                    "scan": scan,
+                    "cases": [
+                        {
+                            "id": h.get("record_id"),
+                            "patient": h.get("group"),
+                            "label": h.get("label"),
+                            "score": h["score"],
+                        }
+                        for h in hs
+                    ],
+                }
+            )
     by_id = ctx.record_by_id()
     rows = []
     for (_, q), hs in zip(picks.iterrows(), hits, strict=True):
         image = record_image(q)
         if image is not None:
-            rows.append({"image": image, "label": q["label"],
-                         "hits": [{"image": im, "label": h.get("label"), "score": h["score"]}
-                                  for h in hs if (im := record_image(by_id.loc[str(h["record_id"])])) is not None]})
-    picture = result_grid(rows, ctx.out / "medical_results.png",
-                          title="similar cases: one per patient, own patient excluded") if rows else None
-    precision = [np.mean([h.get("label") == q["label"] for h in hs]) for (_, q), hs in zip(picks.iterrows(), hits,
-                                                                                           strict=True) if hs]
-    return {"n_queries": len(ids), "top_k": top_k, "same_fields": list(same),
-            "patients": {s: len(p) for s, p in splits.items()}, **checks,
-            "label_precision": float(np.mean(precision)) if precision else None,
-            "cases": [{"query": i, "patient": str(q["group"]), "label": str(q["label"]),
-                       "hits": [{"id": h.get("record_id"), "patient": h.get("group"), "label": h.get("label"),
-                                 "score": round(float(h["score"]), 4), **{f: h.get(f) for f in same}} for h in hs]}
-                      for i, (_, q), hs in zip(ids, picks.iterrows(), hits, strict=True)],
-            "external": external,
-            "files": {"cases": str(path), "picture": str(picture) if picture else None}}
+            rows.append(
+                {
+                    "image": image,
+                    "label": q["label"],
+                    "hits": [
+                        {"image": im, "label": h.get("label"), "score": h["score"]}
+                        for h in hs
+                        if (im := record_image(by_id.loc[str(h["record_id"])])) is not None
+                    ],
+                }
+            )
+    picture = (
+        result_grid(rows, ctx.out / "medical_results.png", title="similar cases: one per patient, own patient excluded")
+        if rows
+        else None
+    )
+    precision = [
+        np.mean([h.get("label") == q["label"] for h in hs])
+        for (_, q), hs in zip(picks.iterrows(), hits, strict=True)
+        if hs
+    ]
+    return {
+        "n_queries": len(ids),
+        "top_k": top_k,
+        "same_fields": list(same),
+        "patients": {s: len(p) for s, p in splits.items()},
+        **checks,
+        "label_precision": float(np.mean(precision)) if precision else None,
+        "cases": [
+            {
+                "query": i,
+                "patient": str(q["group"]),
+                "label": str(q["label"]),
+                "hits": [
+                    {
+                        "id": h.get("record_id"),
+                        "patient": h.get("group"),
+                        "label": h.get("label"),
+                        "score": round(float(h["score"]), 4),
+                        **{f: h.get(f) for f in same},
+                    }
+                    for h in hs
+                ],
+            }
+            for i, (_, q), hs in zip(ids, picks.iterrows(), hits, strict=True)
+        ],
+        "external": external,
+        "files": {"cases": str(path), "picture": str(picture) if picture else None},
+    }

@@ -81,8 +81,21 @@ RECIPES: dict[str, str] = {
 }
 
 # FinetuneSettings fields read from each LightningCLI section (the rest of `model` has no guarded-path twin)
-_MODEL_SETTINGS = ("backbone", "weights", "head", "embedding_dim", "image_size", "lr", "head_lr", "loss_lr",
-                   "weight_decay", "warmup_steps", "l2sp", "freeze_bn", "max_minutes")
+_MODEL_SETTINGS = (
+    "backbone",
+    "weights",
+    "head",
+    "embedding_dim",
+    "image_size",
+    "lr",
+    "head_lr",
+    "loss_lr",
+    "weight_decay",
+    "warmup_steps",
+    "l2sp",
+    "freeze_bn",
+    "max_minutes",
+)
 _DATA_SETTINGS = ("preset", "p", "k", "batches_per_epoch", "num_workers", "eval_batch_size", "seed")
 _DATA_SPLIT_KEYS = ("split_mode", "fractions", "val_fraction", "classes", "limit_per_class", "query_mode")
 _TRAINER_SETTINGS = ("max_epochs", "precision", "accelerator")
@@ -145,8 +158,10 @@ def _config_path(name_or_path: str | Path) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
         names = [r.name for r in list_recipes()]
-        raise DataError(f"unknown recipe {str(name_or_path)!r}; the shipped recipes are {names} "
-                        f"('deepfeat recipe list'), or pass the path of a recipe .yaml")
+        raise DataError(
+            f"unknown recipe {str(name_or_path)!r}; the shipped recipes are {names} "
+            f"('deepfeat recipe list'), or pass the path of a recipe .yaml"
+        )
     return shipped
 
 
@@ -203,8 +218,10 @@ def instantiate(spec: Any) -> Any:
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise DataError(f"class_path {path!r} cannot be imported ({exc}); write the full dotted path, e.g. "
-                        f"pytorch_metric_learning.losses.MultiSimilarityLoss") from exc
+        raise DataError(
+            f"class_path {path!r} cannot be imported ({exc}); write the full dotted path, e.g. "
+            f"pytorch_metric_learning.losses.MultiSimilarityLoss"
+        ) from exc
     args = {k: instantiate(v) for k, v in dict(spec.get("init_args") or {}).items()}
     try:
         return cls(**args)
@@ -261,8 +278,11 @@ class RecipeConfig:
     def collection(self) -> CollectionOptions:
         """``recipe.collection``."""
         c = self.section("recipe", "collection")
-        return CollectionOptions(str(c.get("name", self.name)), str(c.get("index") or "AUTOINDEX"),
-                                 cast("KeyMode", c.get("key", "record_id")))
+        return CollectionOptions(
+            str(c.get("name", self.name)),
+            str(c.get("index") or "AUTOINDEX"),
+            cast("KeyMode", c.get("key", "record_id")),
+        )
 
     def settings(self, *, minutes: float | None = None) -> FinetuneSettings:
         """The :class:`FinetuneSettings` this YAML describes.
@@ -284,10 +304,14 @@ class RecipeConfig:
         kw.update({k: trainer[k] for k in _TRAINER_SETTINGS if k in trainer})
         for key, default in _MODEL_IGNORED.items():
             if key in model and model[key] != default:
-                log.warning("model.%s=%r is used by 'deepfeat fit' only; the guarded recipe path ignores it",
-                            key, model[key])
-        callbacks = {str(c.get("class_path", "")).rpartition(".")[2]: dict(c.get("init_args") or {})
-                     for c in trainer.get("callbacks") or [] if isinstance(c, dict)}
+                log.warning(
+                    "model.%s=%r is used by 'deepfeat fit' only; the guarded recipe path ignores it", key, model[key]
+                )
+        callbacks = {
+            str(c.get("class_path", "")).rpartition(".")[2]: dict(c.get("init_args") or {})
+            for c in trainer.get("callbacks") or []
+            if isinstance(c, dict)
+        }
         kw["freeze_epochs"] = int(callbacks["FreezeBackbone"].get("epochs", 1)) if "FreezeBackbone" in callbacks else 0
         if "EarlyStopping" in callbacks:
             kw["patience"] = int(callbacks["EarlyStopping"].get("patience", 3))
@@ -297,7 +321,9 @@ class RecipeConfig:
         names = {f.name for f in dataclasses.fields(FinetuneSettings)}
         unknown = sorted(set(own) - names)
         if unknown:
-            raise DataError(f"recipe.finetune has unknown key(s) {unknown}; FinetuneSettings fields are {sorted(names)}")
+            raise DataError(
+                f"recipe.finetune has unknown key(s) {unknown}; FinetuneSettings fields are {sorted(names)}"
+            )
         kw.update(own)
         if minutes is not None:
             kw["max_minutes"] = float(minutes)
@@ -342,8 +368,10 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Reci
     raw = apply_overrides(_read_yaml(path), overrides)
     section = raw.get("recipe")
     if not isinstance(section, dict):
-        raise DataError(f"{str(path)!r} has no 'recipe:' section; it is a plain training config (use "
-                        f"'deepfeat fit --config'), not a recipe")
+        raise DataError(
+            f"{str(path)!r} has no 'recipe:' section; it is a plain training config (use "
+            f"'deepfeat fit --config'), not a recipe"
+        )
     name = str(section.get("name", path.stem))
     if name not in RECIPES:
         raise DataError(f"recipe {str(path)!r} names the action {name!r}; known actions: {sorted(RECIPES)}")
@@ -372,8 +400,9 @@ def read_any(source: str | os.PathLike[str], *, label: str = "unlabelled") -> pd
         files = list_images(path)
         if not files:
             raise DataError(f"no images in {str(path)!r}")
-        rows = pd.DataFrame({"id": [Path(f).relative_to(path.absolute()).as_posix() for f in files],
-                             "path": files, "label": label})
+        rows = pd.DataFrame(
+            {"id": [Path(f).relative_to(path.absolute()).as_posix() for f in files], "path": files, "label": label}
+        )
         return validate_records(rows, root=path.absolute())
     return read_records(os.fspath(source) if isinstance(source, os.PathLike) else source)
 
@@ -394,9 +423,13 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
     if path.is_file():
         return [str(path.absolute())]
     if path.is_dir():
-        return sorted(str(p.absolute()) for p in path.rglob("*")
-                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return sorted(
+            str(p.absolute())
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     raise DataError(f"{os.fspath(source)!r} does not exist; pass an image, a folder of images or a manifest")
 
 
@@ -413,8 +446,15 @@ def record_image(row: Mapping[str, Any] | pd.Series) -> np.ndarray | None:
         return None
 
 
-def pick_queries(records: pd.DataFrame, n: int, *, split: str = "test", per: str = "label",
-                 distinct: str | None = "group", seed: int = 0) -> pd.DataFrame:
+def pick_queries(
+    records: pd.DataFrame,
+    n: int,
+    *,
+    split: str = "test",
+    per: str = "label",
+    distinct: str | None = "group",
+    seed: int = 0,
+) -> pd.DataFrame:
     """Up to ``n`` query records of ``split`` (all records when it has none), spread over ``per`` values,
     at most one per ``distinct`` value (one photo per product, one scan per patient)."""
     pool = records[(records["split"] == split) & records["is_query"]] if "is_query" in records else records
@@ -426,8 +466,9 @@ def pick_queries(records: pd.DataFrame, n: int, *, split: str = "test", per: str
     if distinct is not None:
         shuffled = shuffled.drop_duplicates(distinct)
     order = shuffled.groupby(per, sort=True).cumcount()  # round-robin over the classes
-    return shuffled.assign(_turn=order.to_numpy()).sort_values(["_turn", per], kind="stable").head(n).drop(
-        columns="_turn")
+    return (
+        shuffled.assign(_turn=order.to_numpy()).sort_values(["_turn", per], kind="stable").head(n).drop(columns="_turn")
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +476,14 @@ def pick_queries(records: pd.DataFrame, n: int, *, split: str = "test", per: str
 
 
 def milvus_literal(value: Any) -> str:
-    """A value as a Milvus expression literal: strings double-quoted with JSON escapes (quotes, backslashes)."""
+    """A value as a Milvus expression literal; strings through the connector's :func:`quote_string` (quotes,
+    backslashes and non-ASCII text are safe).
+
+    Raises:
+        DataError: a non-finite number, or a string with a control character Milvus cannot express.
+    """
+    from deepfeat.connectors.search import quote_string
+
     if isinstance(value, bool | np.bool_):
         return "true" if value else "false"
     if isinstance(value, int | np.integer):
@@ -444,12 +492,15 @@ def milvus_literal(value: Any) -> str:
         if not np.isfinite(value):
             raise DataError(f"cannot filter on the non-finite value {value!r}")
         return repr(float(value))
-    return json.dumps(str(value), ensure_ascii=False)
+    return quote_string(str(value))
 
 
-def build_filter(*clauses: str | None, equals: Mapping[str, Any] | None = None,
-                 not_equals: Mapping[str, Any] | None = None,
-                 ranges: Mapping[str, tuple[float | None, float | None]] | None = None) -> str | None:
+def build_filter(
+    *clauses: str | None,
+    equals: Mapping[str, Any] | None = None,
+    not_equals: Mapping[str, Any] | None = None,
+    ranges: Mapping[str, tuple[float | None, float | None]] | None = None,
+) -> str | None:
     """A Milvus boolean expression: free ``clauses`` and field conditions, joined with ``and``.
 
     ``ranges`` maps a field to ``(low, high)`` (inclusive; ``None`` leaves that side open). Values are
@@ -468,8 +519,9 @@ def build_filter(*clauses: str | None, equals: Mapping[str, Any] | None = None,
     return " and ".join(parts) or None
 
 
-def fetch_rows(conn: MilvusConnector, collection: str, record_ids: Sequence[str],
-               fields: Sequence[str] = ("group", "label")) -> dict[str, dict[str, Any]]:
+def fetch_rows(
+    conn: MilvusConnector, collection: str, record_ids: Sequence[str], fields: Sequence[str] = ("group", "label")
+) -> dict[str, dict[str, Any]]:
     """Stored rows of records by id (``pk``, ``record_id``, ``vector`` and ``fields``).
 
     Raises:
@@ -487,21 +539,32 @@ def fetch_rows(conn: MilvusConnector, collection: str, record_ids: Sequence[str]
     ids = [str(i) for i in record_ids]
     found: dict[str, dict[str, Any]] = {}
     for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
+        chunk = ids[start : start + 500]
         expr = f"{RECORD_ID_FIELD} in [{', '.join(milvus_literal(i) for i in chunk)}]"
         for row in conn.call("query", conn.client.query, collection, filter=expr, output_fields=wanted):
             found[str(row[RECORD_ID_FIELD])] = dict(row)
     missing = [i for i in ids if i not in found]
     if missing:
-        raise DataError(f"record id(s) {missing[:5]} are not in collection {collection!r} ({len(missing)} missing); "
-                        f"ids are the records' 'id' column (for folders, the relative paths)")
+        raise DataError(
+            f"record id(s) {missing[:5]} are not in collection {collection!r} ({len(missing)} missing); "
+            f"ids are the records' 'id' column (for folders, the relative paths)"
+        )
     return found
 
 
-def search_each(conn: MilvusConnector, collection: str, record_ids: Sequence[str], *, top_k: int = 5,
-                filter: str | None = None, same: Sequence[str] = (), exclude_own_group: bool = False,
-                group_by: str | None = "group", output_fields: Sequence[str] | None = None,
-                search_params: Mapping[str, Any] | None = None) -> list[list[dict[str, Any]]]:
+def search_each(
+    conn: MilvusConnector,
+    collection: str,
+    record_ids: Sequence[str],
+    *,
+    top_k: int = 5,
+    filter: str | None = None,
+    same: Sequence[str] = (),
+    exclude_own_group: bool = False,
+    group_by: str | None = "group",
+    output_fields: Sequence[str] | None = None,
+    search_params: Mapping[str, Any] | None = None,
+) -> list[list[dict[str, Any]]]:
     """One search per stored record, by its own vector, never returning the record itself.
 
     Args:
@@ -517,22 +580,38 @@ def search_each(conn: MilvusConnector, collection: str, record_ids: Sequence[str
 
     needed = list(dict.fromkeys(["group", *same]))
     rows = fetch_rows(conn, collection, record_ids, needed)
-    fields = list(output_fields) if output_fields is not None else list(
-        dict.fromkeys(["record_id", "label", "group", "split", "path", *same]))
+    fields = (
+        list(output_fields)
+        if output_fields is not None
+        else list(dict.fromkeys(["record_id", "label", "group", "split", "path", *same]))
+    )
     out: list[list[dict[str, Any]]] = []
     for rid in record_ids:
         row = rows[str(rid)]
-        expr = build_filter(filter, not_equals={PK_FIELD: row[PK_FIELD],
-                                                **({"group": row["group"]} if exclude_own_group else {})},
-                            equals={f: row[f] for f in same if row.get(f) not in (None, "")})
+        expr = build_filter(
+            filter,
+            not_equals={PK_FIELD: row[PK_FIELD], **({"group": row["group"]} if exclude_own_group else {})},
+            equals={f: row[f] for f in same if row.get(f) not in (None, "")},
+        )
         vector = np.asarray(row[VECTOR_FIELD], dtype=np.float32)[None, :]
-        out.extend(search_vectors(conn, collection, vector, top_k=top_k, filter=expr, group_by=group_by,
-                                  output_fields=fields, search_params=search_params))
+        out.extend(
+            search_vectors(
+                conn,
+                collection,
+                vector,
+                top_k=top_k,
+                filter=expr,
+                group_by=group_by,
+                output_fields=fields,
+                search_params=search_params,
+            )
+        )
     return out
 
 
-def iter_collection(conn: MilvusConnector, collection: str, fields: Sequence[str], *,
-                    filter: str = "") -> Iterator[dict[str, Any]]:
+def iter_collection(
+    conn: MilvusConnector, collection: str, fields: Sequence[str], *, filter: str = ""
+) -> Iterator[dict[str, Any]]:
     """Every row of a collection (``fields`` plus ``pk``), through a query iterator."""
     from deepfeat.connectors.collection import open_collection
     from deepfeat.connectors.schema import PK_FIELD, VECTOR_FIELD
@@ -544,8 +623,9 @@ def iter_collection(conn: MilvusConnector, collection: str, fields: Sequence[str
     yield from conn.iter_rows(spec.name, list(dict.fromkeys([PK_FIELD, *fields])), filter=filter)
 
 
-def collection_frame(conn: MilvusConnector, collection: str, fields: Sequence[str] = ("record_id", "label", "path"),
-                     *, filter: str = "") -> tuple[pd.DataFrame, np.ndarray]:
+def collection_frame(
+    conn: MilvusConnector, collection: str, fields: Sequence[str] = ("record_id", "label", "path"), *, filter: str = ""
+) -> tuple[pd.DataFrame, np.ndarray]:
     """All rows of a collection as (metadata table, float32 vectors (n, dim)), in key order.
 
     Raises:
@@ -553,8 +633,9 @@ def collection_frame(conn: MilvusConnector, collection: str, fields: Sequence[st
     """
     from deepfeat.connectors.schema import PK_FIELD, VECTOR_FIELD
 
-    rows = sorted(iter_collection(conn, collection, [*fields, VECTOR_FIELD], filter=filter),
-                  key=lambda r: str(r[PK_FIELD]))
+    rows = sorted(
+        iter_collection(conn, collection, [*fields, VECTOR_FIELD], filter=filter), key=lambda r: str(r[PK_FIELD])
+    )
     if not rows:
         where = f" matching {filter!r}" if filter else ""
         raise DataError(f"collection {collection!r} holds no rows{where}; load embeddings first ('deepfeat load')")
@@ -617,13 +698,28 @@ def _off_the_shelf_bundle(settings: FinetuneSettings, out: Path, name: str) -> P
     from deepfeat.finetune.model import build_embedding_model
 
     model = build_embedding_model(settings.backbone, settings.weights, head="none", image_size=settings.image_size)
-    return export_bundle(model, out / "bundle", name=name, overwrite=True, onnx=False,
-                         training={"chosen": "off-the-shelf", "reason": "recipe.train is false"})
+    return export_bundle(
+        model,
+        out / "bundle",
+        name=name,
+        overwrite=True,
+        onnx=False,
+        training={"chosen": "off-the-shelf", "reason": "recipe.train is false"},
+    )
 
 
-def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | Path | None = None,
-               uri: str | None = None, overrides: Sequence[str] = (), minutes: float | None = None,
-               queries: Sequence[str] = (), replace: bool | None = None, progress: bool = False) -> RecipeResult:
+def run_recipe(
+    name_or_path: str | Path,
+    data: str | None = None,
+    *,
+    out: str | Path | None = None,
+    uri: str | None = None,
+    overrides: Sequence[str] = (),
+    minutes: float | None = None,
+    queries: Sequence[str] = (),
+    replace: bool | None = None,
+    progress: bool = False,
+) -> RecipeResult:
     """Read, fine-tune (guarded), embed, load into Milvus and run the recipe's action.
 
     Args:
@@ -665,8 +761,15 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
     t = time.perf_counter()
     result: FinetuneResult | None = None
     if config.train:
-        result = finetune(dm, settings, folder / "run", loss=config.loss(), miner=config.miner(),
-                          bundle_name=config.name, progress=progress)
+        result = finetune(
+            dm,
+            settings,
+            folder / "run",
+            loss=config.loss(),
+            miner=config.miner(),
+            bundle_name=config.name,
+            progress=progress,
+        )
         assert result.bundle is not None  # finetune always exports
         bundle_path = result.bundle
     else:
@@ -684,13 +787,30 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
             if replace if replace is not None else own_db:
                 drop_collection(conn, coll.name)
             else:
-                raise DataError(f"collection {coll.name!r} already exists at {conn.display_uri}; pass --replace to "
-                                f"rebuild it, or name another one with --set recipe.collection.name=NEW")
-        batches = ((rows.drop(columns=["image"], errors="ignore"), vectors)
-                   for rows, vectors in iter_embeddings(bundle, records, batch_size=settings.eval_batch_size,
-                                                        num_workers=settings.num_workers, progress=progress))
-        report = load_embeddings(conn, coll.name, batches, bundle=bundle, index=coll.index, key=coll.key,
-                                 total=len(records), progress=progress)
+                raise DataError(
+                    f"collection {coll.name!r} already exists at {conn.display_uri}; pass --replace to "
+                    f"rebuild it, or name another one with --set recipe.collection.name=NEW"
+                )
+        batches = (
+            (rows.drop(columns=["image"], errors="ignore"), vectors)
+            for rows, vectors in iter_embeddings(
+                bundle,
+                records,
+                batch_size=settings.eval_batch_size,
+                num_workers=settings.num_workers,
+                progress=progress,
+            )
+        )
+        report = load_embeddings(
+            conn,
+            coll.name,
+            batches,
+            bundle=bundle,
+            index=coll.index,
+            key=coll.key,
+            total=len(records),
+            progress=progress,
+        )
         seconds["embed+load"] = time.perf_counter() - t
         t = time.perf_counter()
         ctx = RecipeContext(config, records, bundle, conn, coll.name, folder, result, list(queries), progress)
@@ -699,11 +819,19 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
     finally:
         conn.close()
     seconds["total"] = time.perf_counter() - t0
-    res = RecipeResult(name=config.name, out=folder, bundle=Path(bundle_path), uri=uri, collection=coll.name,
-                       n_records=len(records), n_loaded=report.final_count,
-                       chosen=result.chosen if result else "off-the-shelf",
-                       guard_message=result.message if result else "recipe.train is false: off-the-shelf features",
-                       summary=summary, seconds={k: round(v, 2) for k, v in seconds.items()})
+    res = RecipeResult(
+        name=config.name,
+        out=folder,
+        bundle=Path(bundle_path),
+        uri=uri,
+        collection=coll.name,
+        n_records=len(records),
+        n_loaded=report.final_count,
+        chosen=result.chosen if result else "off-the-shelf",
+        guard_message=result.message if result else "recipe.train is false: off-the-shelf features",
+        summary=summary,
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+    )
     (folder / "recipe.json").write_text(json.dumps(res.to_dict(), indent=2, default=str))
     log.info("recipe %s done in %.0fs: %s", config.name, seconds["total"], folder)
     return res

@@ -22,8 +22,21 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     base = tmp_path_factory.mktemp("cluster")
     data = make_image_folder(base / "images", n_classes=4, per_class=8, size=32)
     out = base / "out"
-    code = main(["recipe", "run", "cluster", "--data", str(data), "--out", str(out), "--quiet", "--set", *TINY,
-                 "recipe.cluster.per_cluster=4"])
+    code = main(
+        [
+            "recipe",
+            "run",
+            "cluster",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            *TINY,
+            "recipe.cluster.per_cluster=4",
+        ]
+    )
     assert code == 0
     return out, json.loads((out / "recipe.json").read_text())
 
@@ -42,11 +55,14 @@ def test_clusters_csv_and_picture(cluster_run: tuple[Path, dict]) -> None:
         assert im.width > 200 and im.height > 300  # 4 rows of 4 thumbnails
 
 
-def test_cluster_command_on_the_existing_collection(cluster_run: tuple[Path, dict], tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cluster_command_on_the_existing_collection(
+    cluster_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, report = cluster_run
-    assert main(["cluster", "--uri", report["uri"], "--collection", "cluster", "--k", "3", "--out",
-                 str(tmp_path / "c")]) == 0
+    assert (
+        main(["cluster", "--uri", report["uri"], "--collection", "cluster", "--k", "3", "--out", str(tmp_path / "c")])
+        == 0
+    )
     assert "3 clusters of 32 records" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "c" / "clusters.csv")) == 32 and (tmp_path / "c" / "clusters.png").is_file()
     with connect(report["uri"]) as conn:

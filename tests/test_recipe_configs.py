@@ -40,8 +40,14 @@ def test_recipe_parts_build(name: str) -> None:
     assert config.loss() is not None  # spelt out in the YAML, built from class_path/init_args
     IndexSpec.parse(config.collection.index)  # the index spec is valid
     assert config.collection.name == name and config.collection.key == "record_id"
-    assert set(config.data_kwargs()) <= {"split_mode", "fractions", "val_fraction", "classes", "limit_per_class",
-                                         "query_mode"}
+    assert set(config.data_kwargs()) <= {
+        "split_mode",
+        "fractions",
+        "val_fraction",
+        "classes",
+        "limit_per_class",
+        "query_mode",
+    }
     assert config.data_kwargs()["split_mode"] == "by_group"
 
 
@@ -65,9 +71,20 @@ def test_lightning_cli_reads_the_same_yaml(name: str, monkeypatch: pytest.Monkey
     monkeypatch.setattr(sys, "argv", ["deepfeat"])
     config = load_recipe(name)
     path = config.path
-    cli = DeepfeatCLI(MetricLearningModule, RetrievalDataModule, run=False, auto_configure_optimizers=False,
-                      args=["--config", str(path), "--model.backbone=test_efficientnet", "--model.weights=none",
-                            "--model.image_size=32", "--trainer.logger=false"])
+    cli = DeepfeatCLI(
+        MetricLearningModule,
+        RetrievalDataModule,
+        run=False,
+        auto_configure_optimizers=False,
+        args=[
+            "--config",
+            str(path),
+            "--model.backbone=test_efficientnet",
+            "--model.weights=none",
+            "--model.image_size=32",
+            "--trainer.logger=false",
+        ],
+    )
     assert type(cli.model.loss_fn) is type(config.loss())
     assert type(cli.model.miner) is type(config.miner())
     assert cli.config["recipe"]["name"] == name
@@ -75,8 +92,9 @@ def test_lightning_cli_reads_the_same_yaml(name: str, monkeypatch: pytest.Monkey
 
 def test_overrides_parse_yaml_values_and_refuse_unknown_sections() -> None:
     raw = {"model": {"image_size": 64}, "recipe": {"search": {"top_k": 5}}}
-    out = apply_overrides(raw, ["model.image_size=32", "recipe.search.filter=price <= 80", "recipe.search.top_k=3",
-                                "model.layers=[1, 2]"])
+    out = apply_overrides(
+        raw, ["model.image_size=32", "recipe.search.filter=price <= 80", "recipe.search.top_k=3", "model.layers=[1, 2]"]
+    )
     assert out["model"] == {"image_size": 32, "layers": [1, 2]}
     assert out["recipe"]["search"] == {"top_k": 3, "filter": "price <= 80"}
     assert raw["model"]["image_size"] == 64  # the input is not changed
@@ -89,9 +107,15 @@ def test_overrides_parse_yaml_values_and_refuse_unknown_sections() -> None:
 
 
 def test_instantiate_builds_nested_class_paths_and_explains_failures() -> None:
-    loss = instantiate({"class_path": "pytorch_metric_learning.losses.ContrastiveLoss",
-                        "init_args": {"pos_margin": 0.9, "distance": {
-                            "class_path": "pytorch_metric_learning.distances.CosineSimilarity"}}})
+    loss = instantiate(
+        {
+            "class_path": "pytorch_metric_learning.losses.ContrastiveLoss",
+            "init_args": {
+                "pos_margin": 0.9,
+                "distance": {"class_path": "pytorch_metric_learning.distances.CosineSimilarity"},
+            },
+        }
+    )
     assert loss.pos_margin == 0.9 and type(loss.distance).__name__ == "CosineSimilarity"
     with pytest.raises(DataError, match="cannot be imported"):
         instantiate({"class_path": "pytorch_metric_learning.losses.NoSuchLoss"})
@@ -102,17 +126,28 @@ def test_instantiate_builds_nested_class_paths_and_explains_failures() -> None:
 def test_filters_quote_values_safely() -> None:
     assert milvus_literal('PAT"7\\x') == '"PAT\\"7\\\\x"'
     assert milvus_literal(3) == "3" and milvus_literal(2.5) == "2.5" and milvus_literal(True) == "true"
-    expr = build_filter("split != 'x'", equals={"label": 'a"b'}, not_equals={"group": "p1"},
-                        ranges={"price": (10, None)})
+    expr = build_filter(
+        "split != 'x'", equals={"label": 'a"b'}, not_equals={"group": "p1"}, ranges={"price": (10, None)}
+    )
     assert expr == '(split != \'x\') and label == "a\\"b" and group != "p1" and price >= 10.0'
     assert build_filter(None) is None
+    assert milvus_literal("Müller") == '"Müller"'  # non-ASCII stays as it is (Milvus refuses \u escapes)
+    with pytest.raises(DataError, match="control character"):
+        milvus_literal("a\x01b")
 
 
 def test_pick_queries_spreads_over_classes_one_per_group() -> None:
     import pandas as pd
 
-    records = pd.DataFrame({"id": [f"r{i}" for i in range(12)], "label": ["a", "b", "c"] * 4,
-                            "group": [f"g{i // 2}" for i in range(12)], "split": "test", "is_query": True})
+    records = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(12)],
+            "label": ["a", "b", "c"] * 4,
+            "group": [f"g{i // 2}" for i in range(12)],
+            "split": "test",
+            "is_query": True,
+        }
+    )
     picks = pick_queries(records, 3)
     assert sorted(picks["label"]) == ["a", "b", "c"] and picks["group"].is_unique
 

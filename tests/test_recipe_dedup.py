@@ -43,8 +43,23 @@ def dedup_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     small = np.asarray(Image.fromarray(b0).resize((80, 80), Image.Resampling.BILINEAR))
     (root / "b/b0_reencoded_small.jpg").write_bytes(jpeg_bytes(small, quality=80))
     out = base / "out"
-    code = main(["recipe", "run", "dedup", "--data", str(root), "--out", str(out), "--quiet", "--set", *TINY,
-                 "model.image_size=64", f"recipe.dedup.threshold={THRESHOLD}", "data.fractions=[0.6,0.2,0.2]"])
+    code = main(
+        [
+            "recipe",
+            "run",
+            "dedup",
+            "--data",
+            str(root),
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            *TINY,
+            "model.image_size=64",
+            f"recipe.dedup.threshold={THRESHOLD}",
+            "data.fractions=[0.6,0.2,0.2]",
+        ]
+    )
     assert code == 0
     return out, json.loads((out / "recipe.json").read_text())
 
@@ -66,12 +81,27 @@ def test_planted_duplicates_are_grouped_and_nothing_else(dedup_run: tuple[Path, 
     assert (out / "duplicates.png").is_file()
 
 
-def test_dedup_command_on_the_existing_collection(dedup_run: tuple[Path, dict], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_dedup_command_on_the_existing_collection(
+    dedup_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, report = dedup_run
     csv_path = tmp_path / "groups.csv"
-    assert main(["dedup", "--uri", report["uri"], "--collection", "dedup", "--threshold", str(THRESHOLD),
-                 "--out", str(csv_path)]) == 0
+    assert (
+        main(
+            [
+                "dedup",
+                "--uri",
+                report["uri"],
+                "--collection",
+                "dedup",
+                "--threshold",
+                str(THRESHOLD),
+                "--out",
+                str(csv_path),
+            ]
+        )
+        == 0
+    )
     assert "3 near-duplicate group(s), 4 removable of 19" in capsys.readouterr().out
     assert len(csv_path.read_text().splitlines()) == 1 + 7
     with connect(report["uri"]) as conn:
@@ -81,3 +111,19 @@ def test_dedup_command_on_the_existing_collection(dedup_run: tuple[Path, dict], 
         assert only_b.groups == [PLANTED[2]] and only_b.n_records == 7
         with pytest.raises(DataError, match="similarity in"):
             find_duplicates(conn, "dedup", threshold=1.5)
+
+
+def test_unlabelled_flat_folder_without_training(dedup_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """`recipe.train=false`: a folder of loose images, indexed with the off-the-shelf backbone."""
+    from deepfeat.recipes.recipes import run_recipe
+
+    out, _ = dedup_run
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in (out.parent / "images").rglob("*.*"):
+        shutil.copy(path, flat / path.name)
+    overrides = [*TINY, "model.image_size=64", f"recipe.dedup.threshold={THRESHOLD}", "recipe.train=false"]
+    res = run_recipe("dedup", str(flat), out=tmp_path / "out", overrides=overrides)
+    assert res.chosen == "off-the-shelf" and "recipe.train is false" in res.guard_message
+    assert res.n_loaded == 19
+    assert sorted(res.summary["groups"]) == sorted([[Path(i).name for i in g] for g in PLANTED])

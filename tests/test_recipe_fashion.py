@@ -25,9 +25,25 @@ def fashion_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, d
     photo = base / "photo.png"  # a new photo of product (1, 2): not in the catalogue
     Image.fromarray(np.ascontiguousarray(np.roll(class_image(1, 2, 32, seed=1), 3, axis=0))).save(photo)
     out = base / "out"
-    code = main(["recipe", "run", "fashion", "--data", str(manifest), "--out", str(out), "--quiet",
-                 "--query", str(photo), "--set", *TINY, "data.fractions=[0.5,0.25,0.25]",
-                 f"recipe.search.top_k={TOP_K}", "recipe.search.n_queries=4"])
+    code = main(
+        [
+            "recipe",
+            "run",
+            "fashion",
+            "--data",
+            str(manifest),
+            "--out",
+            str(out),
+            "--quiet",
+            "--query",
+            str(photo),
+            "--set",
+            *TINY,
+            "data.fractions=[0.5,0.25,0.25]",
+            f"recipe.search.top_k={TOP_K}",
+            "recipe.search.n_queries=4",
+        ]
+    )
     assert code == 0
     return manifest, out, json.loads((out / "recipe.json").read_text())
 
@@ -66,11 +82,17 @@ def test_fashion_searches_one_hit_per_product(fashion_run: tuple[Path, Path, dic
 
 
 def test_fashion_filters_on_the_loaded_collection(fashion_run: tuple[Path, Path, dict]) -> None:
-    manifest, out, report = fashion_run
+    manifest, _, report = fashion_run
     ids = [s["query"] for s in report["summary"]["searches"]]
     with connect(report["uri"]) as conn:
-        cheap = similar_items(conn, "fashion", ids, top_k=10, filter=price_filter(high=25.0),
-                              output_fields=["record_id", "group", "price"])
+        cheap = similar_items(
+            conn,
+            "fashion",
+            ids,
+            top_k=10,
+            filter=price_filter(high=25.0),
+            output_fields=["record_id", "group", "price"],
+        )
         for hits in cheap:
             assert hits and all(h["price"] <= 25.0 for h in hits)
             assert len({h["group"] for h in hits}) == len(hits)

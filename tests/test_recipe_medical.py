@@ -31,10 +31,27 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def medical_run(scans: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("medical") / "out"
-    new_scan = write_dicom(out.parent / "new" / "scan.dcm", [phantom("nodule", 11, 7)], patient_id=patient_name(1, 1),
-                           modality="CT")  # a new scan of a patient already in the collection
-    code = main(["recipe", "run", "medical", "--data", str(scans), "--out", str(out), "--quiet",
-                 "--query", str(new_scan), "--set", *TINY, "data.fractions=[0.34,0.33,0.33]", "recipe.search.top_k=4"])
+    new_scan = write_dicom(
+        out.parent / "new" / "scan.dcm", [phantom("nodule", 11, 7)], patient_id=patient_name(1, 1), modality="CT"
+    )  # a new scan of a patient already in the collection
+    code = main(
+        [
+            "recipe",
+            "run",
+            "medical",
+            "--data",
+            str(scans),
+            "--out",
+            str(out),
+            "--quiet",
+            "--query",
+            str(new_scan),
+            "--set",
+            *TINY,
+            "data.fractions=[0.34,0.33,0.33]",
+            "recipe.search.top_k=4",
+        ]
+    )
     assert code == 0
     return out, json.loads((out / "recipe.json").read_text())
 
@@ -45,7 +62,7 @@ def test_scans_read_patients_and_metadata(scans: Path) -> None:
     dcm = records.loc["nodule/dcm_10/scan_0.dcm"]  # the folder is dcm_10, the header says PAT-10
     assert (dcm["group"], dcm["modality"], dcm["body_part"], dcm["n_frames"]) == ("PAT-10", "CT", "CHEST", 3)
     assert records.loc["clear/dcm_2/scan_1.dcm", "modality"] == "MR"
-    assert records.loc['effusion/dcm_20/scan_0.dcm', "group"] == 'PAT"20'
+    assert records.loc["effusion/dcm_20/scan_0.dcm", "group"] == 'PAT"20'
     png = records.loc["clear/png_5/scan_0.png"]  # no header: the patient is the folder
     assert (png["group"], png["modality"]) == ("png_5", "")
     assert records.loc["clear/dcm_0/scan_0.dcm", "photometric"] == "MONOCHROME1"
@@ -95,8 +112,15 @@ def test_patient_split_is_disjoint_and_filters_hold(medical_run: tuple[Path, dic
         quoted = rows[rows["group"] == 'PAT"20'].iloc[0]["record_id"]  # the own-patient filter escapes quotes
         ct = rows[rows["modality"] == "CT"]["record_id"].tolist()[:4]
         queries = [quoted, *ct]
-        hits = similar_cases(conn, "medical", queries, top_k=5, filter='modality == "MR"', same=(),
-                             output_fields=["record_id", "group", "modality"])
+        hits = similar_cases(
+            conn,
+            "medical",
+            queries,
+            top_k=5,
+            filter='modality == "MR"',
+            same=(),
+            output_fields=["record_id", "group", "modality"],
+        )
         assert all(h["modality"] == "MR" for hs in hits for h in hs) and all(hits)
         groups = rows.set_index("record_id")["group"]
         checks = check_cases([{"group": groups[q]} for q in queries], hits)
@@ -105,9 +129,17 @@ def test_patient_split_is_disjoint_and_filters_hold(medical_run: tuple[Path, dic
 
 def test_pydicom_files_through_the_reader_and_search(tmp_path: Path) -> None:
     """DICOM files that pydicom ships: headers read, pixels decoded, similar cases never the same patient."""
-    layout = {"ct": ["CT_small.dcm"], "mr": ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm",
-                                              "MR_small_implicit.dcm", "examples_overlay.dcm"],
-              "dose": ["rtdose.dcm"]}
+    layout = {
+        "ct": ["CT_small.dcm"],
+        "mr": [
+            "MR_small.dcm",
+            "MR_small_RLE.dcm",
+            "MR_small_bigendian.dcm",
+            "MR_small_implicit.dcm",
+            "examples_overlay.dcm",
+        ],
+        "dose": ["rtdose.dcm"],
+    }
     for label, names in layout.items():
         (tmp_path / "data" / label).mkdir(parents=True)
         for name in names:
@@ -127,11 +159,17 @@ def test_pydicom_files_through_the_reader_and_search(tmp_path: Path) -> None:
     bundle = ModelBundle.load(export_bundle(model, tmp_path / "bundle", onnx=False, torchscript=False))
     records = records.reset_index()
     with connect(str(tmp_path / "pydicom.db")) as conn:
-        load_embeddings(conn, "scans", ((r.drop(columns=["image"]), v) for r, v in iter_embeddings(bundle, records)),
-                        bundle=bundle, progress=False)
+        load_embeddings(
+            conn,
+            "scans",
+            ((r.drop(columns=["image"]), v) for r, v in iter_embeddings(bundle, records)),
+            bundle=bundle,
+            progress=False,
+        )
         (hits,) = similar_cases(conn, "scans", ["mr/MR_small.dcm"], top_k=5)
         # the other MR files are the same patient (4MR1): the only MR case from another patient remains
         assert [(h["record_id"], h["group"], h["modality"]) for h in hits] == [
-            ("mr/examples_overlay.dcm", "021234567", "MR")]
+            ("mr/examples_overlay.dcm", "021234567", "MR")
+        ]
         (anything,) = similar_cases(conn, "scans", ["mr/MR_small.dcm"], top_k=5, same=())
         assert {h["group"] for h in anything} == {"021234567", "1CT1", "id11111"}

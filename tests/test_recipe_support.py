@@ -58,8 +58,9 @@ def make_catalogue(root: Path, *, categories: int = 4, products: int = 4, photos
                     image = image[:, ::-1]
                 name = f"c{c}_p{p}_v{v}.png"
                 Image.fromarray(np.ascontiguousarray(image)).save(root / name)
-                rows.append({"path": name, "label": f"cat{c}", "product_id": product_id(c, p),
-                             "price": float(10 * (p + 1) + c)})
+                rows.append(
+                    {"path": name, "label": f"cat{c}", "product_id": product_id(c, p), "price": float(10 * (p + 1) + c)}
+                )
     manifest = root / "catalogue.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
@@ -105,8 +106,15 @@ def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip(np.rint((values - (center - width / 2)) / width * 255), 0, 255).astype(np.uint8)
 
 
-def write_dicom(path: Path, frames: list[np.ndarray], *, patient_id: str, modality: str,
-                body_part: str = "CHEST", monochrome1: bool = False) -> Path:
+def write_dicom(
+    path: Path,
+    frames: list[np.ndarray],
+    *,
+    patient_id: str,
+    modality: str,
+    body_part: str = "CHEST",
+    monochrome1: bool = False,
+) -> Path:
     """A DICOM file of one or more frames, stored as CT (signed, rescale intercept -1024) or MR (unsigned).
 
     ``monochrome1`` stores the values mirrored about the window centre with ``MONOCHROME1``, so the
@@ -175,8 +183,13 @@ def make_scans(root: Path, *, patients: int = 6, scans: int = 2) -> Path:
                 if (f, p) == (1, 0):
                     blank = np.full_like(values, -1000.0)
                     frames = [blank, values, blank]
-                write_dicom(root / finding / f"dcm_{number}" / f"scan_{s}.dcm", frames, patient_id=pid,
-                            modality=modality, monochrome1=(f, p) == (0, 0))
+                write_dicom(
+                    root / finding / f"dcm_{number}" / f"scan_{s}.dcm",
+                    frames,
+                    patient_id=pid,
+                    modality=modality,
+                    monochrome1=(f, p) == (0, 0),
+                )
     return root
 
 

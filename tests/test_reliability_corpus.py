@@ -103,7 +103,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, rel_bundle_dir: Path) -> 
         "--on-error",
         "skip",
         "--num-workers",
-        "0",
+        "2",  # the default: bad files are met in DataLoader worker processes
         "--batch-size",
         "4",
         "--shard-size",
@@ -222,7 +222,7 @@ def test_embed_fail_stops_with_one_line_naming_the_file(tmp_path: Path, rel_bund
     )
     assert run.rc == 2
     line = run.error_line
-    assert "bad/bomb.png" in line and "decompression bomb" in line and "--on-error skip" in line
+    assert "bad/bomb 200 MP.png" in line and "decompression bomb" in line and "--on-error skip" in line
     assert not list(out.glob("part-*.parquet")) and not list(out.glob(".*tmp"))
 
 
@@ -338,7 +338,7 @@ def test_sync_on_error_fail_refuses_before_writing(tmp_path: Path, rel_bundle_di
     )
     assert run.rc == 2
     line = run.error_line
-    assert "bad/bomb.png" in line and "decompression bomb" in line and "re-run the sync" in line
+    assert "bad/bomb 200 MP.png" in line and "decompression bomb" in line and "re-run the sync" in line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -621,7 +621,7 @@ def test_non_finite_embeddings_are_refused_before_writing(
     with torch.no_grad():
         model.head.weight[0, 0] = float("nan")  # a damaged model: every output row is NaN
     broken = export_bundle(model, tmp_path / "nan", name="nan", onnx=False, torchscript=False)
-    db, images = filled
+    _, images = filled
     run = run_cli(
         "embed", "--bundle", broken, "--data", images, "--out", tmp_path / "s", "--num-workers", "0", "--quiet"
     )
@@ -695,3 +695,28 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
     torch.save(source.model.backbone.model.state_dict(), tmp_path / "resnet.pth")
     with pytest.raises(ModelError, match="another architecture"):
         create_backbone("test_efficientnet", weights=str(tmp_path / "resnet.pth"))
+
+
+_FIT_CONFIG = """
+seed_everything: 0
+trainer: {accelerator: cpu, devices: 1, max_epochs: 1, logger: false, enable_progress_bar: false,
+          num_sanity_val_steps: 0, default_root_dir: RUN}
+model: {backbone: test_efficientnet, weights: none, image_size: 32, embedding_dim: 8}
+data: {source: DATA, val_fraction: 0.25, p: 2, k: 2, batches_per_epoch: 1, num_workers: 0}
+"""
+
+
+def test_resuming_training_from_a_pickled_checkpoint_is_refused(tmp_path: Path) -> None:
+    from imagegen import make_image_folder
+
+    marker = tmp_path / "PWNED"
+    images = make_image_folder(tmp_path / "images", n_classes=2, per_class=4)
+    config = tmp_path / "fit.yaml"
+    config.write_text(_FIT_CONFIG.replace("RUN", str(tmp_path / "run")).replace("DATA", str(images)))
+    torch.save({"state_dict": {}, "epoch": 0, "global_step": 0, "loops": _Payload(marker)}, tmp_path / "evil.ckpt")
+    run = run_cli("fit", "--config", config, "--ckpt_path", tmp_path / "evil.ckpt")
+    assert run.rc == 2
+    assert re.search(
+        r"refused to load the checkpoint: it holds a pickled '(io|builtins)\.open'.*weights_only=True", run.error_line
+    ), run.error_line
+    assert not marker.exists(), "a pickled payload was executed"

@@ -52,8 +52,13 @@ def deepfeat_process(args: list[str | Path], log: Path) -> subprocess.Popen[byte
     """A real ``deepfeat`` process (its own session, so the kill takes any child with it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "deepfeat.recipes.cli", *map(str, args)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "deepfeat.recipes.cli", *map(str, args)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], *, timeout: float = 240.0) -> bool:
@@ -87,8 +92,19 @@ def _check_embed_kills(tmp_path: Path, bundle_dir: Path, bundle: ModelBundle, n_
     images = image_folder(tmp_path / "images", n_per_class=15)
     n = 60
     clean = tmp_path / "clean"
-    args = ["--bundle", bundle_dir, "--data", images, "--batch-size", "2", "--shard-size", "2",
-            "--num-workers", "0", "--quiet"]
+    args = [
+        "--bundle",
+        bundle_dir,
+        "--data",
+        images,
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
     assert run_cli("embed", *args, "--out", clean).rc == 0
     clean_rows, clean_vectors, _ = read_shards(clean)
     assert len(clean_rows) == n
@@ -115,7 +131,9 @@ def _check_embed_kills(tmp_path: Path, bundle_dir: Path, bundle: ModelBundle, n_
     assert [p.name for p in out.iterdir() if not p.name.startswith("part-")] == ["_report.json"]
 
 
-def test_killed_embed_resumes_to_the_clean_result(tmp_path: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle) -> None:
+def test_killed_embed_resumes_to_the_clean_result(
+    tmp_path: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle
+) -> None:
     _check_embed_kills(tmp_path, rel_bundle_dir, rel_bundle, n_kills=1)
 
 
@@ -129,8 +147,22 @@ def test_embed_killed_three_times_resumes_to_the_clean_result(
 def test_embed_after_a_removed_shard_never_overwrites_a_complete_one(tmp_path: Path, rel_bundle_dir: Path) -> None:
     images = image_folder(tmp_path / "images", n_per_class=3)
     out = tmp_path / "s"
-    args = ["embed", "--bundle", rel_bundle_dir, "--data", images, "--out", out, "--batch-size", "2",
-            "--shard-size", "2", "--num-workers", "0", "--quiet"]
+    args = [
+        "embed",
+        "--bundle",
+        rel_bundle_dir,
+        "--data",
+        images,
+        "--out",
+        out,
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
     assert run_cli(*args).rc == 0
     before = {f.name: pq.read_table(f).column("id").to_pylist() for f in _shard_files(out)}
     (out / "part-00001.parquet").unlink()  # a user removed one shard: its records must be embedded again
@@ -211,8 +243,12 @@ def test_sync_killed_before_its_index_was_built_builds_it(tmp_path: Path, rel_bu
     images = image_folder(tmp_path / "images", n_per_class=2)
     conn = connect(str(tmp_path / "x.db"))
     try:  # the state a kill right after create_collection leaves
-        create_collection(conn, CollectionSpec.from_bundle("items", rel_bundle, metadata=read_records(images)),
-                          index=False, load=False)
+        create_collection(
+            conn,
+            CollectionSpec.from_bundle("items", rel_bundle, metadata=read_records(images)),
+            index=False,
+            load=False,
+        )
         report = sync_records(conn, "items", images, rel_bundle, progress=False)
         assert report.final_count == 8
         assert conn.client.list_indexes("items") == ["vector"]
@@ -257,7 +293,6 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path) -
     the epoch were done, so the P x K sampler continues with the next batch instead of the epoch's first.
     """
     import torch
-
     from imagegen import make_image_folder
 
     images = make_image_folder(tmp_path / "images", n_classes=4, per_class=6)
@@ -266,8 +301,12 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path) -
 
     def fit(run: str, *ckpt: str) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"{run}.log").open("wb")
-        return subprocess.Popen([sys.executable, str(script), str(images), str(tmp_path / run), *ckpt],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(images), str(tmp_path / run), *ckpt],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     clean = fit("clean")
     step = int(np.random.default_rng(SEED).choice([3, 6]))
@@ -350,8 +389,21 @@ def test_unreachable_server_gives_up_in_bounded_time_with_a_resume_hint(
     port = _closed_port() if kind == "down" else request.getfixturevalue("dropping_server")
     images = image_folder(tmp_path / "images", n_per_class=1)
     start = time.monotonic()
-    run = run_cli("sync", images, "--bundle", rel_bundle_dir, "--collection", "c", "--uri",
-                  f"http://127.0.0.1:{port}", "--retries", "3", "--timeout", "2", "--no-progress")
+    run = run_cli(
+        "sync",
+        images,
+        "--bundle",
+        rel_bundle_dir,
+        "--collection",
+        "c",
+        "--uri",
+        f"http://127.0.0.1:{port}",
+        "--retries",
+        "3",
+        "--timeout",
+        "2",
+        "--no-progress",
+    )
     elapsed = time.monotonic() - start
     assert run.rc == 2
     line = run.error_line
@@ -384,8 +436,11 @@ def test_connection_lost_mid_sync_says_what_is_in_then_resumes_to_the_clean_resu
     with pytest.raises(ConnectorError) as caught:
         sync_records(conn, "items", images, rel_bundle, batch_size=4, progress=False)
     message = str(caught.value)
-    assert re.search(r"upsert failed: .* unreachable after 3 attempts .* the records written so far are in; re-run "
-                     r"the sync .*\(8 of 24 records to write were written before it\)", message), message
+    assert re.search(
+        r"upsert failed: .* unreachable after 3 attempts .* the records written so far are in; re-run "
+        r"the sync .*\(8 of 24 records to write were written before it\)",
+        message,
+    ), message
     monkeypatch.setattr(conn.client, "upsert", real_upsert)
     assert conn.count("items") == 8
     report = sync_records(conn, "items", images, rel_bundle, batch_size=4, progress=False)
@@ -400,16 +455,24 @@ def test_connection_lost_mid_sync_says_what_is_in_then_resumes_to_the_clean_resu
 def test_locked_lite_folder_is_one_line_naming_the_lock(tmp_path: Path, rel_bundle_dir: Path) -> None:
     db = tmp_path / "held.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from pymilvus import MilvusClient; MilvusClient({str(db)!r}); "
-         "print('open', flush=True); import time; time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-c",
+            f"from pymilvus import MilvusClient; MilvusClient({str(db)!r}); "
+            "print('open', flush=True); import time; time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
         images = image_folder(tmp_path / "images", n_per_class=1)
         run = run_cli("sync", images, "--bundle", rel_bundle_dir, "--collection", "c", "--uri", db, "--no-progress")
         assert run.rc == 2
-        assert re.search(rf"is locked by (process {holder.pid}|another process) \(lock file '.*held\.db/LOCK'\)",
-                         run.error_line), run.error_line
+        assert re.search(
+            rf"is locked by (process {holder.pid}|another process) \(lock file '.*held\.db/LOCK'\)", run.error_line
+        ), run.error_line
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait(timeout=60)
@@ -425,8 +488,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
     mount.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                              timeout=30)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"cannot mount a tmpfs to fill up ({exc}); needs root on Linux")
     if done.returncode != 0:
@@ -442,12 +506,27 @@ def test_disk_full_while_writing_shards_is_a_clear_error_and_corrupts_nothing(
 ) -> None:
     images = image_folder(tmp_path / "images", n_per_class=25)
     out = tiny_disk / "shards"
-    args = ["embed", "--bundle", rel_bundle_dir, "--data", images, "--batch-size", "4", "--shard-size", "4",
-            "--num-workers", "0", "--quiet"]
+    args = [
+        "embed",
+        "--bundle",
+        rel_bundle_dir,
+        "--data",
+        images,
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
     run = run_cli(*args, "--out", out)
     assert run.rc == 2
-    assert re.search(r"cannot write shard '.*part-\d{5}\.parquet': .*No space left on device.*Shards written "
-                     r"before it are complete.*re-run", run.error_line), run.error_line
+    assert re.search(
+        r"cannot write shard '.*part-\d{5}\.parquet': .*No space left on device.*Shards written "
+        r"before it are complete.*re-run",
+        run.error_line,
+    ), run.error_line
     shards = _shard_files(out)
     assert 0 < len(shards) < 25
     assert [p.name for p in out.iterdir() if not p.name.startswith("part-")] == []  # no temporary file left
@@ -489,21 +568,55 @@ def test_credentials_never_reach_logs_cards_reports_or_state(
     (images / "c0" / "broken.png").write_bytes(b"")  # so that the skip reports are not empty
     outputs: list[str] = []
 
-    run = run_cli("-vv", "embed", "--bundle", rel_bundle_dir, "--data", images, "--out", tmp_path / "s",
-                  "--num-workers", "0", "--quiet")
+    run = run_cli(
+        "-vv",
+        "embed",
+        "--bundle",
+        rel_bundle_dir,
+        "--data",
+        images,
+        "--out",
+        tmp_path / "s",
+        "--num-workers",
+        "0",
+        "--quiet",
+    )
     assert run.rc == 0
     outputs += [run.out, run.err]
     for uri, extra in (
         (str(tmp_path / "lite.db"), ["--report", str(tmp_path / "report.json")]),
         (f"http://root:{password}@127.0.0.1:{_closed_port()}", ["--retries", "1"]),
-        (f"https://root:{password}@127.0.0.1:{_closed_port()}?token={token}", ["--retries", "1", "--token-file",
-                                                                              str(tmp_path / "token")]),
+        (
+            f"https://root:{password}@127.0.0.1:{_closed_port()}?token={token}",
+            ["--retries", "1", "--token-file", str(tmp_path / "token")],
+        ),
     ):
-        run = run_cli("-vv", "sync", images, "--bundle", rel_bundle_dir, "--collection", "c", "--uri", uri,
-                      "--no-progress", *extra)
+        run = run_cli(
+            "-vv",
+            "sync",
+            images,
+            "--bundle",
+            rel_bundle_dir,
+            "--collection",
+            "c",
+            "--uri",
+            uri,
+            "--no-progress",
+            *extra,
+        )
         outputs += [run.out, run.err]
-    run = run_cli("-vv", "load", tmp_path / "s", "--collection", "c2", "--uri", tmp_path / "lite.db", "--no-progress",
-                  "--state", tmp_path / "load-state.json")
+    run = run_cli(
+        "-vv",
+        "load",
+        tmp_path / "s",
+        "--collection",
+        "c2",
+        "--uri",
+        tmp_path / "lite.db",
+        "--no-progress",
+        "--state",
+        tmp_path / "load-state.json",
+    )
     assert run.rc == 0, run.err
     outputs += [run.out, run.err]
     conn = connect(f"https://root:{password}@h:19530", token_file=tmp_path / "token")
@@ -511,9 +624,17 @@ def test_credentials_never_reach_logs_cards_reports_or_state(
 
     # a config that carries a URI with credentials and the token into a model card is scrubbed
     model = ModelBundle.load(rel_bundle_dir).model
-    export_bundle(model, tmp_path / "bundle", name="b", onnx=False, torchscript=False,
-                  training={"milvus": {"uri": f"http://root:{password}@db:19530", "token": file_token},
-                            "note": f"indexed with {token}"})
+    export_bundle(
+        model,
+        tmp_path / "bundle",
+        name="b",
+        onnx=False,
+        torchscript=False,
+        training={
+            "milvus": {"uri": f"http://root:{password}@db:19530", "token": file_token},
+            "note": f"indexed with {token}",
+        },
+    )
     card = (tmp_path / "bundle" / "card.json").read_text()
     assert "***" in card and read_card(tmp_path / "bundle").training["milvus"]["token"] == "***"
 
@@ -523,3 +644,53 @@ def test_credentials_never_reach_logs_cards_reports_or_state(
     for secret in (token, password, file_token):
         leaks = [t[max(0, t.find(secret) - 80) : t.find(secret) + 80] for t in texts if secret in t]
         assert not leaks, f"{secret} leaked: {leaks}"
+
+
+def test_tls_options_reach_pymilvus_and_are_refused_for_plain_http(
+    tmp_path: Path, rel_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pymilvus
+
+    from deepfeat.connectors import TLSOptions
+
+    seen: dict[str, object] = {}
+
+    class FakeClient:
+        def __init__(self, uri: str, **kwargs: object) -> None:
+            seen.update(kwargs, uri=uri)
+
+    monkeypatch.setattr(pymilvus, "MilvusClient", FakeClient)
+    monkeypatch.setenv("DEEPFEAT_MILVUS_TOKEN", "root:Milvus")
+    tls = TLSOptions(
+        ca_pem_path="/certs/ca.pem",
+        client_pem_path="/certs/c.pem",
+        client_key_path="/certs/c.key",
+        server_name="milvus.internal",
+    )
+    connect("https://milvus.internal:19530", tls=tls).client  # noqa: B018
+    assert seen == {
+        "uri": "https://milvus.internal:19530",
+        "token": "root:Milvus",
+        "db_name": "",
+        "timeout": 60.0,
+        "ca_pem_path": "/certs/ca.pem",
+        "client_pem_path": "/certs/c.pem",
+        "client_key_path": "/certs/c.key",
+        "server_name": "milvus.internal",
+        "secure": True,
+    }
+    images = image_folder(tmp_path / "images", n_per_class=1)
+    run = run_cli(
+        "sync",
+        images,
+        "--bundle",
+        rel_bundle_dir,
+        "--collection",
+        "c",
+        "--uri",
+        f"http://127.0.0.1:{_closed_port()}",
+        "--ca-pem",
+        tmp_path / "ca.pem",
+        "--no-progress",
+    )
+    assert run.rc == 2 and "which is not https://" in run.error_line

@@ -24,8 +24,16 @@ DIM = 8
 SIZE = 32
 
 
-def make_bundle(path: Path, *, seed: int = 0, dim: int = DIM, name: str | None = None, image_size: int = SIZE,
-                backbone: str = "test_efficientnet", normalize: bool = True) -> Path:
+def make_bundle(
+    path: Path,
+    *,
+    seed: int = 0,
+    dim: int = DIM,
+    name: str | None = None,
+    image_size: int = SIZE,
+    backbone: str = "test_efficientnet",
+    normalize: bool = True,
+) -> Path:
     """A tiny real bundle (timm ``test_efficientnet``, random weights from ``seed``)."""
     import torch
 
@@ -133,7 +141,7 @@ def build_corpus(root: Path, *, seed: int = 0) -> Corpus:
     """
     rng = np.random.default_rng(seed)
     corpus = Corpus(root)
-    good, bad, odd = root / "good", root / "bad", root / "it's \"quoted\" é"
+    good, bad, odd = root / "good", root / "bad", root / 'it\'s "quoted" é'
     for d in (good, bad, odd):
         d.mkdir(parents=True)
 
@@ -147,7 +155,7 @@ def build_corpus(root: Path, *, seed: int = 0) -> Corpus:
         corpus.bad[f"bad/{name}"] = reason
 
     # --- good: plain RGB, awkward names
-    for name in ("plain.png", "with space.png", "quote's \"double\".png", "日本語 ünï.png", "tab\tand;semi,colon.png"):
+    for name in ("plain.png", "with space.png", 'quote\'s "double".png', "日本語 ünï.png", "tab\tand;semi,colon.png"):
         pixels = _rng_image(rng)
         add_good(good, name, _png_bytes(pixels), pixels)
     for name in ("a.png", "b 'c'.png"):
@@ -216,8 +224,9 @@ def build_corpus(root: Path, *, seed: int = 0) -> Corpus:
         f.putpalette(gif_palette.reshape(-1).tolist() + [0] * (768 - 12))
         frames.append(f)
     buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0,
-                   optimize=False, disposal=1)
+    frames[0].save(
+        buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0, optimize=False, disposal=1
+    )
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         assert getattr(im, "n_frames", 1) == 3
     add_good(good, "animated.gif", buf.getvalue(), gif_palette[frames_idx[0]])
@@ -241,6 +250,7 @@ def build_corpus(root: Path, *, seed: int = 0) -> Corpus:
     add_bad("not an image.jpg", b"name,price\nshoe,12\n" * 20, r"not an image")
     add_bad("unsupported codec.tif", _tiff_unknown_compression(_rng_image(rng)), r"cannot decode|corrupt|unsupported")
     add_bad("bomb.png", _huge_png(12_000, 10_000), r"decompression bomb")
+    add_bad("bomb 200 MP.png", _huge_png(20_000, 10_000), r"decompression bomb")  # above Pillow's own limit
     add_bad("corrupt.dcm", _dicom_bytes(corrupt=True), r"DICOM")
     add_bad("html page.png", b"<!doctype html><html><body>404 Not Found</body></html>", r"not an image")
     os.symlink(root.parent / "deleted-long-ago.png", bad / "dangling link.png")
