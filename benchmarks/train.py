@@ -10,7 +10,7 @@ timed; the rate is taken over the next ``--steps`` optimizer steps. The two side
 
 The images are random tensors: the step time of this model and loss does not depend on the pixels.
 
-    python benchmarks/train.py                          # CPU, Lite0 at 64 px, batch 32 (8 classes x 4)
+    python benchmarks/train.py                          # CPU, Lite0 at 64 px, batch 16 (4 classes x 4)
     python benchmarks/train.py --image-size 128 --steps 20 --repeats 5
     python benchmarks/train.py --device cuda --precision bf16-mixed --image-size 224 --batch-size 128
 """
@@ -193,10 +193,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--classes", type=int, default=8, help="P of the PK batch")
+    parser.add_argument("--classes", type=int, default=4, help="P of the PK batch")
     parser.add_argument("--per-class", type=int, default=4, help="K of the PK batch")
-    parser.add_argument("--warmup", type=int, default=3, help="steps not timed")
-    parser.add_argument("--steps", type=int, default=10, help="steps timed per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps not timed")
+    parser.add_argument("--steps", type=int, default=8, help="steps timed per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
