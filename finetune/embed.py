@@ -66,11 +66,10 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _init_worker(worker_id: int) -> None:
-    # The model already uses every core in the main process: OpenCV's own thread pool in each worker
-    # would only oversubscribe them (torch already runs workers with one thread).
-    import cv2
-
-    cv2.setNumThreads(1)
+    # Not cv2.setNumThreads(1) here: called in a forked worker whose parent already used OpenCV's
+    # thread pool, it can deadlock (seen: the whole embed hung in the test suite). Workers resize
+    # small images; torch already runs them with one thread.
+    return None
 
 
 _COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()

@@ -120,14 +120,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _load_yaml(args.config)
     data_cfg = dict(cfg.get("data", {}))
     data_cfg.pop("class_path", None)
-    data_cfg = data_cfg.get("init_args", data_cfg)
+    data_cfg = dict(data_cfg.get("init_args", data_cfg))
+    if args.data:
+        data_cfg["source"] = args.data
+    if args.split_mode:
+        data_cfg["split_mode"] = args.split_mode
+    if args.limit_per_class is not None:
+        data_cfg["limit_per_class"] = args.limit_per_class or None
     dm = RetrievalDataModule(**data_cfg)
     models: dict[str, Any] = {}
     bundle = ModelBundle.load(args.bundle) if args.bundle else None
     fine = bundle.model if bundle else _module_from_checkpoint(args.ckpt).model if args.ckpt else None
     if fine is None:
         raise DeepfeatError("give the fine-tuned model with --bundle DIR or --ckpt FILE")
-    models["off-the-shelf"] = off_the_shelf(fine)
+    models["off-the-shelf"] = off_the_shelf(fine, args.baseline_weights)
     models["fine-tuned"] = fine
     records = dm.split_records(args.split)
     results = evaluate_models(models, records, batch_size=args.batch_size, num_workers=args.num_workers)
@@ -166,6 +172,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--bundle", default=None)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--data", default=None, help="evaluate on this source instead of the config's data.source")
+    p.add_argument("--split-mode", default=None, choices=["as_is", "by_class", "by_group"])
+    p.add_argument("--limit-per-class", type=int, default=None, help="0 for no limit")
+    p.add_argument("--baseline-weights", default="imagenet",
+                   help="weights of the off-the-shelf row: imagenet (installed package), a local file, or none")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")

@@ -58,6 +58,17 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
     assert table.num_rows == 32 and table.schema.field("vector").type.list_size == 16
     capsys.readouterr()
 
+    metrics_json = tmp_path / "metrics.json"
+    assert main(["evaluate", "--config", str(RECIPE), "--bundle", str(exported), "--data", str(data),
+                 "--split-mode", "by_group", "--limit-per-class", "0", "--num-workers", "0", "--baseline-weights", "none",
+                 "--json", str(metrics_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "off-the-shelf" in printed and "fine-tuned" in printed and "delta" in printed
+    import json
+
+    rows = json.loads(metrics_json.read_text())
+    assert 0.0 <= rows["fine-tuned"]["recall_at_1"] <= 1.0 and rows["off-the-shelf"]["n_queries"] > 0
+
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["embed", "--bundle", str(tmp_path / "missing"), "--data", str(tmp_path), "--out",
