@@ -60,7 +60,8 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
 
     metrics_json = tmp_path / "metrics.json"
     assert main(["evaluate", "--config", str(RECIPE), "--bundle", str(exported), "--data", str(data),
-                 "--split-mode", "by_group", "--limit-per-class", "0", "--num-workers", "0", "--baseline-weights", "none",
+                 "--split-mode", "by_group", "--limit-per-class", "0", "--num-workers", "0",
+                 "--baseline-weights", "none",
                  "--json", str(metrics_json)]) == 0
     printed = capsys.readouterr().out
     assert "off-the-shelf" in printed and "fine-tuned" in printed and "delta" in printed

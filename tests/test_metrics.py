@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from deepfeat.finetune import metrics as metrics_module
 from deepfeat.finetune.errors import DataError
 from deepfeat.finetune.metrics import (

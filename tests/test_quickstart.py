@@ -15,7 +15,8 @@ from deepfeat.recipes.quickstart import QuickstartOptions, run_quickstart
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="Debian package dataset-fashion-mnist not installed (make test installs it)")
+@pytest.mark.skipif(not FMNIST.exists(),
+                    reason="Debian package dataset-fashion-mnist not installed (make test installs it)")
 def test_quickstart_tiny_on_fashion_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "qs"
     assert main(["quickstart", "--tiny", "--quiet", "--out", str(out)]) == 0
