@@ -350,14 +350,9 @@ def plot_sweep(table: pd.DataFrame, out: str | Path, *, title: str | None = None
     ax2.grid(axis="x", alpha=0.3)
     ax2.legend(fontsize=8, loc="lower right")
     ax2.set_title("every representation", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from deepfeat.recipes.viz import save_figure
+
+    return save_figure(fig, out, title=title, dpi=120, title_size=10)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,6 +31,22 @@ def _thumb(image: np.ndarray, size: int, frame: tuple[int, int, int] | None, bor
     return tile
 
 
+def save_figure(fig: Any, out: str | Path, *, title: str | None = None, dpi: int = 110,
+                title_size: int = 9) -> Path:
+    """Title, lay out, write ``fig`` as a PNG (creating the folder) and close it; return the path."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=title_size)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    log.info("wrote %s", path)
+    return path
+
+
 def result_grid(queries: Sequence[dict[str, Any]], out: str | Path, *, thumb: int = 96,
                 title: str | None = None) -> Path:
     """Write a PNG grid: one row per query, the query image then its hits.
@@ -65,15 +81,7 @@ def result_grid(queries: Sequence[dict[str, Any]], out: str | Path, *, thumb: in
                              color="black" if ok else "#d62728")
         for ax in axes[r]:
             ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    log.info("wrote %s", path)
-    return path
+    return save_figure(fig, out, title=title)
 
 
 def image_rows(rows: Sequence[dict[str, Any]], out: str | Path, *, thumb: int = 96, title: str | None = None) -> Path:
@@ -106,12 +114,4 @@ def image_rows(rows: Sequence[dict[str, Any]], out: str | Path, *, thumb: int = 
                     ax.set_title(str(captions[c])[:20], fontsize=6)
         axes[r][0].text(-0.08, 0.5, str(row.get("title", ""))[:24], transform=axes[r][0].transAxes, fontsize=7,
                         fontweight="bold", ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    log.info("wrote %s", path)
-    return path
+    return save_figure(fig, out, title=title)
