@@ -35,11 +35,18 @@ COMMAND_MODULES = (
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _setup_logging(verbose: int) -> None:
+# Commands that train: Lightning sets its own loggers to INFO (with a handler) when it is imported, so
+# quieting it means importing it first.
+TRAINING_COMMANDS = ("quickstart", "recipe", *LIGHTNING_COMMANDS)
+
+
+def _setup_logging(verbose: int, command: str | None = None) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose < 2:
-        for noisy in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        if command in TRAINING_COMMANDS:
+            import lightning.pytorch  # noqa: F401
+        for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -210,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = sum(a.count("v") for a in args_list if a.startswith("-v") and set(a[1:]) == {"v"})
     verbose += args_list.count("--verbose")
     if args_list and args_list[0] in LIGHTNING_COMMANDS:
-        _setup_logging(max(verbose, 1))
+        _setup_logging(max(verbose, 1), args_list[0])
         try:
             from deepfeat.finetune.cli import run_lightning_cli
 
@@ -232,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = build_parser()
     args = parser.parse_args(args_list)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.command)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
