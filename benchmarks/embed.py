@@ -13,8 +13,12 @@
     the mean cosine of its vectors against (c)'s is printed with it.
 
 The three (four) are alternated ``--repeats`` times; ratios are computed within each repeat and the
-medians are reported. On CUDA, (b), (c) and (d) use bf16 autocast and channels_last; (c) uses pinned
-memory. Goals (issue 6): CPU (c)/(a) >= 5 and (c)/(b) >= 0.9; GPU (c)/(b) >= 0.6.
+medians are reported. Beside images per second, images per CPU-second (this process and its reaped
+DataLoader workers) are printed: on a shared machine they move less than wall-clock rates. The naive
+loop is the most sensitive to other load: with batch 1 every layer is a tiny parallel region, and a
+descheduled OpenMP thread stalls each one. On CUDA, (b), (c) and (d) use bf16 autocast and
+channels_last; (c) uses pinned memory and overlaps each batch's copy back with the next forward.
+Goals (issue 6): CPU (c)/(a) >= 5 and (c)/(b) >= 0.9; GPU (c)/(b) >= 0.6.
 
     python benchmarks/embed.py                        # CPU, 224 px, Lite0 with ImageNet weights
     python benchmarks/embed.py --n 512 --repeats 5 --num-workers 2

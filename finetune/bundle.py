@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,8 +137,10 @@ def export_bundle(model: EmbeddingModel, path: str | Path, *, name: str | None =
         example = torch.rand(2, 3, h, w)
         if torchscript:
             try:
-                traced = torch.jit.trace(model, example, check_trace=False)
-                traced.save(str(tmp / TORCHSCRIPT))
+                with warnings.catch_warnings():  # torch 2.14 deprecates jit; the file is still the portable one
+                    warnings.simplefilter("ignore", FutureWarning)
+                    traced = torch.jit.trace(model, example, check_trace=False)
+                    traced.save(str(tmp / TORCHSCRIPT))
                 files.append(TORCHSCRIPT)
             except Exception as exc:  # some backbones do not trace; weights still suffice
                 log.warning("TorchScript export skipped: %s", exc)
