@@ -58,9 +58,14 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
     assert table.num_rows == 32 and table.schema.field("vector").type.list_size == 16
     capsys.readouterr()
 
+    # an evaluation manifest: every image is a test query against all the others
+    from deepfeat.finetune.records import read_image_folder, write_manifest
+
+    test = read_image_folder(data).assign(split="test")
+    manifest = write_manifest(test.drop(columns=["is_query", "is_gallery"]), tmp_path / "test.csv")
     metrics_json = tmp_path / "metrics.json"
-    assert main(["evaluate", "--config", str(RECIPE), "--bundle", str(exported), "--data", str(data),
-                 "--split-mode", "by_group", "--limit-per-class", "0", "--num-workers", "0",
+    assert main(["evaluate", "--config", str(RECIPE), "--bundle", str(exported), "--data", str(manifest),
+                 "--split-mode", "as_is", "--limit-per-class", "0", "--num-workers", "0",
                  "--baseline-weights", "none",
                  "--json", str(metrics_json)]) == 0
     printed = capsys.readouterr().out
@@ -68,7 +73,7 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
     import json
 
     rows = json.loads(metrics_json.read_text())
-    assert 0.0 <= rows["fine-tuned"]["recall_at_1"] <= 1.0 and rows["off-the-shelf"]["n_queries"] > 0
+    assert 0.0 <= rows["fine-tuned"]["recall_at_1"] <= 1.0 and rows["off-the-shelf"]["n_queries"] == 32
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
