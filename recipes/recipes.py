@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.errors import DataError, DeepfeatError
 
 if TYPE_CHECKING:
     from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -770,7 +770,8 @@ def run_recipe(
             bundle_name=config.name,
             progress=progress,
         )
-        assert result.bundle is not None  # finetune always exports
+        if result.bundle is None:  # finetune always exports; keep the type checker honest
+            raise DeepfeatError("fine-tuning produced no model bundle; re-run with -vv and report the log")
         bundle_path = result.bundle
     else:
         bundle_path = _off_the_shelf_bundle(settings, folder / "run", config.name)
