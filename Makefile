@@ -33,7 +33,7 @@ demo: $(STAMP) data
 	$(BIN)/deepfeat quickstart
 
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q -x --timeout=900
+	$(BIN)/python -m pytest -q --timeout=900
 
 test-all: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "" --timeout=3600

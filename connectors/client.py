@@ -246,6 +246,7 @@ class MilvusConnector:
                 if locked is not None:
                     raise locked
             try:
+                _forget_cached_schemas()
                 return MilvusClient(str(path))
             except MilvusException as exc:
                 locked = _lite_lock_error(path)
@@ -341,6 +342,7 @@ class MilvusConnector:
                 from milvus_lite.server_manager import server_manager_instance
 
                 server_manager_instance.release_server(str(Path(self.uri).expanduser()))
+            _forget_cached_schemas()
 
     def __enter__(self) -> MilvusConnector:
         return self
@@ -504,6 +506,22 @@ class _DropLogRecord(logging.Filter):
 
     def __exit__(self, *exc: object) -> None:
         self.logger.removeFilter(self)
+
+
+def _forget_cached_schemas() -> None:
+    """Drop pymilvus' process-wide schema cache (keyed by endpoint, i.e. ``127.0.0.1:<port>``).
+
+    Milvus Lite serves each database on a free local port; once one is released, another database's
+    server can get the same port and would inherit the first one's cached schemas (seen: an upsert
+    refused for a field that only the other database's collection had). Clearing is cheap: pymilvus
+    fetches a schema again on next use.
+    """
+    with contextlib.suppress(Exception):  # a pymilvus without this cache needs nothing
+        from pymilvus.client.cache import GlobalCache
+
+        for region in (GlobalCache.schema, GlobalCache.collection_ts):
+            with region._lock:
+                region._cache.clear()
 
 
 def _clean(exc: BaseException | None) -> str:
