@@ -186,40 +186,16 @@ def test_embed_rerun_resumes_without_duplicates(embedded: Embedded, rel_bundle_d
 def test_embed_fail_stops_with_one_line_naming_the_file(tmp_path: Path, rel_bundle_dir: Path) -> None:
     corpus = build_corpus(tmp_path / "images")
     out = tmp_path / "shards"
+    embed_fail = ("embed", "--bundle", rel_bundle_dir, "--data", corpus.root, "--out", out, "--on-error", "fail",
+                  "--num-workers", "0", "--quiet")
     # a dangling link is found before anything is decoded
-    run = run_cli(
-        "embed",
-        "--bundle",
-        rel_bundle_dir,
-        "--data",
-        corpus.root,
-        "--out",
-        out,
-        "--on-error",
-        "fail",
-        "--num-workers",
-        "0",
-        "--quiet",
-    )
+    run = run_cli(*embed_fail)
     assert run.rc == 2
     assert "dangling link.png" in run.error_line and "broken symbolic link" in run.error_line
     assert not list(out.glob("part-*.parquet"))
 
     (corpus.root / "bad" / "dangling link.png").unlink()
-    run = run_cli(
-        "embed",
-        "--bundle",
-        rel_bundle_dir,
-        "--data",
-        corpus.root,
-        "--out",
-        out,
-        "--on-error",
-        "fail",
-        "--num-workers",
-        "0",
-        "--quiet",
-    )
+    run = run_cli(*embed_fail)
     assert run.rc == 2
     line = run.error_line
     assert "bad/bomb 200 MP.png" in line and "decompression bomb" in line and "--on-error skip" in line
