@@ -45,7 +45,7 @@ import torch
 from _common import Clock, Measure, goal_mark, machine, median, spread, table, write_jpegs
 
 from deepfeat.finetune.bundle import ModelBundle, export_bundle
-from deepfeat.finetune.embed import _compiled, embed_to_parquet, read_shards
+from deepfeat.finetune.embed import PRECISION_AUTOCAST, _compiled, embed_to_parquet, read_shards, resolve_autocast
 from deepfeat.finetune.model import build_embedding_model
 from deepfeat.finetune.transforms import build_eval_transforms
 
@@ -76,9 +76,9 @@ def make_bundle(backbone: str, weights: str, image_size: int, folder: Path, devi
     return ModelBundle.load(path, device=device)
 
 
-def autocast_ctx(device: torch.device) -> Any:
-    """bf16 autocast on CUDA (what iter_embeddings does there); a no-op context on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast_ctx(device: torch.device, bf16: bool) -> Any:
+    """bf16 autocast when ``bf16`` (what iter_embeddings does with the same setting); else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def sync(device: torch.device) -> None:
@@ -121,10 +121,12 @@ def preprocess_all(
     return batches
 
 
-def run_model_only(batches: Sequence[torch.Tensor], model: torch.nn.Module, device: torch.device) -> Measure:
+def run_model_only(
+    batches: Sequence[torch.Tensor], model: torch.nn.Module, device: torch.device, bf16: bool
+) -> Measure:
     """(b) The forward pass alone over pre-made batches (vectors brought back to host memory)."""
     sync(device)
-    with Clock() as clock, torch.inference_mode(), autocast_ctx(device):
+    with Clock() as clock, torch.inference_mode(), autocast_ctx(device, bf16):
         for x in batches:
             model(x).float().cpu().numpy()
     return clock.measure(sum(len(b) for b in batches))
@@ -144,6 +146,7 @@ def run_deepfeat(
             device=str(device),
             progress=False,
             compile=args.compile,
+            autocast=args.bf16,
         )
     if result.n_embedded != len(records):
         raise SystemExit(f"embed_to_parquet embedded {result.n_embedded} of {len(records)} images")
@@ -229,7 +232,7 @@ def run_device_decode(
         for datas in loader:
             encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
             images = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=device)
-            with torch.inference_mode(), autocast_ctx(device):
+            with torch.inference_mode(), autocast_ctx(device, args.bf16):
                 parts.append(model(prep(list(images))).float().cpu().numpy())
         vectors = np.concatenate(parts)
         rows = pd.DataFrame({"id": [p.name for p in paths], "path": [str(p) for p in paths]})
@@ -267,6 +270,13 @@ def main(argv: Sequence[str] | None = None) -> Result:
         "--compile", action="store_true", help="torch.compile the model of (b), (c), (d) (not of the naive loop)"
     )
     parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="of (b), (c), (d): auto = bf16 autocast on CUDA, float32 on CPU; bf16 on a CPU with AVX512-BF16/AMX "
+        "(the naive loop (a) stays float32, as users run it)",
+    )
+    parser.add_argument(
         "--gpu-decode",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -285,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
             "the GPU figures need a machine with a GPU. Run without --device for the CPU figures"
         )
     gpu_decode = device.type == "cuda" if args.gpu_decode is None else args.gpu_decode
+    args.bf16 = resolve_autocast(device, PRECISION_AUTOCAST[args.precision])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deepfeat-bench-embed-"))
     try:
         return _run(args, device, gpu_decode, work)
@@ -306,14 +317,14 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
         model = _compiled(model)
     batches = preprocess_all(paths, bundle, args.batch_size, device)
     # warm-up (oneDNN primitives, cuDNN autotune, compilation): every batch shape once, not timed
-    with torch.inference_mode(), autocast_ctx(device):
+    with torch.inference_mode(), autocast_ctx(device, args.bf16):
         for shape in {tuple(b.shape) for b in batches}:
             model(next(b for b in batches if tuple(b.shape) == shape))
         naive_model(batches[0][:1].contiguous())
     print(
         f"setup {time.perf_counter() - t0:.0f}s: {args.n} JPEGs of {args.source_size} px, {args.backbone} at "
         f"{args.image_size} px, batch {args.batch_size}, {args.num_workers} worker(s), device {device}"
-        f"{', compiled' if args.compile else ''}"
+        f"{', compiled' if args.compile else ''}{', bf16 autocast' if args.bf16 else ', float32'}"
     )
 
     result = Result()
@@ -329,7 +340,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
                 out.mkdir(parents=True, exist_ok=True)
                 got[name] = run_naive(paths[: args.naive_n], naive_model, bundle, out / "naive.parquet")
             elif name == "model":
-                got[name] = run_model_only(batches, model, device)
+                got[name] = run_model_only(batches, model, device, args.bf16)
             elif name == "deepfeat":
                 got[name] = run_deepfeat(bundle, records, out / "deepfeat", args, device)
             elif name == "decode" and gpu_decode:
@@ -349,8 +360,18 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
         if rep < args.repeats - 1:
             shutil.rmtree(out, ignore_errors=True)
 
+    rows, vecs, _ = read_shards(work / f"run-{args.repeats - 1}" / "deepfeat")
+    naive_file = work / f"run-{args.repeats - 1}" / "naive.parquet"
+    if naive_file.is_file():
+        naive = pd.read_parquet(naive_file)
+        by_path = dict(zip(rows["path"], vecs, strict=True))
+        ours = np.stack([by_path[p] for p in naive["path"]])
+        cos = np.sum(ours * np.stack(naive["vector"].to_list()), axis=1)  # both are L2-normalised
+        result.notes.append(
+            f"(c) vs (a) vectors: cosine mean {cos.mean():.5f}, min {cos.min():.5f} "
+            f"({'bf16' if args.bf16 else 'float32'} batched vs float32 one at a time)"
+        )
     if reference is not None:
-        rows, vecs, _ = read_shards(work / f"run-{args.repeats - 1}" / "deepfeat")
         position = {name: i for i, name in enumerate(p.name for p in paths)}
         ref = reference[[position[i] for i in rows["id"]]]
         result.notes.append(

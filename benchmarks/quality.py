@@ -25,6 +25,7 @@ from pytorch_metric_learning import losses, miners
 
 from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
 from deepfeat.finetune.metrics import format_metrics_table
+from deepfeat.finetune.model import EmbeddingModel, build_embedding_model
 from deepfeat.finetune.pipeline import FinetuneSettings, finetune, make_datamodule
 from deepfeat.finetune.records import FASHION_MNIST_CLASSES, read_fashion_mnist, sample_per_class
 
@@ -69,7 +70,8 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
             drop = val_rows.index.difference(sample_per_class(val_rows, args.val_per_class, seed=seed).index)
             records = records.drop(index=drop)
             val_fraction = 0.0
-    settings = FinetuneSettings(image_size=args.image_size, embedding_dim=args.dim, max_epochs=args.epochs,
+    settings = FinetuneSettings(image_size=args.image_size, embedding_dim=args.dim, layers=args.layers,
+                                max_epochs=args.epochs,
                                 max_minutes=args.minutes, batches_per_epoch=args.batches_per_epoch,
                                 lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed, distill=args.distill,
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
@@ -81,18 +83,33 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
     start = time.perf_counter()
     result = finetune(dm, settings, Path(args.out) / f"{protocol}-seed{seed}", loss=loss, miner=miner)
     test = dm.split_records("test")
-    rows = evaluate_models({"off-the-shelf": off_the_shelf(result.model), "fine-tuned": result.model}, test,
-                           batch_size=256, num_workers=args.num_workers)
+    models = {"off-the-shelf": penultimate(result.model)}
+    if args.layers:  # the stricter baseline too: the very layers the fine-tuned model reads, untrained
+        models[f"off-the-shelf, layers {','.join(map(str, args.layers))}"] = off_the_shelf(result.model)
+    models["fine-tuned"] = result.model
+    rows = evaluate_models(models, test, batch_size=256, num_workers=args.num_workers)
     rows["fine-tuned"]["chosen"] = result.chosen  # type: ignore[assignment]
     rows["fine-tuned"]["wall_seconds"] = time.perf_counter() - start
     logging.getLogger("quality").info("%s seed %d: %s", protocol, seed, result.message)
     return rows
 
 
+def penultimate(model: EmbeddingModel) -> EmbeddingModel:
+    """The issue's baseline: the pretrained backbone's pooled penultimate layer, same preprocessing as ``model``."""
+    base = build_embedding_model(model.backbone.name, "imagenet", head="none")
+    base.backbone.preprocessing = model.preprocessing
+    return base
+
+
+def parse_layer(text: str) -> int | str:
+    """A ``--layers`` item: an intermediate layer index or ``head``."""
+    return text if text == "head" else int(text)
+
+
 def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """Mean and population std over seeds for each model and metric."""
     table: dict[str, dict[str, float]] = {}
-    for model in ("off-the-shelf", "fine-tuned"):
+    for model in runs[0]:
         row: dict[str, float] = {}
         for key in KEYS:
             values = [float(r[model][key]) for r in runs]
@@ -111,6 +128,9 @@ def main() -> None:
     parser.add_argument("--loss", default="arcface", choices=["ms", "arcface", "cosface", "proxyanchor", "supcon"])
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", nargs="+", type=parse_layer, default=None,
+                        help="read the globally pooled features of these layers (ints, 'head'), as 'deepfeat "
+                             "layers' picks them; the table then also shows these layers untrained")
     parser.add_argument("--minutes", type=float, default=6.0, help="training budget per run")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batches-per-epoch", type=int, default=100)

@@ -92,6 +92,32 @@ def _init_worker(worker_id: int) -> None:
 _COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix and convolution kernels natively (AVX512-BF16 or AMX via oneDNN).
+
+    Where it does, bf16 autocast makes CPU inference about 2-4x faster; where it does not, bf16 is
+    emulated and slower than float32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: ``--precision`` choices of the CLI and benchmarks, as the ``autocast`` argument of :func:`iter_embeddings`
+PRECISION_AUTOCAST: dict[str, bool | None] = {"auto": None, "fp32": False, "bf16": True}
+
+
+def resolve_autocast(device: torch.device, autocast: bool | None) -> bool:
+    """The bf16 autocast decision: ``None`` means on for CUDA, off elsewhere (float32 stays exact on CPU)."""
+    if autocast is None:
+        return device.type == "cuda"
+    if autocast and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("bf16 autocast requested on a CPU without native bf16 (AVX512-BF16/AMX): it is emulated "
+                    "and slower than float32; leave it off on this machine")
+    return bool(autocast)
+
+
 def _compiled(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(model)``, once per model object, so repeated calls reuse the compiled graphs."""
     if model not in _COMPILED:
@@ -123,7 +149,9 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     Workers decode, preprocess and hash the next batches while the model runs. On CUDA the input
     comes from pinned memory, the forward pass runs under bf16 autocast, and the vectors of a batch are
     copied back while the next batch is already being computed. ``compile`` runs the model through
-    ``torch.compile`` (worth it for long runs: compiling takes a minute or more).
+    ``torch.compile`` (worth it for long runs: compiling takes a minute or more). ``autocast`` runs the
+    forward pass under bf16 autocast: ``None`` means on CUDA only; ``True`` on a CPU with native bf16
+    (see :func:`cpu_has_native_bf16`) is about 2-4x faster there, with vectors within 1e-3 cosine of float32.
     """
     from deepfeat.finetune.transforms import build_transforms
 
@@ -137,7 +165,7 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     if compile:
         model = _compiled(model)
     cuda = dev.type == "cuda"
-    use_autocast = cuda if autocast is None else autocast
+    use_autocast = resolve_autocast(dev, autocast)
     transform = build_transforms(bundle.preprocessing, preset="none", train=False)
     dataset = _HashingDataset(records, transform, class_to_idx={}, root=root)
     loader_kw: dict[str, Any] = {}
@@ -263,12 +291,13 @@ class EmbedResult:
 def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Path, *, shard_size: int = 50_000,
                      batch_size: int = 64, num_workers: int = 0, on_error: Literal["skip", "fail"] = "skip",
                      root: str | Path | None = None, device: str | None = None, progress: bool = True,
-                     compile: bool = False) -> EmbedResult:
+                     compile: bool = False, autocast: bool | None = None) -> EmbedResult:
     """Embed ``records`` into Parquet shards ``part-NNNNN.parquet`` under ``out_dir``.
 
     Resumable: shards already complete (same bundle fingerprint) are kept and their records skipped,
     so an interrupted run continues where it stopped. Memory stays at one shard of vectors.
-    ``compile`` runs the model through ``torch.compile`` (see :func:`iter_embeddings`).
+    ``compile`` runs the model through ``torch.compile`` and ``autocast`` switches bf16 autocast (see
+    :func:`iter_embeddings`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +339,7 @@ def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | 
 
     for rows, vectors in iter_embeddings(bundle, todo, batch_size=batch_size, num_workers=num_workers,
                                          on_error=on_error, report=report, root=root, device=device,
-                                         progress=progress, compile=compile):
+                                         progress=progress, compile=compile, autocast=autocast):
         pending_rows.append(rows)
         pending_vecs.append(vectors)
         n_pending += len(rows)

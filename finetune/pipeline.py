@@ -44,6 +44,7 @@ class FinetuneSettings:
     image_size: int | None = 64
     head: HeadType = "linear"
     embedding_dim: int | None = 256
+    layers: list[int | str] | None = None
     lr: float = 1e-4
     head_lr: float | None = 1e-3
     loss_lr: float | None = 1e-2
@@ -64,6 +65,7 @@ class FinetuneSettings:
     eval_batch_size: int = 256
     accelerator: str = "auto"
     precision: str = "32-true"
+    channels_last: bool = True
     seed: int = 0
     patience: int = 3
     guard: bool = True
@@ -141,10 +143,11 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
         dm.hparams["p"] = usable
     module = MetricLearningModule(
         backbone=settings.backbone, weights=settings.weights, head=settings.head,
-        embedding_dim=settings.embedding_dim, image_size=settings.image_size, loss=loss, miner=miner,
+        embedding_dim=settings.embedding_dim, image_size=settings.image_size, layers=settings.layers, loss=loss,
+        miner=miner,
         lr=settings.lr, head_lr=settings.head_lr, loss_lr=settings.loss_lr, weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps, l2sp=settings.l2sp, freeze_bn=settings.freeze_bn,
-        distill=settings.distill, max_minutes=settings.max_minutes)
+        distill=settings.distill, max_minutes=settings.max_minutes, channels_last=settings.channels_last)
     dm.set_preprocessing(module.preprocessing)
     val_records = dm.split_records("val")
     base = off_the_shelf(module.model, settings.weights)

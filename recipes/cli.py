@@ -102,7 +102,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from deepfeat.finetune.bundle import ModelBundle
-    from deepfeat.finetune.embed import embed_to_parquet
+    from deepfeat.finetune.embed import PRECISION_AUTOCAST, embed_to_parquet
     from deepfeat.finetune.records import read_records
 
     bundle = ModelBundle.load(args.bundle)
@@ -112,7 +112,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if args.limit:
         records = records.head(args.limit)
     result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                              num_workers=args.num_workers, on_error=args.on_error, progress=not args.quiet)
+                              num_workers=args.num_workers, on_error=args.on_error, progress=not args.quiet,
+                              compile=args.compile, autocast=PRECISION_AUTOCAST[args.precision])
     print(f"embedded {result.n_embedded} images ({result.n_skipped} skipped, report {result.out_dir}/_report.json) "
           f"into {len(result.shards)} shards in {result.out_dir} at {result.images_per_second:.1f} img/s")
     return 0
@@ -171,6 +172,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--shard-size", type=int, default=50_000)
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
     p.add_argument("--limit", type=int, default=None, help="embed only the first N records")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 on a CPU with AVX512-BF16/AMX is "
+                        "2-4x faster (vectors within 1e-3 cosine of float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off from a few "
+                                                          "thousand images: compiling takes a minute)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_embed)
 

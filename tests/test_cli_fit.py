@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from imagegen import make_image_folder
@@ -56,6 +57,16 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
                  "--quiet"]) == 0
     table = pq.read_table(sorted(shards.glob("part-*.parquet"))[0])
     assert table.num_rows == 32 and table.schema.field("vector").type.list_size == 16
+    # bf16 autocast on the CPU: the same images, vectors within bf16 rounding of the float32 ones
+    shards_bf16 = tmp_path / "shards-bf16"
+    assert main(["embed", "--bundle", str(exported), "--data", str(data), "--out", str(shards_bf16),
+                 "--num-workers", "0", "--quiet", "--precision", "bf16"]) == 0
+    table_bf16 = pq.read_table(sorted(shards_bf16.glob("part-*.parquet"))[0])
+    assert table_bf16.column("id").to_pylist() == table.column("id").to_pylist()
+    fp32_vectors = np.array(table.column("vector").to_pylist())
+    bf16_vectors = np.array(table_bf16.column("vector").to_pylist())
+    cosines = (fp32_vectors * bf16_vectors).sum(axis=1)
+    assert cosines.min() > 0.98 and not np.array_equal(fp32_vectors, bf16_vectors), cosines
     capsys.readouterr()
 
     # an evaluation manifest: every image is a test query against all the others
