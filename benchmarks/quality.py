@@ -5,9 +5,18 @@
 * ``disjoint``: train on classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat), evaluate on the
   unseen classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) of the official test split.
 
-Prints one table per protocol with the mean and spread over seeds, and the wall time.
+Prints one table per protocol with the mean and spread over seeds, and the wall time. The
+``off-the-shelf`` row is the issue's baseline, the pretrained backbone's pooled penultimate layer at the
+same input size; with ``--layers`` a second baseline row shows the selected layers untrained.
 
-    python benchmarks/quality.py --protocol same disjoint --seeds 0 1 2 --minutes 8
+The settings measured for benchmarks/README.md (2 CPU cores, each run under 20 minutes):
+
+    # same classes: CosFace, backbone trained with its BatchNorm, flip-only augmentation, 15 min
+    python benchmarks/quality.py --protocol same --seeds 0 1 2 --loss cosface --image-size 48 --minutes 15 \
+        --lr 1e-3 --head-lr 1e-2 --train-bn --preset flip --batches-per-epoch 150 --k 12
+    # unseen classes: mid-level layers (picked on held-out training classes), relational distillation
+    python benchmarks/quality.py --protocol disjoint --seeds 0 1 2 --loss ms --image-size 48 --minutes 4 \
+        --layers 4 5 --distill 10 --lr 1e-4
 """
 
 from __future__ import annotations
@@ -76,7 +85,8 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
                                 lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed, distill=args.distill,
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
                                 freeze_epochs=args.freeze_epochs, p=args.p, k=args.k,
-                                freeze_bn=not args.train_bn, loss_lr=args.loss_lr, warmup_steps=args.warmup_steps)
+                                freeze_bn=not args.train_bn, preset=args.preset, loss_lr=args.loss_lr,
+                                warmup_steps=args.warmup_steps)
     dm = make_datamodule(records, settings, val_fraction=val_fraction)
     n_classes = dm.split_records("train")["label"].nunique()
     loss, miner = make_loss(args.loss, n_classes, args.dim)
@@ -141,6 +151,8 @@ def main() -> None:
     parser.add_argument("--l2sp", type=float, default=0.0)
     parser.add_argument("--distill", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.99)
+    parser.add_argument("--preset", default="fashion", choices=["fashion", "flip", "none"],
+                        help="training augmentation (finetune.transforms)")
     parser.add_argument("--train-bn", action="store_true", help="let BatchNorm statistics adapt")
     parser.add_argument("--loss-lr", type=float, default=None)
     parser.add_argument("--warmup-steps", type=int, default=30)

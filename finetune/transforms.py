@@ -26,6 +26,10 @@ Training presets add augmentation around that resize:
   colour appears that no scanner makes. **No horizontal flip by default**: laterality is anatomy
   (a mirrored chest X-ray shows the heart on the wrong side; L/R markers become unreadable); pass
   ``hflip=True`` for data where it is safe (e.g. dermoscopy, histology).
+* ``"flip"``: the evaluation pipeline plus a horizontal flip: for short training budgets on
+  centred, normalised images (Fashion-MNIST-like catalogues), where cropping and jitter slow
+  convergence more than they add robustness (measured: 48 px Lite0 reaches a given Recall@1 in
+  about a third of the steps).
 * ``"none"``: the evaluation pipeline.
 """
 
@@ -57,7 +61,7 @@ __all__ = [
     "reseed_in_worker",
 ]
 
-Preset = Literal["fashion", "medical", "none"]
+Preset = Literal["fashion", "flip", "medical", "none"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 ResizeMode = Literal["squash", "shorter_side_crop"]
 
@@ -240,7 +244,11 @@ def build_transforms(
     (height, width), _, _, interpolation, _, _ = key
     flag = INTERPOLATIONS[interpolation]
     steps: list[A.BasicTransform]
-    if preset == "fashion":
+    if preset == "flip":
+        steps = [*_resize_steps(key)]
+        if hflip is None or hflip:
+            steps.append(A.HorizontalFlip(p=0.5))
+    elif preset == "fashion":
         steps = [
             A.RandomResizedCrop(
                 size=(height, width),

@@ -127,7 +127,7 @@ def test_interpolation_names_map_to_opencv_flags() -> None:
     assert isinstance(resize, A.SmallestMaxSize) and resize.interpolation == cv2.INTER_CUBIC
 
 
-@pytest.mark.parametrize("preset", ["fashion", "medical", "none"])
+@pytest.mark.parametrize("preset", ["fashion", "flip", "medical", "none"])
 @pytest.mark.parametrize("train", [True, False])
 def test_every_preset_gives_a_chw_float_tensor(tiny_image_folder: Path, preset: str, train: bool) -> None:
     image = load_image(next(tiny_image_folder.glob("*/00.png")))
