@@ -143,9 +143,9 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
         dm.hparams["p"] = usable
     module = MetricLearningModule(
         backbone=settings.backbone, weights=settings.weights, head=settings.head,
-        embedding_dim=settings.embedding_dim, image_size=settings.image_size, layers=settings.layers, loss=loss,
-        miner=miner,
-        lr=settings.lr, head_lr=settings.head_lr, loss_lr=settings.loss_lr, weight_decay=settings.weight_decay,
+        embedding_dim=settings.embedding_dim, image_size=settings.image_size, layers=settings.layers,
+        loss=loss, miner=miner, lr=settings.lr, head_lr=settings.head_lr, loss_lr=settings.loss_lr,
+        weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps, l2sp=settings.l2sp, freeze_bn=settings.freeze_bn,
         distill=settings.distill, max_minutes=settings.max_minutes, channels_last=settings.channels_last)
     dm.set_preprocessing(module.preprocessing)

@@ -28,8 +28,8 @@ Training presets add augmentation around that resize:
   ``hflip=True`` for data where it is safe (e.g. dermoscopy, histology).
 * ``"flip"``: the evaluation pipeline plus a horizontal flip: for short training budgets on
   centred, normalised images (Fashion-MNIST-like catalogues), where cropping and jitter slow
-  convergence more than they add robustness (measured: 48 px Lite0 reaches a given Recall@1 in
-  about a third of the steps).
+  convergence more than they add robustness (measured on Fashion-MNIST, Lite0 at 48 px, 12-15
+  minutes on 2 CPU cores: test Recall@1 0.900 with ``flip`` against 0.888 with ``fashion``).
 * ``"none"``: the evaluation pipeline.
 """
 
