@@ -61,6 +61,11 @@ def run_cli(*args: str | Path) -> CliRun:
     return CliRun(rc, out.getvalue(), err.getvalue())
 
 
+def embed_cli(bundle: Path, data: Path, out: Path, *extra: str) -> CliRun:
+    """``deepfeat embed`` of ``data`` with ``bundle`` into ``out``: no workers, no progress bar."""
+    return run_cli("embed", "--bundle", bundle, "--data", data, "--out", out, "--num-workers", "0", "--quiet", *extra)
+
+
 def milvus_rows(db: Path, collection: str) -> dict[str, dict[str, object]]:
     """Every row of ``collection`` by record id (asserting there are no duplicates)."""
     conn = connect(str(db))
@@ -186,16 +191,14 @@ def test_embed_rerun_resumes_without_duplicates(embedded: Embedded, rel_bundle_d
 def test_embed_fail_stops_with_one_line_naming_the_file(tmp_path: Path, rel_bundle_dir: Path) -> None:
     corpus = build_corpus(tmp_path / "images")
     out = tmp_path / "shards"
-    embed_fail = ("embed", "--bundle", rel_bundle_dir, "--data", corpus.root, "--out", out, "--on-error", "fail",
-                  "--num-workers", "0", "--quiet")
     # a dangling link is found before anything is decoded
-    run = run_cli(*embed_fail)
+    run = embed_cli(rel_bundle_dir, corpus.root, out, "--on-error", "fail")
     assert run.rc == 2
     assert "dangling link.png" in run.error_line and "broken symbolic link" in run.error_line
     assert not list(out.glob("part-*.parquet"))
 
     (corpus.root / "bad" / "dangling link.png").unlink()
-    run = run_cli(*embed_fail)
+    run = embed_cli(rel_bundle_dir, corpus.root, out, "--on-error", "fail")
     assert run.rc == 2
     line = run.error_line
     assert "bad/bomb 200 MP.png" in line and "decompression bomb" in line and "--on-error skip" in line
@@ -376,9 +379,7 @@ def test_bad_manifest_is_one_clear_line_and_exit_2(
     manifest = root / "manifest.csv"
     df.to_csv(manifest, index=False)
     out = tmp_path / "shards"
-    run = run_cli(
-        "embed", "--bundle", rel_bundle_dir, "--data", manifest, "--out", out, "--num-workers", "0", "--quiet", *extra
-    )
+    run = embed_cli(rel_bundle_dir, manifest, out, *extra)
     assert run.rc == 2, run.out + run.err
     assert re.search(message, run.error_line), run.error_line
     assert not out.exists() or not list(out.glob("part-*.parquet"))
@@ -390,18 +391,7 @@ def test_manifest_missing_file_with_skip_is_reported_and_the_rest_embedded(
     root, df = _manifest(tmp_path)
     df.loc[0, "path"] = "images/gone.png"
     df.to_csv(root / "manifest.csv", index=False)
-    run = run_cli(
-        "embed",
-        "--bundle",
-        rel_bundle_dir,
-        "--data",
-        root / "manifest.csv",
-        "--out",
-        tmp_path / "s",
-        "--num-workers",
-        "0",
-        "--quiet",
-    )
+    run = embed_cli(rel_bundle_dir, root / "manifest.csv", tmp_path / "s")
     assert run.rc == 0, run.err
     report = json.loads((tmp_path / "s" / "_report.json").read_text())
     assert [(s["id"], bool(re.search("no such file", s["reason"]))) for s in report["skipped"]] == [("r0", True)]
@@ -414,18 +404,7 @@ def test_single_image_class_is_warned_not_fatal(
     root, df = _manifest(tmp_path, n=5)
     df["label"] = ["1", "1", "2", "2", "lonely"]
     df.to_csv(root / "manifest.csv", index=False)
-    run = run_cli(
-        "embed",
-        "--bundle",
-        rel_bundle_dir,
-        "--data",
-        root / "manifest.csv",
-        "--out",
-        tmp_path / "s",
-        "--num-workers",
-        "0",
-        "--quiet",
-    )
+    run = embed_cli(rel_bundle_dir, root / "manifest.csv", tmp_path / "s")
     assert run.rc == 0, run.err
     assert re.search(r"1 of 3 class\(es\) in split 'train' have a single image, e\.g\. \['lonely'\]", caplog.text)
     assert sorted(read_shards(tmp_path / "s")[0]["id"]) == ["r0", "r1", "r2", "r3", "r4"]
@@ -572,19 +551,12 @@ def test_load_of_another_bundles_shards_is_refused(
 ) -> None:
     db, images = filled
     out = tmp_path / "shards"
-    assert (
-        run_cli(
-            "embed", "--bundle", variants["other"], "--data", images, "--out", out, "--num-workers", "0", "--quiet"
-        ).rc
-        == 0
-    )
+    assert embed_cli(variants["other"], images, out).rc == 0
     run = run_cli("load", out, "--collection", "shop", "--uri", db, "--no-progress")
     assert run.rc == 2 and "does not match" in run.error_line
     assert len(milvus_rows(db, "shop")) == 6
     # and shards of one bundle never mix with another's in one --out folder
-    run = run_cli(
-        "embed", "--bundle", variants["pre48"], "--data", images, "--out", out, "--num-workers", "0", "--quiet"
-    )
+    run = embed_cli(variants["pre48"], images, out)
     assert run.rc == 2 and "holds shards from another model bundle" in run.error_line
 
 
@@ -598,9 +570,7 @@ def test_non_finite_embeddings_are_refused_before_writing(
         model.head.weight[0, 0] = float("nan")  # a damaged model: every output row is NaN
     broken = export_bundle(model, tmp_path / "nan", name="nan", onnx=False, torchscript=False)
     _, images = filled
-    run = run_cli(
-        "embed", "--bundle", broken, "--data", images, "--out", tmp_path / "s", "--num-workers", "0", "--quiet"
-    )
+    run = embed_cli(broken, images, tmp_path / "s")
     assert run.rc == 2 and "non-finite embeddings" in run.error_line
     assert not list((tmp_path / "s").glob("part-*"))
     fresh = tmp_path / "nan.db"
