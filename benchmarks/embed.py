@@ -7,10 +7,11 @@
     (on the device), at the same batch size and settings as (c): the ceiling for (c).
 (c) ``deepfeat``: :func:`deepfeat.finetune.embed.embed_to_parquet`, files -> Parquet shards, with
     DataLoader workers decoding while the model runs.
-(d) ``gpu-decode`` (with ``--gpu-decode``; on by default on CUDA): workers only read the file bytes,
-    ``torchvision.io.decode_jpeg(device=...)`` decodes the batch on the GPU, resize/crop/normalise run
-    there too. Its resize (torch antialias) is not bit-identical to the bundle's OpenCV pipeline, so
-    the mean cosine of its vectors against (c)'s is printed with it.
+(d) ``device decode`` (with ``--gpu-decode``; on by default on CUDA): ``embed_to_parquet(decode="device")``,
+    the library's default on CUDA: workers only read and hash the file bytes,
+    ``torchvision.io.decode_jpeg(device=...)`` decodes the batch on the GPU (nvJPEG) and resize, crop
+    and normalise run there too (:mod:`deepfeat.finetune.device_decode`, OpenCV's filters as matrix
+    products). The cosine of its vectors against (c)'s is printed with it.
 
 The three (four) are alternated ``--repeats`` times; ratios are computed within each repeat and the
 medians are reported. Beside images per second, images per CPU-second (this process and its reaped
@@ -34,7 +35,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,15 @@ def run_model_only(
 
 
 def run_deepfeat(
-    bundle: ModelBundle, records: pd.DataFrame, out: Path, args: argparse.Namespace, device: torch.device
-) -> float:
-    """(c) embed_to_parquet, files -> Parquet shards, timed over the whole call (worker start-up included)."""
+    bundle: ModelBundle,
+    records: pd.DataFrame,
+    out: Path,
+    args: argparse.Namespace,
+    device: torch.device,
+    decode: str = "cpu",
+) -> Measure:
+    """(c) / (d) embed_to_parquet, files -> Parquet shards, JPEGs decoded in the workers (``cpu``) or on
+    the device (``device``); timed over the whole call (worker start-up included)."""
     with Clock() as clock:
         result = embed_to_parquet(
             bundle,
@@ -147,98 +154,11 @@ def run_deepfeat(
             progress=False,
             compile=args.compile,
             autocast=args.bf16,
+            decode=decode,  # type: ignore[arg-type]
         )
     if result.n_embedded != len(records):
         raise SystemExit(f"embed_to_parquet embedded {result.n_embedded} of {len(records)} images")
     return clock.measure(len(records))
-
-
-class _FileBytes(torch.utils.data.Dataset[bytes]):
-    """The raw bytes of each file (plain ``bytes``: a tensor from ``torchvision.io.read_file`` cannot be
-    handed from a worker to the main process by file descriptor, and the DataLoader then hangs)."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = [str(p) for p in paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> bytes:
-        return Path(self.paths[index]).read_bytes()
-
-
-def _as_list(items: list[bytes]) -> list[bytes]:
-    return items
-
-
-def device_preprocess(bundle: ModelBundle, device: torch.device) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """Resize (antialiased), centre-crop and normalise decoded (3, H, W) uint8 images on ``device``."""
-    import math
-
-    import torchvision.transforms.v2.functional as TF
-
-    pre = bundle.preprocessing
-    height, width = pre.input_size
-    mode = {
-        "bilinear": TF.InterpolationMode.BILINEAR,
-        "bicubic": TF.InterpolationMode.BICUBIC,
-        "nearest": TF.InterpolationMode.NEAREST,
-    }[pre.interpolation]
-    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
-
-    def one(image: torch.Tensor) -> torch.Tensor:
-        x = image.float()
-        if pre.resize_mode == "squash":
-            return TF.resize(x, [height, width], interpolation=mode, antialias=True)
-        h, w = x.shape[-2:]
-        target_h, target_w = math.floor(height / pre.crop_pct), math.floor(width / pre.crop_pct)
-        scale = max(target_h / h, target_w / w)
-        x = TF.resize(
-            x, [max(target_h, round(h * scale)), max(target_w, round(w * scale))], interpolation=mode, antialias=True
-        )
-        return TF.center_crop(x, [height, width])
-
-    def batch(images: list[torch.Tensor]) -> torch.Tensor:
-        x = torch.stack([one(im) for im in images]).clamp_(0, 255)
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-    return batch
-
-
-def run_device_decode(
-    paths: Sequence[Path],
-    model: torch.nn.Module,
-    bundle: ModelBundle,
-    out: Path,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> tuple[Measure, np.ndarray]:
-    """(d) Workers read bytes; decode_jpeg, resize and normalise on ``device``; Parquet at the end."""
-    import torchvision.io
-
-    from deepfeat.finetune.embed import _to_table, write_table_atomic
-
-    prep = device_preprocess(bundle, device)
-    loader = torch.utils.data.DataLoader(
-        _FileBytes(paths),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        collate_fn=_as_list,
-        prefetch_factor=4 if args.num_workers else None,
-    )
-    with Clock() as clock:
-        parts = []
-        for datas in loader:
-            encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-            images = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=device)
-            with torch.inference_mode(), autocast_ctx(device, args.bf16):
-                parts.append(model(prep(list(images))).float().cpu().numpy())
-        vectors = np.concatenate(parts)
-        rows = pd.DataFrame({"id": [p.name for p in paths], "path": [str(p) for p in paths]})
-        out.mkdir(parents=True, exist_ok=True)
-        write_table_atomic(_to_table(rows, vectors, bundle.fingerprint()), out / "part-00000.parquet")
-    return clock.measure(len(paths)), vectors
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -328,7 +248,6 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
     )
 
     result = Result()
-    reference: np.ndarray | None = None
     for rep in range(args.repeats):
         out = work / f"run-{rep}"
         order = ["naive", "model", "deepfeat", "decode"]
@@ -344,7 +263,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
             elif name == "deepfeat":
                 got[name] = run_deepfeat(bundle, records, out / "deepfeat", args, device)
             elif name == "decode" and gpu_decode:
-                got[name], reference = run_device_decode(paths, model, bundle, out / "decode", args, device)
+                got[name] = run_deepfeat(bundle, records, out / "decode", args, device, decode="device")
         for name, m in got.items():
             result.add_rate(name, m.rate)
             result.add_rate(f"{name} per CPU-s", m.cpu_rate)
@@ -371,12 +290,14 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
             f"(c) vs (a) vectors: cosine mean {cos.mean():.5f}, min {cos.min():.5f} "
             f"({'bf16' if args.bf16 else 'float32'} batched vs float32 one at a time)"
         )
-    if reference is not None:
-        position = {name: i for i, name in enumerate(p.name for p in paths)}
-        ref = reference[[position[i] for i in rows["id"]]]
+    if gpu_decode:
+        rows_d, vecs_d, _ = read_shards(work / f"run-{args.repeats - 1}" / "decode")
+        by_id = dict(zip(rows_d["id"], vecs_d, strict=True))
+        ref = np.stack([by_id[i] for i in rows["id"]])
+        cos = np.sum(ref * vecs, axis=1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(vecs, axis=1)
         result.notes.append(
-            f"(d) vs (c) vectors: mean cosine {mean_cosine(ref, vecs):.4f} (the device resize is not "
-            f"bit-identical to the bundle's OpenCV preprocessing)"
+            f"(d) vs (c) vectors: cosine mean {cos.mean():.5f}, min {cos.min():.5f} (device decode and resize "
+            f"vs the workers' Pillow + OpenCV preprocessing; bit-identical they are not)"
         )
     _report(result, args, device)
     if args.json:
@@ -389,8 +310,8 @@ def _report(result: Result, args: argparse.Namespace, device: torch.device) -> N
     labels = {
         "naive": "(a) naive loop, 1 image at a time",
         "model": f"(b) model-only forward, batch {args.batch_size}, pre-decoded",
-        "deepfeat": f"(c) deepfeat embed_to_parquet, {args.num_workers} worker(s)",
-        "decode": "(d) decode_jpeg on the device + forward",
+        "deepfeat": f"(c) deepfeat embed_to_parquet, decode in {args.num_workers} worker(s)",
+        "decode": f"(d) deepfeat, decode on the device, {args.num_workers} worker(s) reading",
     }
     rows = []
     for name, label in labels.items():

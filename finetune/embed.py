@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.data import RecordDataset, SkipReport, collate_skipping_errors, record_source
+from deepfeat.finetune.device_decode import DevicePreprocess
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 BUNDLE_METADATA_KEY = b"deepfeat.bundle"
 SHARD_GLOB = "part-*.parquet"
 _RESERVED = ("vector", "image")
+
+Decode = Literal["auto", "cpu", "device"]
+#: where :func:`iter_embeddings` decodes JPEG files (``--decode`` of ``deepfeat embed``)
+DECODE_CHOICES: tuple[str, ...] = ("auto", "cpu", "device")
 
 
 class _HashingDataset(RecordDataset):
@@ -60,10 +65,31 @@ class _HashingDataset(RecordDataset):
         return item
 
 
+class _EncodedDataset(_HashingDataset):
+    """For ``decode="device"``: JPEG files come back as their bytes (decoded on the device in the main
+    process); every other record is decoded and preprocessed here, as by :class:`_HashingDataset`."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from deepfeat.finetune.device_decode import encoded_item, jpeg_for_device
+        from deepfeat.finetune.images import DEFAULT_MAX_PIXELS
+
+        try:
+            source = record_source(self.records.iloc[index], self.root)
+            data = source.read_bytes() if isinstance(source, Path) and source.is_file() else None
+        except (OSError, DataError):
+            data = None  # the CPU path below reports what is wrong with the record
+        if data is not None and jpeg_for_device(data, DEFAULT_MAX_PIXELS):
+            return encoded_item(data, index, int(self.labels[index]), str(source))
+        return super().__getitem__(index)
+
+
 def _collate(items: list[dict[str, Any]], channels_last: bool = False) -> dict[str, Any]:
     """:func:`collate_skipping_errors` plus the content hashes; with ``channels_last`` the image batch is
     built in that memory layout (in the worker), so the main process, which runs the model, does not
     spend a transposing copy of every batch on it (a few per cent of a CPU run)."""
+    encoded = [it for it in items if "encoded" in it]
+    if encoded:
+        items = [it for it in items if "encoded" not in it]
     good = [it for it in items if "error" not in it]
     if not (channels_last and good):
         batch = collate_skipping_errors(items)
@@ -79,6 +105,14 @@ def _collate(items: list[dict[str, Any]], channels_last: bool = False) -> dict[s
             "errors": [(int(it["index"]), str(it["error"])) for it in items if "error" in it],
         }
     batch["content_hash"] = [str(it["content_hash"]) for it in good]
+    # JPEG bytes for the device decoder, packed into one buffer: one tensor crosses from the worker
+    # to the main process per batch, not hundreds of small objects to unpickle there
+    batch["encoded"] = torch.frombuffer(bytearray(b"".join(it["encoded"] for it in encoded)),
+                                        dtype=torch.uint8) if encoded else None
+    batch["encoded_sizes"] = [len(it["encoded"]) for it in encoded]
+    batch["encoded_index"] = [int(it["index"]) for it in encoded]
+    batch["encoded_hash"] = [str(it["content_hash"]) for it in encoded]
+    batch["encoded_source"] = [str(it["source"]) for it in encoded]
     return batch
 
 
@@ -139,7 +173,7 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
                     on_error: Literal["skip", "fail"] = "skip", report: SkipReport | None = None,
                     root: str | Path | None = None, device: str | torch.device | None = None,
                     channels_last: bool = True, autocast: bool | None = None, progress: bool = False,
-                    compile: bool = False) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+                    compile: bool = False, decode: Decode = "auto") -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """Embed ``records`` and yield ``(rows, vectors)`` per batch.
 
     ``rows`` are the batch's records (in input order, failed ones removed) with a ``content_hash``
@@ -152,11 +186,19 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     ``torch.compile`` (worth it for long runs: compiling takes a minute or more). ``autocast`` runs the
     forward pass under bf16 autocast: ``None`` means on CUDA only; ``True`` on a CPU with native bf16
     (see :func:`cpu_has_native_bf16`) is about 2-4x faster there, with vectors within 1e-3 cosine of float32.
+
+    ``decode`` says where JPEG files are decoded: ``"cpu"`` in the workers (with the bundle's
+    OpenCV preprocessing), ``"device"`` on ``device`` by ``torchvision.io.decode_jpeg`` (nvJPEG on
+    CUDA) with torch resizing there, the workers only reading bytes (see
+    :mod:`deepfeat.finetune.device_decode`); ``"auto"`` is ``device`` on CUDA and ``cpu`` elsewhere.
+    Other formats, and JPEGs the device decoder rejects, always take the CPU path.
     """
     from deepfeat.finetune.transforms import build_transforms
 
     if on_error not in ("skip", "fail"):
         raise DataError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if decode not in DECODE_CHOICES:
+        raise DataError(f"decode must be one of {list(DECODE_CHOICES)}, got {decode!r}")
     records = records.reset_index(drop=True)
     dev = torch.device(device) if device is not None else next(bundle.model.parameters()).device
     model = bundle.model.to(dev).eval()
@@ -167,7 +209,9 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     cuda = dev.type == "cuda"
     use_autocast = resolve_autocast(dev, autocast)
     transform = build_transforms(bundle.preprocessing, preset="none", train=False)
-    dataset = _HashingDataset(records, transform, class_to_idx={}, root=root)
+    on_device = decode == "device" or (decode == "auto" and cuda)
+    dataset = (_EncodedDataset if on_device else _HashingDataset)(records, transform, class_to_idx={}, root=root)
+    prep = DevicePreprocess(bundle.preprocessing, dev) if on_device else None
     loader_kw: dict[str, Any] = {}
     if num_workers > 0:
         loader_kw.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=_init_worker)
@@ -181,20 +225,38 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
         if job.done is not None:
             job.done.synchronize()
         vectors = job.vectors.numpy()
+        order = np.argsort(job.index, kind="stable")  # rows in input order, whichever path decoded them
+        index, vectors = job.index[order], vectors[order]
+        hashes = [job.hashes[i] for i in order]
         if not np.isfinite(vectors).all():
             bad = int((~np.isfinite(vectors).all(axis=1)).sum())
             raise DeepfeatError(f"the model produced {bad} non-finite embeddings in one batch; the bundle's "
                                 f"weights are damaged or the input is out of range. Nothing was written "
                                 f"for this batch")
-        rows = records.iloc[job.index].copy()
-        rows["content_hash"] = job.hashes
+        rows = records.iloc[index].copy()
+        rows["content_hash"] = hashes
         bar.update(len(rows))
         return rows, np.ascontiguousarray(vectors, dtype=np.float32)
 
     in_flight: _InFlight | None = None
     try:
         for batch in loader:
-            for index, message in batch["errors"]:
+            errors = list(batch["errors"])
+            indices = batch["index"].tolist()
+            hashes = list(batch["content_hash"])
+            parts = [] if batch["image"] is None else [batch["image"].to(dev, non_blocking=True)]
+            if batch["encoded"] is not None:
+                assert prep is not None
+                images, more = _decode_encoded(batch, dev, transform, errors)
+                if more:
+                    parts.append(torch.stack([t for _, _, t in more]).to(dev))
+                    indices += [i for i, _, _ in more]
+                    hashes += [h for _, h, _ in more]
+                if images:
+                    parts.append(prep([t for _, _, t in images], channels_last=channels_last))
+                    indices += [i for i, _, _ in images]
+                    hashes += [h for _, h, _ in images]
+            for index, message in errors:
                 rid = str(records.at[index, "id"])
                 if on_error == "fail":
                     if in_flight is not None:  # the batches before the bad image still come out first
@@ -203,10 +265,10 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
                     raise ImageDecodeError(rid, f"{message} (run with --on-error skip to skip bad images)")
                 if report is not None:
                     report.add(rid, str(records.at[index, "path"]) if "path" in records else "", message)
-            bar.update(len(batch["errors"]))
-            if batch["image"] is None:
+            bar.update(len(errors))
+            if not parts:
                 continue
-            x = batch["image"].to(dev, non_blocking=True)
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
@@ -220,7 +282,7 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
                 out = host
             else:
                 out = out.cpu()
-            job = _InFlight(batch["index"].numpy(), batch["content_hash"], out, done)
+            job = _InFlight(np.asarray(indices, dtype=np.int64), hashes, out, done)
             if in_flight is not None:
                 previous, in_flight = in_flight, None
                 yield finish(previous)
@@ -233,6 +295,34 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
             yield finish(job)
     finally:
         bar.close()
+
+
+def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any,
+                    errors: list[tuple[int, str]]) -> tuple[list[tuple[int, str, torch.Tensor]],
+                                                             list[tuple[int, str, torch.Tensor]]]:
+    """Decode a batch's JPEG bytes on ``dev``: ``(index, hash, uint8 image on dev)`` per image, and
+    ``(index, hash, preprocessed CPU tensor)`` for those the device decoder rejected but Pillow reads.
+    Images neither can decode are appended to ``errors``."""
+    from deepfeat.finetune.device_decode import decode_on_device
+    from deepfeat.finetune.images import load_image
+
+    images: list[tuple[int, str, torch.Tensor]] = []
+    fallback: list[tuple[int, str, torch.Tensor]] = []
+    datas = list(torch.split(batch["encoded"], batch["encoded_sizes"]))
+    decoded = decode_on_device(datas, dev)
+    for data, index, digest, source, image in zip(
+        datas, batch["encoded_index"], batch["encoded_hash"], batch["encoded_source"], decoded, strict=True
+    ):
+        if image is not None:
+            images.append((index, digest, image))
+            continue
+        try:
+            fallback.append((index, digest, transform(image=load_image(data.numpy().tobytes()))["image"]))
+        except ImageDecodeError as exc:  # worded as the worker path words it, with the file's path
+            errors.append((index, str(ImageDecodeError(source, exc.reason))))
+    if fallback:
+        log.info("%d JPEG(s) of a batch were rejected by the device decoder and decoded on the CPU", len(fallback))
+    return images, fallback
 
 
 def _metadata_columns(records: pd.DataFrame) -> list[str]:
@@ -291,7 +381,7 @@ class EmbedResult:
 def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Path, *, shard_size: int = 50_000,
                      batch_size: int = 64, num_workers: int = 0, on_error: Literal["skip", "fail"] = "skip",
                      root: str | Path | None = None, device: str | None = None, progress: bool = True,
-                     compile: bool = False, autocast: bool | None = None) -> EmbedResult:
+                     compile: bool = False, autocast: bool | None = None, decode: Decode = "auto") -> EmbedResult:
     """Embed ``records`` into Parquet shards ``part-NNNNN.parquet`` under ``out_dir``.
 
     Resumable: shards already complete (same bundle fingerprint) are kept and their records skipped,
@@ -339,7 +429,8 @@ def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | 
 
     for rows, vectors in iter_embeddings(bundle, todo, batch_size=batch_size, num_workers=num_workers,
                                          on_error=on_error, report=report, root=root, device=device,
-                                         progress=progress, compile=compile, autocast=autocast):
+                                         progress=progress, compile=compile, autocast=autocast,
+                                         decode=decode):
         pending_rows.append(rows)
         pending_vecs.append(vectors)
         n_pending += len(rows)

@@ -113,7 +113,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         records = records.head(args.limit)
     result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                               num_workers=args.num_workers, on_error=args.on_error, progress=not args.quiet,
-                              compile=args.compile, autocast=PRECISION_AUTOCAST[args.precision])
+                              compile=args.compile, autocast=PRECISION_AUTOCAST[args.precision],
+                              decode=args.decode)
     print(f"embedded {result.n_embedded} images ({result.n_skipped} skipped, report {result.out_dir}/_report.json) "
           f"into {len(result.shards)} shards in {result.out_dir} at {result.images_per_second:.1f} img/s")
     return 0
@@ -177,6 +178,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "2-4x faster (vectors within 1e-3 cosine of float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off from a few "
                                                           "thousand images: compiling takes a minute)")
+    p.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto",
+                   help="where JPEGs are decoded and resized: cpu (the workers), device (nvJPEG on the GPU, "
+                        "the workers only read bytes); auto: device on CUDA, cpu elsewhere")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_embed)
 

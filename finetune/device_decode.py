@@ -1,0 +1,202 @@
+"""JPEG decoding and preprocessing on the model's device, for embedding on a GPU.
+
+On a GPU, decoding and resizing in DataLoader workers caps throughput well below the model: one CPU
+core decodes and resizes a few hundred 256 px JPEGs a second, while EfficientNet-Lite0 embeds tens of
+thousands a second under bf16. With ``decode="device"`` the workers only read (and hash) the file
+bytes; the batch is decoded by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA), then
+resized, centre-cropped and normalised there with torch ops that follow the bundle's preprocessing.
+
+What stays on the CPU path, per image, decided in the worker from the header alone: anything that
+is not a baseline/progressive JPEG in RGB or grayscale (PNG, WebP, DICOM, CMYK JPEGs, in-memory
+arrays), files without an end-of-image marker (truncated: the CPU decoder refuses them, the device
+decoder might not), and images above the decompression-bomb limit (the CPU path raises the clear
+error). An image the device decoder rejects is retried on the CPU; one that fails there too is
+reported like any other bad image, never zero-filled.
+
+The device resize is antialiased bilinear/bicubic in torch, the worker path OpenCV's area filter
+for downscaling: the two agree closely (mean cosine of the embeddings about 0.99+; the embedding
+benchmark prints it) but not bit for bit. Use one decode path per collection when exact vector
+reproducibility matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from deepfeat.finetune.backbones import Preprocessing
+
+log = logging.getLogger(__name__)
+
+JPEG_START = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+_DEVICE_MODES = ("RGB", "L")
+
+
+def jpeg_for_device(data: bytes, max_pixels: int | None) -> bool:
+    """Whether ``data`` is a complete JPEG the device decoder handles like Pillow does.
+
+    Reads the header only (Pillow's lazy open): RGB or grayscale, at most ``max_pixels`` pixels, and
+    the file ends with the end-of-image marker (trailing zero padding allowed).
+    """
+    if not data.startswith(JPEG_START) or not data.rstrip(b"\x00").endswith(JPEG_END):
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode not in _DEVICE_MODES:
+                return False
+            width, height = image.size
+    except Exception:  # any header Pillow cannot read goes to the CPU path, which reports it
+        return False
+    return max_pixels is None or width * height <= max_pixels
+
+
+def encoded_item(data: bytes, index: int, label: int, source: str) -> dict[str, Any]:
+    """The dataset item of a JPEG left to the device: its bytes, their content hash, and its path."""
+    digest = hashlib.sha256(data).hexdigest()
+    return {"encoded": data, "index": index, "label": label, "content_hash": digest, "source": source}
+
+
+def decode_on_device(encoded: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEGs (1-D uint8 CPU tensors of the file bytes) on ``device`` into (3, H, W) uint8 RGB
+    tensors, EXIF orientation applied.
+
+    The whole list is decoded in one call (nvJPEG batches it on CUDA); if that fails, each image is
+    decoded alone, and the ones that still fail come back as ``None`` for the caller's CPU fallback.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    kw: dict[str, Any] = {"mode": ImageReadMode.RGB, "device": device, "apply_exif_orientation": True}
+    if not encoded:
+        return []
+    try:
+        return list(decode_jpeg(encoded, **kw))
+    except RuntimeError as exc:
+        log.debug("batched device decode failed (%s); decoding one by one", exc)
+    out: list[torch.Tensor | None] = []
+    for tensor in encoded:
+        try:
+            out.append(decode_jpeg(tensor, **kw))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def _weights(n_in: int, n_out: int, kind: str) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix of OpenCV's 1-D resampling from ``n_in`` to ``n_out`` pixels.
+
+    ``area``: each output pixel averages the input span it covers, partial pixels weighted by overlap
+    (``cv2.INTER_AREA`` when shrinking). ``bilinear``/``bicubic`` (a = -0.75) and ``nearest``: OpenCV's
+    half-pixel-centre sampling with replicated borders (``cv2.resize``'s convention).
+    """
+    scale = n_in / n_out
+    j = torch.arange(n_in, dtype=torch.float64)
+    if kind == "area":
+        lo = torch.arange(n_out, dtype=torch.float64)[:, None] * scale
+        overlap = (torch.minimum(lo + scale, j[None] + 1) - torch.maximum(lo, j[None])).clamp_(min=0)
+        return overlap / scale
+    w = torch.zeros((n_out, n_in), dtype=torch.float64)
+    rows = torch.arange(n_out)
+    if kind == "area_linear":  # cv2.INTER_AREA when not shrinking both ways: its own linear weights
+        inv = n_out / n_in  # OpenCV's arithmetic exactly: floor(dx * (1 / inv)) decides ties like 140 * 200 / 224
+        sx = torch.floor(rows.to(torch.float64) * (1 / inv))
+        fx = ((rows + 1) - (sx + 1) * inv).float().double()
+        fx = torch.where(fx <= 0, torch.zeros_like(fx), fx - torch.floor(fx))
+        for k, c in ((0, 1 - fx), (1, fx)):
+            w.index_put_((rows, (sx.long() + k).clamp_(0, n_in - 1)), c, accumulate=True)
+        return w
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5
+    if kind == "nearest":
+        src = torch.floor(torch.arange(n_out, dtype=torch.float64) * scale).long().clamp_(max=n_in - 1)
+        w[torch.arange(n_out), src] = 1.0
+        return w
+    base = torch.floor(centre)
+    t = centre - base
+    if kind == "bilinear":
+        taps, coeffs = [0, 1], [1 - t, t]
+    else:
+        a = -0.75
+
+        def cubic(x: torch.Tensor) -> torch.Tensor:
+            x = x.abs()
+            return torch.where(
+                x <= 1,
+                ((a + 2) * x - (a + 3)) * x * x + 1,
+                torch.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, torch.zeros_like(x)),
+            )
+
+        taps = [-1, 0, 1, 2]
+        coeffs = [cubic(t - k) for k in taps]
+    for k, c in zip(taps, coeffs, strict=True):
+        w.index_put_((rows, (base.long() + k).clamp_(0, n_in - 1)), c, accumulate=True)
+    return w
+
+
+class DevicePreprocess:
+    """The bundle's evaluation preprocessing on decoded uint8 tensors, on their device.
+
+    Mirrors :func:`deepfeat.finetune.transforms.build_transforms` (``train=False``), which runs
+    OpenCV through albumentations: ``squash`` resizes to the input size; ``shorter_side_crop`` scales
+    so the image covers ``input_size / crop_pct``, then centre-crops; shrinking uses the area filter
+    (``area_for_downscale``), enlarging the bundle's interpolation; the result is rounded to 8 bits as
+    OpenCV's is, then normalised, ``(x / 255 - mean) / std``. Each resize is two small matrix products
+    (rows, then columns) with OpenCV's 1-D weights, so device and worker preprocessing agree to within
+    rounding. Images of the same size go through as one batch.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, device: torch.device) -> None:
+        self.pre = preprocessing
+        self.device = device
+        self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255
+        self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def _matrix(self, n_in: int, n_out: int, kind: str) -> torch.Tensor:
+        key = (n_in, n_out, kind)
+        if key not in self._cache:
+            self._cache[key] = _weights(n_in, n_out, kind).to(self.device, torch.float32)
+        return self._cache[key]
+
+    def _plan(self, h: int, w: int) -> tuple[int, int, str]:
+        """Output size of the resize and the filter, as albumentations decides them."""
+        height, width = self.pre.input_size
+        if self.pre.resize_mode == "squash":
+            if height < h or width < w:  # albumentations asks OpenCV for INTER_AREA, which averages
+                # only when both sides shrink (or stay), and otherwise weights linearly in its own way
+                return height, width, "area" if height <= h and width <= w else "area_linear"
+            return height, width, self.pre.interpolation
+        target_h, target_w = math.floor(height / self.pre.crop_pct), math.floor(width / self.pre.crop_pct)
+        scale = max(target_h / h, target_w / w)
+        return max(1, round(h * scale)), max(1, round(w * scale)), "area" if scale < 1.0 else self.pre.interpolation
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        out_h, out_w, kind = self._plan(h, w)
+        if (out_h, out_w) != (h, w):
+            x = torch.matmul(self._matrix(h, out_h, kind), x)  # rows: (out_h, h) @ (..., h, w)
+            x = torch.matmul(x, self._matrix(w, out_w, kind).T)  # columns
+            x = x.round_().clamp_(0, 255)
+        height, width = self.pre.input_size
+        top, left = (out_h - height) // 2, (out_w - width) // 2  # albumentations' CenterCrop offsets
+        return x[..., top : top + height, left : left + width]
+
+    def __call__(self, images: Sequence[torch.Tensor], channels_last: bool = True) -> torch.Tensor:
+        """Stack ``images`` ((3, H, W) uint8, any sizes) into one normalised float batch, in order."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(i)
+        height, width = self.pre.input_size
+        out = torch.empty((len(images), 3, height, width), device=self.mean.device)
+        for members in groups.values():
+            x = torch.stack([images[i] for i in members]).float()
+            out[torch.tensor(members, device=out.device)] = self._resize(x)
+        out = (out - self.mean) / self.std
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out

@@ -1,0 +1,177 @@
+"""Decoding and preprocessing on the model's device (``decode="device"``), checked on the CPU.
+
+The code path is the one a GPU runs (``torchvision.io.decode_jpeg(device=...)``, the resize as matrix
+products, the CPU fallback for what the device decoder cannot take); here the device is the CPU, so
+CI exercises it. It must agree with the workers' Pillow + OpenCV pipeline to within 8-bit rounding,
+skip the same bad files for the same reasons, and never turn a bad file into a vector.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from test_reliability_support import build_corpus
+
+from deepfeat.finetune.backbones import Preprocessing
+from deepfeat.finetune.bundle import ModelBundle
+from deepfeat.finetune.data import SkipReport
+from deepfeat.finetune.device_decode import DevicePreprocess, jpeg_for_device
+from deepfeat.finetune.embed import embed_to_parquet, iter_embeddings, read_shards
+from deepfeat.finetune.errors import DataError, ImageDecodeError
+from deepfeat.finetune.images import load_image
+from deepfeat.finetune.records import read_records
+from deepfeat.finetune.transforms import build_transforms
+
+pytest_plugins = ("test_reliability_support",)  # rel_bundle_dir, rel_bundle
+
+CPU = torch.device("cpu")
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth random image (blocks upsampled): resampling differences show on it, unlike on flat fills."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR)).copy()
+
+
+def _jpeg(pixels: np.ndarray, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "pre",
+    [
+        Preprocessing(
+            input_size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", resize_mode="squash"
+        ),
+        Preprocessing(input_size=(64, 64), interpolation="bilinear", resize_mode="shorter_side_crop"),
+        Preprocessing(input_size=(48, 40), interpolation="bicubic", resize_mode="shorter_side_crop"),
+        Preprocessing(input_size=(32, 32), interpolation="nearest", resize_mode="squash"),
+    ],
+    ids=["squash-bicubic", "crop-bilinear", "crop-bicubic-nonsquare", "squash-nearest"],
+)
+@pytest.mark.parametrize("size", [(64, 64), (90, 70), (50, 80), (28, 28), (300, 200), (33, 257)])
+def test_device_preprocessing_matches_the_worker_pipeline_within_rounding(
+    pre: Preprocessing, size: tuple[int, int]
+) -> None:
+    pixels = _photo(*size, seed=size[0] * 1000 + size[1])
+    expected = build_transforms(pre, preset="none", train=False)(image=pixels)["image"]
+    got = DevicePreprocess(pre, CPU)([torch.from_numpy(pixels).permute(2, 0, 1).contiguous()], channels_last=False)[0]
+    assert got.shape == expected.shape
+    levels = (got - expected).abs() * torch.tensor(pre.std).view(3, 1, 1) * 255
+    # OpenCV works in fixed point for 8-bit images: one grey level apart at most, and rarely
+    assert float(levels.max()) <= 1.0 + 1e-3
+    assert float(levels.mean()) < 0.2
+
+
+def test_device_preprocessing_batches_mixed_sizes_in_input_order() -> None:
+    pre = Preprocessing(input_size=(32, 32), interpolation="bilinear", resize_mode="shorter_side_crop")
+    images = [_photo(40, 60, seed=1), _photo(32, 32, seed=2), _photo(40, 60, seed=3)]
+    batch = DevicePreprocess(pre, CPU)([torch.from_numpy(p).permute(2, 0, 1).contiguous() for p in images])
+    assert batch.shape == (3, 3, 32, 32) and batch.is_contiguous(memory_format=torch.channels_last)
+    cpu = build_transforms(pre, preset="none", train=False)
+    for row, pixels in zip(batch, images, strict=True):
+        assert torch.allclose(row, cpu(image=pixels)["image"], atol=2.5 / 255 / 0.225)
+
+
+def test_jpeg_for_device_takes_only_complete_rgb_or_gray_jpegs_within_the_pixel_limit() -> None:
+    rgb = _photo(40, 30)
+    good = _jpeg(rgb)
+    assert jpeg_for_device(good, max_pixels=None)
+    assert jpeg_for_device(_jpeg(rgb[..., 0]), max_pixels=None)  # grayscale
+    assert jpeg_for_device(good + b"\x00" * 16, max_pixels=None)  # zero padding after the end marker
+    assert not jpeg_for_device(good[: len(good) // 2], max_pixels=None)  # truncated: the CPU path refuses it
+    assert not jpeg_for_device(good, max_pixels=40 * 30 - 1)  # the CPU path raises the clear size error
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buf, format="JPEG")
+    assert not jpeg_for_device(buf.getvalue(), max_pixels=None)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    assert not jpeg_for_device(png.getvalue(), max_pixels=None)
+    assert not jpeg_for_device(b"\xff\xd8\xff" + b"\x00" * 64 + b"\xff\xd9", max_pixels=None)
+
+
+def test_device_decode_applies_exif_orientation_like_pillow(tmp_path: Path, rel_bundle: ModelBundle) -> None:
+    pixels = _photo(24, 40, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(_jpeg(pixels, exif=exif.tobytes()))
+    assert load_image(path).shape == (40, 24, 3)
+    records = pd.DataFrame({"id": ["r"], "path": [str(path)], "label": ["x"]})
+    ((_, got),) = list(iter_embeddings(rel_bundle, records, decode="device", device="cpu"))
+    ((_, want),) = list(iter_embeddings(rel_bundle, records, decode="cpu", device="cpu"))
+    assert float((got * want).sum()) > 0.999
+
+
+def test_device_decode_on_the_reliability_corpus_skips_the_same_files_and_agrees_on_the_rest(
+    tmp_path: Path, rel_bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deepfeat.finetune.device_decode as device_decode
+
+    on_device: list[int] = []
+    real = device_decode.decode_on_device
+
+    def counting(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+        out = real(encoded, device)
+        on_device.extend(1 for image in out if image is not None)
+        return out
+
+    monkeypatch.setattr(device_decode, "decode_on_device", counting)
+    corpus = build_corpus(tmp_path / "images")
+    # plus real JPEG photos, which take the device path (the corpus is mostly other formats and faults)
+    for i in range(6):
+        (corpus.root / "good" / f"photo-{i}.jpg").write_bytes(_jpeg(_photo(48 + 8 * i, 64, seed=i)))
+    records = read_records(corpus.root, check_files=False)
+    runs = {}
+    for decode in ("cpu", "device"):
+        report = SkipReport()
+        batches = list(
+            iter_embeddings(
+                rel_bundle, records, batch_size=4, num_workers=2, report=report, decode=decode, device="cpu"
+            )
+        )
+        rows = pd.concat([r for r, _ in batches])
+        runs[decode] = (rows, np.concatenate([v for _, v in batches]), {s["id"]: s["reason"] for s in report.skipped})
+    (rows_c, vec_c, skip_c), (rows_d, vec_d, skip_d) = runs["cpu"], runs["device"]
+    n_jpeg = sum(1 for p in records["path"] if str(p).lower().endswith((".jpg", ".jpeg")) and p not in skip_c)
+    assert len(on_device) >= 6 and len(on_device) <= n_jpeg  # the photos, at least, were decoded "on the device"
+    assert skip_d == skip_c and set(skip_c) >= set(corpus.bad)
+    assert list(rows_d["id"]) == list(rows_c["id"])
+    assert list(rows_d["content_hash"]) == list(rows_c["content_hash"])  # the file bytes' hash either way
+    assert np.isfinite(vec_d).all()
+    cos = (vec_d * vec_c).sum(axis=1)  # the test bundle normalises
+    assert cos.min() > 0.999, dict(zip(rows_c["id"], cos.round(5), strict=True))
+
+
+def test_device_decode_fail_mode_names_the_bad_jpeg(tmp_path: Path, rel_bundle: ModelBundle) -> None:
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_jpeg(_photo(32, 32)))
+    # a complete JPEG whose Huffman table is garbage: Pillow reads its header (so it goes to the device
+    # decoder), both decoders then reject the pixel data
+    data = bytearray(_jpeg(_photo(32, 32, seed=9)))
+    start = data.index(b"\xff\xc4") + 5
+    data[start : start + 16] = b"\xff" * 16
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(bytes(data))
+    assert jpeg_for_device(bytes(data), max_pixels=None)
+    records = pd.DataFrame({"id": ["good", "bad"], "path": [str(good), str(bad)], "label": ["x", "x"]})
+    with pytest.raises(ImageDecodeError, match=r"bad\.jpg.*broken data stream"):
+        list(iter_embeddings(rel_bundle, records, decode="device", device="cpu", on_error="fail"))
+    result = embed_to_parquet(rel_bundle, records, tmp_path / "out", decode="device", device="cpu", progress=False)
+    rows, vectors, _ = read_shards(tmp_path / "out")
+    assert result.n_skipped == 1 and list(rows["id"]) == ["good"] and np.isfinite(vectors).all()
+
+
+def test_decode_choice_is_checked(rel_bundle: ModelBundle, tmp_path: Path) -> None:
+    records = pd.DataFrame({"id": ["a"], "path": [str(tmp_path / "a.jpg")], "label": ["x"]})
+    with pytest.raises(DataError, match="decode must be one of"):
+        list(iter_embeddings(rel_bundle, records, decode="gpu"))  # type: ignore[arg-type]
