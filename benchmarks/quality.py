@@ -35,7 +35,7 @@ from pytorch_metric_learning import losses, miners
 from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
 from deepfeat.finetune.metrics import format_metrics_table
 from deepfeat.finetune.model import EmbeddingModel, build_embedding_model
-from deepfeat.finetune.pipeline import FinetuneSettings, finetune, make_datamodule
+from deepfeat.finetune.pipeline import FinetuneSettings, evaluation_device, finetune, make_datamodule
 from deepfeat.finetune.records import FASHION_MNIST_CLASSES, read_fashion_mnist, sample_per_class
 
 KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
@@ -86,7 +86,8 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
                                 freeze_epochs=args.freeze_epochs, p=args.p, k=args.k,
                                 freeze_bn=not args.train_bn, preset=args.preset, loss_lr=args.loss_lr,
-                                warmup_steps=args.warmup_steps)
+                                warmup_steps=args.warmup_steps, precision=args.precision,
+                                backbone=args.backbone)
     dm = make_datamodule(records, settings, val_fraction=val_fraction)
     n_classes = dm.split_records("train")["label"].nunique()
     loss, miner = make_loss(args.loss, n_classes, args.dim)
@@ -97,9 +98,11 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
     if args.layers:  # the stricter baseline too: the very layers the fine-tuned model reads, untrained
         models[f"off-the-shelf, layers {','.join(map(str, args.layers))}"] = off_the_shelf(result.model)
     models["fine-tuned"] = result.model
-    rows = evaluate_models(models, test, batch_size=256, num_workers=args.num_workers)
+    rows = evaluate_models(models, test, batch_size=256, num_workers=args.num_workers,
+                           device=evaluation_device(settings.accelerator))
     rows["fine-tuned"]["chosen"] = result.chosen  # type: ignore[assignment]
     rows["fine-tuned"]["wall_seconds"] = time.perf_counter() - start
+    rows["fine-tuned"]["steps"] = result.steps  # type: ignore[assignment]
     logging.getLogger("quality").info("%s seed %d: %s", protocol, seed, result.message)
     return rows
 
@@ -136,6 +139,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--loss", default="arcface", choices=["ms", "arcface", "cosface", "proxyanchor", "supcon"])
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0",
+                        help="tf_efficientnet_lite0/1/2 (installed ImageNet weights) or another timm name")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed (GPU)")
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", nargs="+", type=parse_layer, default=None,
@@ -176,7 +182,9 @@ def main() -> None:
         table = summarise(runs)
         report["protocols"][protocol] = {"runs": runs, "summary": table}
         walls = [r["fine-tuned"]["wall_seconds"] for r in runs]
-        print(f"\n== {protocol} (seeds {args.seeds}; loss {args.loss}; {args.image_size}px; "
+        steps = [r["fine-tuned"]["steps"] for r in runs]
+        print(f"\n== {protocol} ({args.backbone}; seeds {args.seeds}; loss {args.loss}; {args.image_size}px; "
+              f"steps per run {steps}; "
               f"wall per run {statistics.fmean(walls) / 60:.1f} min)")
         print(format_metrics_table(table, [k for key in KEYS for k in (key, f"{key}_std")], delta=False))
         print("chosen per seed:", [r["fine-tuned"]["chosen"] for r in runs])

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 SELECT_KEY = "map_at_r"
 
 
+def evaluation_device(accelerator: str) -> str:
+    """Where validation embeddings are computed: the GPU when training runs on one, else the CPU."""
+    return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class FinetuneSettings:
     """Everything ``finetune`` needs; the defaults are the safe ones (see the module docstring)."""
@@ -152,8 +157,10 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
     val_records = dm.split_records("val")
     base = off_the_shelf(module.model, settings.weights)
     start = time.perf_counter()
+    eval_device = evaluation_device(settings.accelerator)
     val = evaluate_models({"off-the-shelf": base}, val_records, batch_size=settings.eval_batch_size,
-                          num_workers=settings.num_workers, exclude_same_group=settings.exclude_same_group)
+                          num_workers=settings.num_workers, exclude_same_group=settings.exclude_same_group,
+                          device=eval_device)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor=f"val/{SELECT_KEY}", mode="max", save_top_k=1,
                            filename="best", save_last=False, enable_version_counter=False)
     callbacks: list[Callback] = [ckpt, EarlyStopping(monitor=f"val/{SELECT_KEY}", mode="max",
@@ -174,7 +181,10 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
         load_module_weights(module, best)
     module.model.cpu().eval()
     val.update(evaluate_models({"fine-tuned": module.model}, val_records, batch_size=settings.eval_batch_size,
-                               num_workers=settings.num_workers, exclude_same_group=settings.exclude_same_group))
+                               num_workers=settings.num_workers, exclude_same_group=settings.exclude_same_group,
+                               device=eval_device))
+    module.model.cpu()
+    base.cpu()
     seconds = time.perf_counter() - start
     b, a = val["off-the-shelf"], val["fine-tuned"]
     summary = (f"validation MAP@R {a[SELECT_KEY]:.4f} vs off-the-shelf {b[SELECT_KEY]:.4f}, Recall@1 "
