@@ -37,56 +37,96 @@ log = logging.getLogger(__name__)
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 _DEVICE_MODES = ("RGB", "L")
+_EXIF_ORIENTATION = 0x0112
 
 
-def jpeg_for_device(data: bytes, max_pixels: int | None) -> bool:
-    """Whether ``data`` is a complete JPEG the device decoder handles like Pillow does.
+def jpeg_for_device(data: bytes, max_pixels: int | None) -> int | None:
+    """The EXIF orientation (1-8) of a complete JPEG the device decoder handles like Pillow does, or
+    ``None`` when the image must take the CPU path.
 
     Reads the header only (Pillow's lazy open): RGB or grayscale, at most ``max_pixels`` pixels, and
-    the file ends with the end-of-image marker (trailing zero padding allowed).
+    the file ends with the end-of-image marker (trailing zero padding allowed). The orientation is
+    returned because nvJPEG ignores it (``decode_jpeg(device="cuda")`` does not apply it): the caller
+    applies it with :func:`orient`, as Pillow's ``exif_transpose`` does on the CPU path.
     """
     if not data.startswith(JPEG_START) or not data.rstrip(b"\x00").endswith(JPEG_END):
-        return False
+        return None
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "JPEG" or image.mode not in _DEVICE_MODES:
-                return False
+                return None
             width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # any header Pillow cannot read goes to the CPU path, which reports it
-        return False
-    return max_pixels is None or width * height <= max_pixels
+        return None
+    if max_pixels is not None and width * height > max_pixels:
+        return None
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
-def encoded_item(data: bytes, index: int, label: int, source: str) -> dict[str, Any]:
-    """The dataset item of a JPEG left to the device: its bytes, their content hash, and its path."""
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Turn a decoded (C, H, W) image upright by its EXIF orientation, as ``PIL.ImageOps.exif_transpose``."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1, -2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-1, -2)
+    if orientation == 6:
+        return image.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return image.transpose(-1, -2).flip(-1, -2)
+    if orientation == 8:
+        return image.transpose(-1, -2).flip(-2)
+    return image
+
+
+def encoded_item(data: bytes, index: int, label: int, source: str, orientation: int) -> dict[str, Any]:
+    """The dataset item of a JPEG left to the device: its bytes, their content hash, its path and its
+    EXIF orientation."""
     digest = hashlib.sha256(data).hexdigest()
-    return {"encoded": data, "index": index, "label": label, "content_hash": digest, "source": source}
+    return {
+        "encoded": data,
+        "index": index,
+        "label": label,
+        "content_hash": digest,
+        "source": source,
+        "orientation": orientation,
+    }
 
 
-def decode_on_device(encoded: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """Decode JPEGs (1-D uint8 CPU tensors of the file bytes) on ``device`` into (3, H, W) uint8 RGB
-    tensors, EXIF orientation applied.
+def decode_on_device(
+    encoded: Sequence[torch.Tensor], device: torch.device, orientations: Sequence[int] | None = None
+) -> list[torch.Tensor | None]:
+    """Decode JPEGs (1-D uint8 CPU tensors of the file bytes) on ``device`` into upright (3, H, W) uint8
+    RGB tensors (``orientations``: their EXIF orientations, from :func:`jpeg_for_device`).
 
-    The whole list is decoded in one call (nvJPEG batches it on CUDA); if that fails, each image is
-    decoded alone, and the ones that still fail come back as ``None`` for the caller's CPU fallback.
+    The whole list is decoded in one call (nvJPEG batches it on CUDA, in hardware on A100/H100); if
+    that fails, each image is decoded alone, and the ones that still fail come back as ``None`` for
+    the caller's CPU fallback.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    kw: dict[str, Any] = {"mode": ImageReadMode.RGB, "device": device, "apply_exif_orientation": True}
+    kw: dict[str, Any] = {"mode": ImageReadMode.RGB, "device": device}  # orientation: applied below, on any device
     if not encoded:
         return []
+    out: list[torch.Tensor | None]
     try:
-        return list(decode_jpeg(encoded, **kw))
+        out = list(decode_jpeg(list(encoded), **kw))
     except RuntimeError as exc:
         log.debug("batched device decode failed (%s); decoding one by one", exc)
-    out: list[torch.Tensor | None] = []
-    for tensor in encoded:
-        try:
-            out.append(decode_jpeg(tensor, **kw))
-        except RuntimeError:
-            out.append(None)
+        out = []
+        for tensor in encoded:
+            try:
+                out.append(decode_jpeg(tensor, **kw))
+            except RuntimeError:
+                out.append(None)
+    if orientations is not None:
+        out = [None if im is None else orient(im, o) for im, o in zip(out, orientations, strict=True)]
     return out
 
 
@@ -194,9 +234,12 @@ class DevicePreprocess:
         for i, image in enumerate(images):
             groups.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(i)
         height, width = self.pre.input_size
-        out = torch.empty((len(images), 3, height, width), device=self.mean.device)
-        for members in groups.values():
-            x = torch.stack([images[i] for i in members]).float()
-            out[torch.tensor(members, device=out.device)] = self._resize(x)
+        if len(groups) == 1:  # the common case (a catalogue of one image size): no scatter
+            out = self._resize(torch.stack(list(images)).float())
+        else:
+            out = torch.empty((len(images), 3, height, width), device=self.mean.device)
+            for members in groups.values():
+                x = torch.stack([images[i] for i in members]).float()
+                out[torch.tensor(members, device=out.device)] = self._resize(x)
         out = (out - self.mean) / self.std
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out

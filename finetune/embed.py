@@ -13,13 +13,15 @@ import functools
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -78,8 +80,9 @@ class _EncodedDataset(_HashingDataset):
             data = source.read_bytes() if isinstance(source, Path) and source.is_file() else None
         except (OSError, DataError):
             data = None  # the CPU path below reports what is wrong with the record
-        if data is not None and jpeg_for_device(data, DEFAULT_MAX_PIXELS):
-            return encoded_item(data, index, int(self.labels[index]), str(source))
+        orientation = jpeg_for_device(data, DEFAULT_MAX_PIXELS) if data is not None else None
+        if data is not None and orientation is not None:
+            return encoded_item(data, index, int(self.labels[index]), str(source), orientation)
         return super().__getitem__(index)
 
 
@@ -113,6 +116,7 @@ def _collate(items: list[dict[str, Any]], channels_last: bool = False) -> dict[s
     batch["encoded_index"] = [int(it["index"]) for it in encoded]
     batch["encoded_hash"] = [str(it["content_hash"]) for it in encoded]
     batch["encoded_source"] = [str(it["source"]) for it in encoded]
+    batch["encoded_orientation"] = [int(it["orientation"]) for it in encoded]
     return batch
 
 
@@ -238,12 +242,15 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
         bar.update(len(rows))
         return rows, np.ascontiguousarray(vectors, dtype=np.float32)
 
-    in_flight: _InFlight | None = None
-    try:
-        for batch in loader:
-            errors = list(batch["errors"])
-            indices = batch["index"].tolist()
-            hashes = list(batch["content_hash"])
+    side = torch.cuda.Stream(device=dev) if cuda and on_device else None
+
+    def stage(batch: dict[str, Any]) -> _Staged:
+        """Everything before the forward pass: on CUDA with device decoding this runs one batch ahead,
+        in a thread and on its own stream, so nvJPEG and the resize overlap the previous forward."""
+        errors = list(batch["errors"])
+        indices = batch["index"].tolist()
+        hashes = list(batch["content_hash"])
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             parts = [] if batch["image"] is None else [batch["image"].to(dev, non_blocking=True)]
             if batch["encoded"] is not None:
                 assert prep is not None
@@ -256,6 +263,17 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
                     parts.append(prep([t for _, _, t in images], channels_last=channels_last))
                     indices += [i for i, _, _ in images]
                     hashes += [h for _, h, _ in images]
+            x = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+            ready = None
+            if side is not None and x is not None:
+                ready = torch.cuda.Event()
+                ready.record(side)
+        return _Staged(errors, indices, hashes, x, ready)
+
+    in_flight: _InFlight | None = None
+    try:
+        for staged in _run_ahead(iter(loader), stage, threaded=side is not None):
+            errors, indices, hashes = staged.errors, staged.indices, staged.hashes
             for index, message in errors:
                 rid = str(records.at[index, "id"])
                 if on_error == "fail":
@@ -266,9 +284,12 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
                 if report is not None:
                     report.add(rid, str(records.at[index, "path"]) if "path" in records else "", message)
             bar.update(len(errors))
-            if not parts:
+            if staged.x is None:
                 continue
-            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = staged.x
+            if staged.ready is not None:
+                torch.cuda.current_stream(dev).wait_event(staged.ready)
+                x.record_stream(torch.cuda.current_stream(dev))  # made on the side stream, used on this one
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
@@ -297,6 +318,66 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
         bar.close()
 
 
+@dataclass
+class _Staged:
+    """A batch ready for the forward pass: its decode errors, record positions, hashes and input."""
+
+    errors: list[tuple[int, str]]
+    indices: list[int]
+    hashes: list[str]
+    x: torch.Tensor | None
+    ready: torch.cuda.Event | None
+
+
+_T = TypeVar("_T")
+_END = object()
+
+
+def _run_ahead(batches: Iterator[dict[str, Any]], stage: Callable[[dict[str, Any]], _T], *,
+               threaded: bool, depth: int = 2) -> Iterator[_T]:
+    """``stage(batch)`` for each batch, in order; with ``threaded``, computed up to ``depth`` batches ahead
+    in a background thread (torch and nvJPEG release the GIL, so it overlaps the caller's work).
+    An exception in the thread is raised here; closing the generator stops the thread."""
+    if not threaded:
+        for batch in batches:
+            yield stage(batch)
+        return
+    results: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any, exc: BaseException | None = None) -> bool:
+        while not stop.is_set():
+            try:
+                results.put((item, exc), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not put(stage(batch)):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(None, exc)
+
+    thread = threading.Thread(target=work, name="deepfeat-embed-stage", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = results.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
 def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any,
                     errors: list[tuple[int, str]]) -> tuple[list[tuple[int, str, torch.Tensor]],
                                                              list[tuple[int, str, torch.Tensor]]]:
@@ -309,7 +390,7 @@ def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any,
     images: list[tuple[int, str, torch.Tensor]] = []
     fallback: list[tuple[int, str, torch.Tensor]] = []
     datas = list(torch.split(batch["encoded"], batch["encoded_sizes"]))
-    decoded = decode_on_device(datas, dev)
+    decoded = decode_on_device(datas, dev, batch["encoded_orientation"])
     for data, index, digest, source, image in zip(
         datas, batch["encoded_index"], batch["encoded_hash"], batch["encoded_source"], decoded, strict=True
     ):

@@ -21,7 +21,7 @@ from test_reliability_support import build_corpus
 from deepfeat.finetune.backbones import Preprocessing
 from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.data import SkipReport
-from deepfeat.finetune.device_decode import DevicePreprocess, jpeg_for_device
+from deepfeat.finetune.device_decode import DevicePreprocess, jpeg_for_device, orient
 from deepfeat.finetune.embed import embed_to_parquet, iter_embeddings, read_shards
 from deepfeat.finetune.errors import DataError, ImageDecodeError
 from deepfeat.finetune.images import load_image
@@ -85,18 +85,38 @@ def test_device_preprocessing_batches_mixed_sizes_in_input_order() -> None:
 def test_jpeg_for_device_takes_only_complete_rgb_or_gray_jpegs_within_the_pixel_limit() -> None:
     rgb = _photo(40, 30)
     good = _jpeg(rgb)
-    assert jpeg_for_device(good, max_pixels=None)
-    assert jpeg_for_device(_jpeg(rgb[..., 0]), max_pixels=None)  # grayscale
-    assert jpeg_for_device(good + b"\x00" * 16, max_pixels=None)  # zero padding after the end marker
-    assert not jpeg_for_device(good[: len(good) // 2], max_pixels=None)  # truncated: the CPU path refuses it
-    assert not jpeg_for_device(good, max_pixels=40 * 30 - 1)  # the CPU path raises the clear size error
+    assert jpeg_for_device(good, max_pixels=None) == 1
+    assert jpeg_for_device(_jpeg(rgb[..., 0]), max_pixels=None) == 1  # grayscale
+    assert jpeg_for_device(good + b"\x00" * 16, max_pixels=None) == 1  # zero padding after the end marker
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    assert jpeg_for_device(_jpeg(rgb, exif=exif.tobytes()), max_pixels=None) == 8
+    assert jpeg_for_device(good[: len(good) // 2], max_pixels=None) is None  # truncated: the CPU path refuses it
+    assert jpeg_for_device(good, max_pixels=40 * 30 - 1) is None  # the CPU path raises the clear size error
     buf = io.BytesIO()
     Image.fromarray(rgb).convert("CMYK").save(buf, format="JPEG")
-    assert not jpeg_for_device(buf.getvalue(), max_pixels=None)
+    assert jpeg_for_device(buf.getvalue(), max_pixels=None) is None
     png = io.BytesIO()
     Image.fromarray(rgb).save(png, format="PNG")
-    assert not jpeg_for_device(png.getvalue(), max_pixels=None)
-    assert not jpeg_for_device(b"\xff\xd8\xff" + b"\x00" * 64 + b"\xff\xd9", max_pixels=None)
+    assert jpeg_for_device(png.getvalue(), max_pixels=None) is None
+    assert jpeg_for_device(b"\xff\xd8\xff" + b"\x00" * 64 + b"\xff\xd9", max_pixels=None) is None
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_turns_images_upright_like_pillow_exif_transpose(orientation: int) -> None:
+    from PIL import ImageOps
+
+    pixels = _photo(24, 40, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    with Image.open(io.BytesIO(_jpeg(pixels, exif=exif.tobytes()))) as im:
+        want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    from torchvision.io import decode_jpeg
+
+    raw = decode_jpeg(torch.frombuffer(bytearray(_jpeg(pixels)), dtype=torch.uint8))  # no orientation applied
+    got = orient(raw, orientation).permute(1, 2, 0).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_device_decode_applies_exif_orientation_like_pillow(tmp_path: Path, rel_bundle: ModelBundle) -> None:
@@ -120,8 +140,10 @@ def test_device_decode_on_the_reliability_corpus_skips_the_same_files_and_agrees
     on_device: list[int] = []
     real = device_decode.decode_on_device
 
-    def counting(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-        out = real(encoded, device)
+    def counting(
+        encoded: list[torch.Tensor], device: torch.device, orientations: list[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        out = real(encoded, device, orientations)
         on_device.extend(1 for image in out if image is not None)
         return out
 
@@ -162,7 +184,7 @@ def test_device_decode_fail_mode_names_the_bad_jpeg(tmp_path: Path, rel_bundle: 
     data[start : start + 16] = b"\xff" * 16
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(bytes(data))
-    assert jpeg_for_device(bytes(data), max_pixels=None)
+    assert jpeg_for_device(bytes(data), max_pixels=None) == 1
     records = pd.DataFrame({"id": ["good", "bad"], "path": [str(good), str(bad)], "label": ["x", "x"]})
     with pytest.raises(ImageDecodeError, match=r"bad\.jpg.*broken data stream"):
         list(iter_embeddings(rel_bundle, records, decode="device", device="cpu", on_error="fail"))
@@ -175,3 +197,28 @@ def test_decode_choice_is_checked(rel_bundle: ModelBundle, tmp_path: Path) -> No
     records = pd.DataFrame({"id": ["a"], "path": [str(tmp_path / "a.jpg")], "label": ["x"]})
     with pytest.raises(DataError, match="decode must be one of"):
         list(iter_embeddings(rel_bundle, records, decode="gpu"))  # type: ignore[arg-type]
+
+
+def test_run_ahead_keeps_order_raises_the_workers_error_and_stops_when_closed() -> None:
+    import threading
+
+    from deepfeat.finetune.embed import _run_ahead
+
+    assert list(_run_ahead(iter(range(20)), lambda b: b * 2, threaded=True)) == [2 * i for i in range(20)]
+
+    def boom(b: int) -> int:
+        if b == 3:
+            raise ImageDecodeError("x.jpg", "broken")
+        return b
+
+    got: list[int] = []
+    with pytest.raises(ImageDecodeError, match="broken"):
+        for item in _run_ahead(iter(range(10)), boom, threaded=True):
+            got.append(item)
+    assert got == [0, 1, 2]
+    seen: list[int] = []
+    gen = _run_ahead(iter(range(1000)), lambda b: seen.append(b) or b, threaded=True, depth=2)
+    assert next(gen) == 0
+    gen.close()  # the thread stops instead of staging all 1000
+    assert not any(t.name == "deepfeat-embed-stage" for t in threading.enumerate())
+    assert len(seen) < 10
