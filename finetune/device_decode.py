@@ -22,11 +22,10 @@ reproducibility matters.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,34 +35,75 @@ log = logging.getLogger(__name__)
 
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
-_DEVICE_MODES = ("RGB", "L")
 _EXIF_ORIENTATION = 0x0112
+
+
+_SOF_DEVICE = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman: what both decoders read alike
+_SOF_OTHER = frozenset(range(0xC3, 0xD0)) - {0xC4, 0xC8, 0xCC}  # lossless, arithmetic: the CPU path
 
 
 def jpeg_for_device(data: bytes, max_pixels: int | None) -> int | None:
     """The EXIF orientation (1-8) of a complete JPEG the device decoder handles like Pillow does, or
     ``None`` when the image must take the CPU path.
 
-    Reads the header only (Pillow's lazy open): RGB or grayscale, at most ``max_pixels`` pixels, and
-    the file ends with the end-of-image marker (trailing zero padding allowed). The orientation is
-    returned because nvJPEG ignores it (``decode_jpeg(device="cuda")`` does not apply it): the caller
-    applies it with :func:`orient`, as Pillow's ``exif_transpose`` does on the CPU path.
+    Walks the marker segments up to the frame header (no decoding, a few microseconds; this runs for
+    every image in the DataLoader workers): an 8-bit Huffman-coded JPEG with 1 (gray) or 3 (YCbCr/RGB)
+    components, at most ``max_pixels`` pixels, ending with the end-of-image marker (zero padding
+    allowed). The orientation is returned because nvJPEG ignores it (``decode_jpeg(device="cuda")``
+    does not apply it): the caller applies it with :func:`orient`, as Pillow's ``exif_transpose`` does
+    on the CPU path. Anything unusual (CMYK, 12-bit, lossless, a damaged header) goes to the CPU path,
+    which decodes it or says what is wrong.
     """
     if not data.startswith(JPEG_START) or not data.rstrip(b"\x00").endswith(JPEG_END):
         return None
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format != "JPEG" or image.mode not in _DEVICE_MODES:
+    orientation, i, n = 1, 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker < 0xC0 or 0xD0 <= marker <= 0xD9:  # not a segment a header may hold here
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            return None
+        segment = data[i + 4 : i + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            orientation = _exif_orientation(segment[6:])
+        elif marker in _SOF_OTHER:
+            return None
+        elif marker in _SOF_DEVICE:
+            if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
                 return None
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # any header Pillow cannot read goes to the CPU path, which reports it
-        return None
-    if max_pixels is not None and width * height > max_pixels:
-        return None
-    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+            height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+            if height == 0 or width == 0 or (max_pixels is not None and height * width > max_pixels):
+                return None
+            return orientation
+        elif marker == 0xDA:  # scan data before any frame header: damaged
+            return None
+        i += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 of an EXIF TIFF block, 1 when absent or unreadable."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
+    for k in range(count):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[entry : entry + 2], order) == _EXIF_ORIENTATION:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -85,16 +125,14 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def encoded_item(data: bytes, index: int, label: int, source: str, orientation: int) -> dict[str, Any]:
-    """The dataset item of a JPEG left to the device: its bytes, their content hash, its path and its
-    EXIF orientation."""
-    digest = hashlib.sha256(data).hexdigest()
+def encoded_item(data: bytes, index: int, label: int, orientation: int) -> dict[str, Any]:
+    """The dataset item of a JPEG left to the device: its bytes, their SHA-256 (raw 32 bytes; the
+    ``content_hash`` is its hex) and its EXIF orientation."""
     return {
         "encoded": data,
         "index": index,
         "label": label,
-        "content_hash": digest,
-        "source": source,
+        "digest": hashlib.sha256(data).digest(),
         "orientation": orientation,
     }
 

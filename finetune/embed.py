@@ -71,18 +71,29 @@ class _EncodedDataset(_HashingDataset):
     """For ``decode="device"``: JPEG files come back as their bytes (decoded on the device in the main
     process); every other record is decoded and preprocessed here, as by :class:`_HashingDataset`."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # plain lists, read per item without pandas' row access (tens of microseconds an image)
+        self._paths = self.records["path"].tolist() if "path" in self.records else None
+        self._in_memory = self.records["image"].notna().tolist() if "image" in self.records else None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         from deepfeat.finetune.device_decode import encoded_item, jpeg_for_device
         from deepfeat.finetune.images import DEFAULT_MAX_PIXELS
 
-        try:
-            source = record_source(self.records.iloc[index], self.root)
-            data = source.read_bytes() if isinstance(source, Path) and source.is_file() else None
-        except (OSError, DataError):
-            data = None  # the CPU path below reports what is wrong with the record
-        orientation = jpeg_for_device(data, DEFAULT_MAX_PIXELS) if data is not None else None
+        data = orientation = None
+        if self._paths is not None and not (self._in_memory is not None and self._in_memory[index]):
+            path = Path(str(self._paths[index]))
+            if self.root is not None and not path.is_absolute():
+                path = Path(self.root) / path
+            try:
+                with path.open("rb") as handle:  # not a regular file, a broken link: the CPU path says so
+                    data = handle.read() if path.is_file() else None
+            except OSError:
+                data = None
+            orientation = jpeg_for_device(data, DEFAULT_MAX_PIXELS) if data is not None else None
         if data is not None and orientation is not None:
-            return encoded_item(data, index, int(self.labels[index]), str(source), orientation)
+            return encoded_item(data, index, int(self.labels[index]), orientation)
         return super().__getitem__(index)
 
 
@@ -108,15 +119,20 @@ def _collate(items: list[dict[str, Any]], channels_last: bool = False) -> dict[s
             "errors": [(int(it["index"]), str(it["error"])) for it in items if "error" in it],
         }
     batch["content_hash"] = [str(it["content_hash"]) for it in good]
-    # JPEG bytes for the device decoder, packed into one buffer: one tensor crosses from the worker
-    # to the main process per batch, not hundreds of small objects to unpickle there
-    batch["encoded"] = torch.frombuffer(bytearray(b"".join(it["encoded"] for it in encoded)),
-                                        dtype=torch.uint8) if encoded else None
-    batch["encoded_sizes"] = [len(it["encoded"]) for it in encoded]
+    # JPEG bytes for the device decoder, packed into one buffer and the per-image fields into a few
+    # flat objects: the main process, which also drives the GPU, unpickles a handful of objects per
+    # batch instead of a thousand
+    sizes = [len(it["encoded"]) for it in encoded]
+    packed = bytearray(sum(sizes))
+    offset = 0
+    for it, size in zip(encoded, sizes, strict=True):
+        packed[offset : offset + size] = it["encoded"]
+        offset += size
+    batch["encoded"] = torch.frombuffer(packed, dtype=torch.uint8) if encoded else None
+    batch["encoded_sizes"] = sizes
     batch["encoded_index"] = [int(it["index"]) for it in encoded]
-    batch["encoded_hash"] = [str(it["content_hash"]) for it in encoded]
-    batch["encoded_source"] = [str(it["source"]) for it in encoded]
-    batch["encoded_orientation"] = [int(it["orientation"]) for it in encoded]
+    batch["encoded_digest"] = b"".join(it["digest"] for it in encoded)  # 32 bytes each
+    batch["encoded_orientation"] = bytes(int(it["orientation"]) for it in encoded)
     return batch
 
 
@@ -254,7 +270,8 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
             parts = [] if batch["image"] is None else [batch["image"].to(dev, non_blocking=True)]
             if batch["encoded"] is not None:
                 assert prep is not None
-                images, more = _decode_encoded(batch, dev, transform, errors)
+                images, more = _decode_encoded(batch, dev, transform, errors,
+                                               lambda i: str(record_source(records.iloc[i], root)))
                 if more:
                     parts.append(torch.stack([t for _, _, t in more]).to(dev))
                     indices += [i for i, _, _ in more]
@@ -378,9 +395,9 @@ def _run_ahead(batches: Iterator[dict[str, Any]], stage: Callable[[dict[str, Any
         thread.join(timeout=60)
 
 
-def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any,
-                    errors: list[tuple[int, str]]) -> tuple[list[tuple[int, str, torch.Tensor]],
-                                                             list[tuple[int, str, torch.Tensor]]]:
+def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any, errors: list[tuple[int, str]],
+                    source_of: Callable[[int], str]) -> tuple[list[tuple[int, str, torch.Tensor]],
+                                                              list[tuple[int, str, torch.Tensor]]]:
     """Decode a batch's JPEG bytes on ``dev``: ``(index, hash, uint8 image on dev)`` per image, and
     ``(index, hash, preprocessed CPU tensor)`` for those the device decoder rejected but Pillow reads.
     Images neither can decode are appended to ``errors``."""
@@ -390,17 +407,17 @@ def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any,
     images: list[tuple[int, str, torch.Tensor]] = []
     fallback: list[tuple[int, str, torch.Tensor]] = []
     datas = list(torch.split(batch["encoded"], batch["encoded_sizes"]))
-    decoded = decode_on_device(datas, dev, batch["encoded_orientation"])
-    for data, index, digest, source, image in zip(
-        datas, batch["encoded_index"], batch["encoded_hash"], batch["encoded_source"], decoded, strict=True
-    ):
+    decoded = decode_on_device(datas, dev, list(batch["encoded_orientation"]))
+    raw = batch["encoded_digest"]
+    for k, (data, index, image) in enumerate(zip(datas, batch["encoded_index"], decoded, strict=True)):
+        digest = raw[32 * k : 32 * k + 32].hex()
         if image is not None:
             images.append((index, digest, image))
             continue
         try:
             fallback.append((index, digest, transform(image=load_image(data.numpy().tobytes()))["image"]))
         except ImageDecodeError as exc:  # worded as the worker path words it, with the file's path
-            errors.append((index, str(ImageDecodeError(source, exc.reason))))
+            errors.append((index, str(ImageDecodeError(source_of(index), exc.reason))))
     if fallback:
         log.info("%d JPEG(s) of a batch were rejected by the device decoder and decoded on the CPU", len(fallback))
     return images, fallback

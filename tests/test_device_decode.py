@@ -222,3 +222,27 @@ def test_run_ahead_keeps_order_raises_the_workers_error_and_stops_when_closed() 
     gen.close()  # the thread stops instead of staging all 1000
     assert not any(t.name == "deepfeat-embed-stage" for t in threading.enumerate())
     assert len(seen) < 10
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        {},
+        {"progressive": True},
+        {"subsampling": 0},
+        {"subsampling": 2},
+        {"optimize": True},
+    ],
+    ids=["baseline", "progressive", "444", "420", "optimized"],
+)
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_jpeg_header_walk_agrees_with_pillow(save: dict[str, object], orientation: int) -> None:
+    pixels = _photo(37, 53, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(pixels, exif=exif.tobytes(), **save)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (53, 37) and im.getexif().get(0x0112) == orientation
+    assert jpeg_for_device(data, max_pixels=None) == orientation
+    assert jpeg_for_device(data, max_pixels=53 * 37) == orientation
+    assert jpeg_for_device(data, max_pixels=53 * 37 - 1) is None
