@@ -101,11 +101,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
     from deepfeat.finetune.bundle import ModelBundle
     from deepfeat.finetune.embed import PRECISION_AUTOCAST, embed_to_parquet
+    from deepfeat.finetune.errors import DataError
     from deepfeat.finetune.records import read_records
 
-    bundle = ModelBundle.load(args.bundle)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: no CUDA device is available here (torch.cuda.is_available() "
+                        f"is False); use --device cpu")
+    bundle = ModelBundle.load(args.bundle, device=device)
     # skip: a missing file or broken link is one reported skip, not a refusal of the whole source
     records = read_records(args.data, check_files=args.on_error == "fail",
                            **({"root": args.root} if args.root else {}))
@@ -178,6 +185,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "2-4x faster (vectors within 1e-3 cosine of float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off from a few "
                                                           "thousand images: compiling takes a minute)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, "
+                                                      "cuda or cuda:N")
     p.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto",
                    help="where JPEGs are decoded and resized: cpu (the workers), device (nvJPEG on the GPU, "
                         "the workers only read bytes); auto: device on CUDA, cpu elsewhere")

@@ -246,3 +246,25 @@ def test_jpeg_header_walk_agrees_with_pillow(save: dict[str, object], orientatio
     assert jpeg_for_device(data, max_pixels=None) == orientation
     assert jpeg_for_device(data, max_pixels=53 * 37) == orientation
     assert jpeg_for_device(data, max_pixels=53 * 37 - 1) is None
+
+
+def test_cli_embed_decodes_on_the_device_and_refuses_a_missing_gpu(
+    tmp_path: Path, rel_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deepfeat.recipes.cli import main
+
+    folder = tmp_path / "images" / "x"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(_photo(40, 48, seed=i)))
+    common = ["embed", "--bundle", str(rel_bundle_dir), "--data", str(tmp_path / "images"), "--num-workers", "0"]
+    out = tmp_path / "shards"
+    assert main([*common, "--out", str(out), "--quiet", "--decode", "device", "--device", "cpu"]) == 0
+    rows, vectors, _ = read_shards(out)
+    assert len(rows) == 3 and np.isfinite(vectors).all()
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main([*common, "--out", str(tmp_path / "gpu"), "--quiet", "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "no CUDA device is available" in err and "--device cpu" in err
+        assert not (tmp_path / "gpu").exists()
