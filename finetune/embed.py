@@ -162,6 +162,21 @@ def cpu_has_native_bf16() -> bool:
 PRECISION_AUTOCAST: dict[str, bool | None] = {"auto": None, "fp32": False, "bf16": True}
 
 
+def auto_num_workers(device: torch.device | str, cores: int | None = None) -> int:
+    """A DataLoader worker count for embedding on ``device`` (``--num-workers auto``).
+
+    On CUDA the workers feed the GPU: up to 8, leaving a core to the main process. On a CPU the model
+    already uses every core through OpenMP, and a worker process that takes one makes the model's
+    threads wait for it: on 2 cores no worker at all was measured fastest (0.78x the model-only rate,
+    against 0.55x with one worker; benchmarks/README.md). With more cores, a few workers are worth
+    their cores.
+    """
+    n = cores if cores is not None else (os.cpu_count() or 1)
+    if torch.device(device).type == "cuda":
+        return max(1, min(8, n - 1))
+    return 0 if n <= 2 else min(4, n // 4)
+
+
 def resolve_autocast(device: torch.device, autocast: bool | None) -> bool:
     """The bf16 autocast decision: ``None`` means on for CUDA, off elsewhere (float32 stays exact on CPU)."""
     if autocast is None:

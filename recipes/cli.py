@@ -100,11 +100,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int | str:
+    """``--num-workers``: a count, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the number of workers cannot be negative, got {value}")
+    return value
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from deepfeat.finetune.bundle import ModelBundle
-    from deepfeat.finetune.embed import PRECISION_AUTOCAST, embed_to_parquet
+    from deepfeat.finetune.embed import PRECISION_AUTOCAST, auto_num_workers, embed_to_parquet
     from deepfeat.finetune.errors import DataError
     from deepfeat.finetune.records import read_records
 
@@ -113,13 +126,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise DataError(f"--device {args.device}: no CUDA device is available here (torch.cuda.is_available() "
                         f"is False); use --device cpu")
     bundle = ModelBundle.load(args.bundle, device=device)
+    num_workers = auto_num_workers(device) if args.num_workers == "auto" else args.num_workers
     # skip: a missing file or broken link is one reported skip, not a refusal of the whole source
     records = read_records(args.data, check_files=args.on_error == "fail",
                            **({"root": args.root} if args.root else {}))
     if args.limit:
         records = records.head(args.limit)
     result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                              num_workers=args.num_workers, on_error=args.on_error, progress=not args.quiet,
+                              num_workers=num_workers, on_error=args.on_error, progress=not args.quiet,
                               compile=args.compile, autocast=PRECISION_AUTOCAST[args.precision],
                               decode=args.decode)
     print(f"embedded {result.n_embedded} images ({result.n_skipped} skipped, report {result.out_dir}/_report.json) "
@@ -176,7 +190,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--root", default=None,
                    help="folder that relative manifest paths are read from; no path may leave it")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=_workers, default="auto",
+                   help="DataLoader worker processes, or auto: up to 8 on a GPU; on a CPU none on 2 cores "
+                        "(the model uses them all), a few on more")
     p.add_argument("--shard-size", type=int, default=50_000)
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
     p.add_argument("--limit", type=int, default=None, help="embed only the first N records")

@@ -268,3 +268,21 @@ def test_cli_embed_decodes_on_the_device_and_refuses_a_missing_gpu(
         err = capsys.readouterr().err
         assert "no CUDA device is available" in err and "--device cpu" in err
         assert not (tmp_path / "gpu").exists()
+
+
+def test_auto_num_workers_leaves_a_small_cpu_to_the_model_and_feeds_a_gpu() -> None:
+    from deepfeat.finetune.embed import auto_num_workers
+
+    assert auto_num_workers("cpu", cores=2) == 0  # measured: a worker slows the model's own threads
+    assert auto_num_workers("cpu", cores=8) == 2
+    assert auto_num_workers("cpu", cores=64) == 4
+    assert auto_num_workers("cuda", cores=16) == 8
+    assert auto_num_workers("cuda", cores=2) == 1
+
+
+def test_cli_refuses_a_negative_worker_count(capsys: pytest.CaptureFixture[str]) -> None:
+    from deepfeat.recipes.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["embed", "--bundle", "b", "--data", "d", "--out", "o", "--num-workers", "-1"])
+    assert "cannot be negative" in capsys.readouterr().err

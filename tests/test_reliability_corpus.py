@@ -108,7 +108,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, rel_bundle_dir: Path) -> 
         "--on-error",
         "skip",
         "--num-workers",
-        "2",  # the default: bad files are met in DataLoader worker processes
+        "2",  # as on a GPU machine: bad files are met in DataLoader worker processes
         "--batch-size",
         "4",
         "--shard-size",
