@@ -41,14 +41,15 @@ from deepfeat.finetune.records import FASHION_MNIST_CLASSES, read_fashion_mnist,
 KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
 
 
-def make_loss(name: str, n_classes: int, dim: int) -> tuple[Any, Any]:
-    """The loss (and miner) named on the command line, spelt out whole."""
+def make_loss(name: str, n_classes: int, dim: int, margin: float | None = None) -> tuple[Any, Any]:
+    """The loss (and miner) named on the command line, spelt out whole; ``margin`` overrides the
+    ArcFace (degrees) or CosFace (cosine) margin."""
     if name == "ms":
         return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
     if name == "arcface":
-        return losses.ArcFaceLoss(num_classes=n_classes, embedding_size=dim, margin=28.6, scale=30), None
+        return losses.ArcFaceLoss(num_classes=n_classes, embedding_size=dim, margin=margin or 28.6, scale=30), None
     if name == "cosface":
-        return losses.CosFaceLoss(num_classes=n_classes, embedding_size=dim, margin=0.35, scale=30), None
+        return losses.CosFaceLoss(num_classes=n_classes, embedding_size=dim, margin=margin or 0.35, scale=30), None
     if name == "proxyanchor":
         return losses.ProxyAnchorLoss(num_classes=n_classes, embedding_size=dim, margin=0.1, alpha=32), None
     if name == "supcon":
@@ -90,7 +91,7 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
                                 backbone=args.backbone)
     dm = make_datamodule(records, settings, val_fraction=val_fraction)
     n_classes = dm.split_records("train")["label"].nunique()
-    loss, miner = make_loss(args.loss, n_classes, args.dim)
+    loss, miner = make_loss(args.loss, n_classes, args.dim, args.margin)
     start = time.perf_counter()
     result = finetune(dm, settings, Path(args.out) / f"{protocol}-seed{seed}", loss=loss, miner=miner)
     test = dm.split_records("test")
@@ -160,7 +161,8 @@ def main() -> None:
     parser.add_argument("--preset", default="fashion", choices=["fashion", "flip", "none"],
                         help="training augmentation (finetune.transforms)")
     parser.add_argument("--train-bn", action="store_true", help="let BatchNorm statistics adapt")
-    parser.add_argument("--loss-lr", type=float, default=None)
+    parser.add_argument("--loss-lr", type=float, default=None, help="lr of the loss's class proxies (default 100 x lr)")
+    parser.add_argument("--margin", type=float, default=None, help="ArcFace (degrees) / CosFace margin")
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--freeze-epochs", type=int, default=1)
     parser.add_argument("--val-fraction", type=float, default=0.05)
