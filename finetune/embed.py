@@ -86,9 +86,8 @@ class _EncodedDataset(_HashingDataset):
             path = Path(str(self._paths[index]))
             if self.root is not None and not path.is_absolute():
                 path = Path(self.root) / path
-            try:
-                with path.open("rb") as handle:  # not a regular file, a broken link: the CPU path says so
-                    data = handle.read() if path.is_file() else None
+            try:  # not a regular file (a folder, a pipe: never opened), a broken link: the CPU path says so
+                data = path.read_bytes() if path.is_file() else None
             except OSError:
                 data = None
             orientation = jpeg_for_device(data, DEFAULT_MAX_PIXELS) if data is not None else None
@@ -283,8 +282,7 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
         hashes = list(batch["content_hash"])
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             parts = [] if batch["image"] is None else [batch["image"].to(dev, non_blocking=True)]
-            if batch["encoded"] is not None:
-                assert prep is not None
+            if batch["encoded"] is not None and prep is not None:  # only _EncodedDataset sends bytes
                 images, more = _decode_encoded(batch, dev, transform, errors,
                                                lambda i: str(record_source(records.iloc[i], root)))
                 if more:
