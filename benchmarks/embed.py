@@ -161,12 +161,6 @@ def run_deepfeat(
     return clock.measure(len(records))
 
 
-def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float((a * b).sum(axis=1).mean())
-
-
 def main(argv: Sequence[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
