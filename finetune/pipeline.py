@@ -179,7 +179,7 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
     best = ckpt.best_model_path or None
     if best:
         load_module_weights(module, best)
-    module.model.cpu().eval()
+    module.model.eval()  # evaluate_models moves it to eval_device; it goes back to the CPU after
     val.update(evaluate_models({"fine-tuned": module.model}, val_records, batch_size=settings.eval_batch_size,
                                num_workers=settings.num_workers, exclude_same_group=settings.exclude_same_group,
                                device=eval_device))
