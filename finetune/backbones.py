@@ -220,6 +220,62 @@ class Backbone(nn.Module):
         self._is_timm = not name.startswith("tv:")
         self.layer_channels = self._probe_channels()
         self.num_features = sum(self.layer_channels)
+        self.frozen_stages = 0
+        self._frozen_norms: list[nn.Module] = []
+
+    def stage_parameters(self) -> list[list[str]]:
+        """Parameter names grouped by stage, in forward order (timm's coarse ``group_matcher``: the stem,
+        then one group per stage of blocks, the last one holding the final convolution)."""
+        matcher = getattr(self.model, "group_matcher", None)
+        if not self._is_timm or not callable(matcher):
+            raise ModelError(f"frozen stages need a timm backbone with a group_matcher; {self.name!r} has none. "
+                             f"Use the timm name of the same architecture, or frozen_stages=0")
+        from timm.models._manipulate import group_parameters
+
+        groups = group_parameters(self.model, matcher(coarse=True))
+        names = dict(self.model.named_parameters())
+        # timm puts the classifier in a group of its own (absent here when it was removed)
+        return [g for _, g in sorted(groups.items()) if any(n in names for n in g)]
+
+    def freeze_stages(self, n: int) -> list[str]:
+        """Keep the first ``n`` stages at their pretrained values, BatchNorm statistics included.
+
+        Their parameters get no gradient, so backpropagation stops at the first trainable stage: the
+        early, high-resolution stages are the most expensive part of the backward pass of a small
+        network (EfficientNet-Lite0 at 48 px on 2 CPU cores: freezing the stem and the first stage
+        trains about 1.2x as many steps per second), and their low-level filters transfer across domains.
+        Calling it again re-applies the freeze (e.g. after a callback made the whole backbone trainable);
+        ``n=0`` unfreezes nothing and freezes nothing. Returns the frozen parameter names.
+
+        Raises:
+            ModelError: ``n`` is negative or not smaller than the number of stages, or the backbone is
+                not a timm model.
+        """
+        if n == 0:
+            self.frozen_stages = 0
+            self._frozen_norms = []
+            return []
+        stages = self.stage_parameters()
+        if not 0 < n < len(stages):
+            raise ModelError(f"frozen_stages={n} is out of range for {self.name!r}: it has {len(stages)} stages "
+                             f"(stem first), so choose 0..{len(stages) - 1}")
+        frozen = [name for group in stages[:n] for name in group]
+        params = dict(self.model.named_parameters())
+        for name in frozen:
+            params[name].requires_grad_(False)
+        owners = {name.rsplit(".", 1)[0] for name in frozen if "." in name}
+        self._frozen_norms = [m for name, m in self.model.named_modules()
+                              if name in owners and isinstance(m, nn.modules.batchnorm._NormBase)]
+        self.frozen_stages = n
+        self.train(self.training)
+        return frozen
+
+    def train(self, mode: bool = True) -> Backbone:
+        """``nn.Module.train``, except that the norms of frozen stages stay in eval mode."""
+        super().train(mode)
+        for m in getattr(self, "_frozen_norms", []):
+            m.eval()
+        return self
 
     def _intermediate_kwargs(self) -> dict[str, Any]:
         fi: Any = self.model.forward_intermediates

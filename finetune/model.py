@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +33,24 @@ class EmbeddingModel(nn.Module):
         embedding_dim: output size of the head; ``None`` keeps the backbone's size.
         normalize: L2-normalise the output (cosine similarity == inner product).
         head_options: keyword arguments of the head (``fne``: ``thresholds``, ``discretize``).
+        flip_tta: in eval mode, embed each image and its left-right mirror and average the two
+            (test-time augmentation): about twice the inference cost for a steadier embedding. Only for
+            domains where a mirrored image means the same thing (clothes, products; not text, not scans
+            with a laterality). It is part of what a bundle stores, and changes its ``bundle_id``, so a
+            collection filled without it refuses queries embedded with it.
+
+    A learned whitening (:meth:`set_whitening`, fitted by :mod:`deepfeat.finetune.whiten`) may follow the
+    normalised output: a fixed linear map, then the normalisation again.
     """
 
     def __init__(self, backbone: Backbone, head: HeadType = "linear", embedding_dim: int | None = None,
-                 normalize: bool = True, head_options: dict[str, Any] | None = None) -> None:
+                 normalize: bool = True, head_options: dict[str, Any] | None = None, flip_tta: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head_type: HeadType = head
         self.normalize = normalize
+        self.flip_tta = False
+        self.whitened = False
         in_dim = backbone.num_features
         if head_options and head != "fne":
             raise ModelError(f"head_options {sorted(head_options)} were given for head={head!r}, which takes "
@@ -70,6 +80,42 @@ class EmbeddingModel(nn.Module):
                                       nn.Linear(in_dim, self.embedding_dim))
         else:
             raise ModelError(f"unknown head {head!r}; choose one of 'none', 'linear', 'mlp', 'fne'")
+        if flip_tta:
+            self.set_flip_tta(True)
+
+    def set_whitening(self, mean: torch.Tensor | None, matrix: torch.Tensor | None) -> None:
+        """Apply ``(z - mean) @ matrix.T`` to the output ``z`` (then normalise again); ``None`` removes it.
+
+        Both are buffers, so they are saved in the state dict and change the bundle id.
+
+        Raises:
+            ModelError: the shapes are not ``(embedding_dim,)`` and ``(embedding_dim, embedding_dim)``.
+        """
+        if mean is None or matrix is None:
+            for name in ("whiten_mean", "whiten_matrix"):
+                self._buffers.pop(name, None)
+            self.whitened = False
+            return
+        d = self.embedding_dim
+        if tuple(mean.shape) != (d,) or tuple(matrix.shape) != (d, d):
+            raise ModelError(f"a whitening for this model needs a mean of shape ({d},) and a matrix of shape "
+                             f"({d}, {d}); got {tuple(mean.shape)} and {tuple(matrix.shape)}")
+        device = next(self.parameters()).device
+        self.register_buffer("whiten_mean", mean.detach().float().to(device).clone())
+        self.register_buffer("whiten_matrix", matrix.detach().float().to(device).clone())
+        self.whitened = True
+
+    def set_flip_tta(self, enabled: bool) -> None:
+        """Turn flip test-time augmentation on or off (see the class docstring).
+
+        When on, a buffer marks it in the state dict, so the weights digest, and with it the bundle id,
+        differ from the same weights without it.
+        """
+        self.flip_tta = bool(enabled)
+        if enabled and "flip_tta_marker" not in self._buffers:
+            self.register_buffer("flip_tta_marker", torch.ones(1))
+        elif not enabled and "flip_tta_marker" in self._buffers:
+            del self._buffers["flip_tta_marker"]
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -78,8 +124,22 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (N, 3, H, W) to embeddings (N, embedding_dim)."""
-        z = self.head(self.backbone(x))
-        return F.normalize(z, dim=1) if self.normalize else z
+        if self.flip_tta and not self.training:
+            n = x.shape[0]
+            both = self.head(self.backbone(torch.cat([x, torch.flip(x, dims=[3])])))
+            if self.normalize:
+                both = F.normalize(both, dim=1)
+            z = both[:n] + both[n:]
+        else:
+            z = self.head(self.backbone(x))
+        if self.normalize:
+            z = F.normalize(z, dim=1)
+        if self.whitened:
+            mean, matrix = cast(torch.Tensor, self.whiten_mean), cast(torch.Tensor, self.whiten_matrix)
+            z = (z - mean) @ matrix.T
+            if self.normalize:
+                z = F.normalize(z, dim=1)
+        return z
 
     @torch.no_grad()
     def init_head_pca(self, features: torch.Tensor) -> None:
@@ -106,6 +166,10 @@ class EmbeddingModel(nn.Module):
         """What is needed to rebuild this model without weights."""
         config: dict[str, Any] = {"backbone": self.backbone.config(), "head": self.head_type,
                                   "embedding_dim": self.embedding_dim, "normalize": self.normalize}
+        if self.flip_tta:
+            config["flip_tta"] = True
+        if self.whitened:
+            config["whiten"] = True
         options = getattr(self.head, "options", None)
         if callable(options):
             config["head_options"] = options()
@@ -118,8 +182,13 @@ class EmbeddingModel(nn.Module):
         pre = Preprocessing.from_dict(bb["preprocessing"])
         backbone = create_backbone(bb["name"], weights="none", layers=bb.get("layers"))
         backbone.preprocessing = pre
-        return cls(backbone, head=config["head"], embedding_dim=config["embedding_dim"],
-                   normalize=config.get("normalize", True), head_options=config.get("head_options"))
+        model = cls(backbone, head=config["head"], embedding_dim=config["embedding_dim"],
+                    normalize=config.get("normalize", True), head_options=config.get("head_options"),
+                    flip_tta=bool(config.get("flip_tta", False)))
+        if config.get("whiten"):  # placeholders of the right shapes; the state dict fills them
+            d = model.embedding_dim
+            model.set_whitening(torch.zeros(d), torch.eye(d))
+        return model
 
 
 def _init_geometry_preserving(lin: nn.Linear) -> None:

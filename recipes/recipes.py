@@ -94,6 +94,9 @@ _MODEL_SETTINGS = (
     "warmup_steps",
     "l2sp",
     "freeze_bn",
+    "frozen_stages",
+    "distill",
+    "channels_last",
     "max_minutes",
 )
 _DATA_SETTINGS = ("preset", "p", "k", "batches_per_epoch", "num_workers", "eval_batch_size", "seed")
@@ -741,7 +744,7 @@ def run_recipe(
     from deepfeat.connectors import connect, drop_collection, load_embeddings
     from deepfeat.finetune.bundle import ModelBundle
     from deepfeat.finetune.embed import iter_embeddings
-    from deepfeat.finetune.pipeline import finetune, make_datamodule
+    from deepfeat.finetune.pipeline import finetune, make_datamodule, training_workers
 
     config = load_recipe(name_or_path, overrides)
     module = recipe_module(config.name)
@@ -798,7 +801,7 @@ def run_recipe(
                 bundle,
                 records,
                 batch_size=settings.eval_batch_size,
-                num_workers=settings.num_workers,
+                num_workers=training_workers(settings),
                 progress=progress,
             )
         )

@@ -67,3 +67,38 @@ def test_fingerprint_mismatch_is_explained(tmp_path: Path, model: EmbeddingModel
     with pytest.raises(MismatchError, match="preprocessing"):
         x = torch.rand(1, 3, 64, 64)
         a.embed_tensor(x)
+
+
+def test_flip_tta_mirror_invariant_and_changes_the_bundle_id(tmp_path: Path, model: EmbeddingModel) -> None:
+    import copy
+
+    tta = copy.deepcopy(model)
+    tta.set_flip_tta(True)
+    x = torch.rand(3, 3, 48, 48)
+    mirrored = torch.flip(x, dims=[3])
+    with torch.no_grad():
+        plain, plain_m = model(x), model(mirrored)
+        both, both_m = tta(x), tta(mirrored)
+    assert not torch.allclose(plain, plain_m, atol=1e-3)  # the model itself is not mirror-invariant
+    torch.testing.assert_close(both, both_m, atol=1e-5, rtol=0)
+    # the average of the two normalised views, normalised
+    torch.testing.assert_close(both, torch.nn.functional.normalize(plain + plain_m, dim=1), atol=1e-5, rtol=0)
+    # training never mirrors (augmentation is the data pipeline's job); copies, as a train-mode pass moves
+    # the BatchNorm statistics
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(tta).train()(x), copy.deepcopy(model).train()(x))
+    a = export_bundle(model, tmp_path / "a", name="m", onnx=False, torchscript=False)
+    b = export_bundle(tta, tmp_path / "b", name="m")
+    card_a, card_b = (json.loads((p / "card.json").read_text()) for p in (a, b))
+    assert card_b["model_config"]["flip_tta"] is True and "flip_tta" not in card_a["model_config"]
+    with pytest.raises(MismatchError, match="bundle_id"):  # a collection filled without it refuses it
+        check_compatible({"bundle_id": card_a["bundle_id"]}, {"bundle_id": card_b["bundle_id"]}, what="c")
+    reloaded = ModelBundle.load(b)
+    assert reloaded.model.flip_tta
+    np.testing.assert_allclose(reloaded.embed_tensor(x), both.numpy(), atol=1e-5)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(b / "model.onnx"))
+    np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], both.numpy(), atol=1e-4)
+    ts = torch.jit.load(str(b / "model.ts"))
+    np.testing.assert_allclose(ts(x).detach().numpy(), both.numpy(), atol=1e-5)

@@ -90,3 +90,45 @@ def test_frozen_backbone_warmup_then_unfreezes(tiny_records: Any) -> None:
                           callbacks=[FreezeBackbone(epochs=1)])
     trainer2.fit(module, datamodule=dm)
     assert any(not torch.equal(before[n], p) for n, p in module.model.backbone.named_parameters())
+
+
+def test_frozen_stages_stay_pretrained_through_warmup_and_unfreeze(tiny_records: Any) -> None:
+    module = MetricLearningModule(backbone="test_efficientnet", weights="none", embedding_dim=DIM, image_size=32,
+                                  freeze_bn=False, frozen_stages=2, lr=1e-2)
+    backbone = module.model.backbone
+    frozen = set(backbone.stage_parameters()[0] + backbone.stage_parameters()[1])
+    assert frozen and {n for n, p in backbone.model.named_parameters() if not p.requires_grad} == frozen
+    state = {n: t.detach().clone() for n, t in backbone.model.state_dict().items()}
+    dm = RetrievalDataModule.from_records(tiny_records, val_fraction=0.0, p=4, k=2, batches_per_epoch=2)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[FreezeBackbone(epochs=1)])
+    trainer.fit(module, datamodule=dm)
+    after = backbone.model.state_dict()
+    # the stem and first stage: weights and BatchNorm running statistics as they were
+    owners = {n.rsplit(".", 1)[0] for n in frozen}
+    kept = [n for n in state if n.rsplit(".", 1)[0] in owners]
+    assert any("running_mean" in n for n in kept)
+    assert all(torch.equal(state[n], after[n]) for n in kept)
+    # the rest of the backbone trained after the warm-up epoch, its BatchNorm statistics too
+    moved = [n for n in state if n not in kept and not torch.equal(state[n], after[n])]
+    assert any("running_mean" in n for n in moved) and any(n.endswith("weight") for n in moved)
+    assert all(not p.requires_grad for n, p in backbone.model.named_parameters() if n in frozen)
+    module.train()
+    assert all(not m.training for m in backbone._frozen_norms) and backbone.training
+
+
+def test_frozen_stages_out_of_range_or_torchvision_is_explained() -> None:
+    with pytest.raises(ModelError, match=r"frozen_stages=99 .* choose 0\.\.\d"):
+        MetricLearningModule(backbone="test_efficientnet", weights="none", embedding_dim=DIM, frozen_stages=99)
+    with pytest.raises(ModelError, match="timm backbone"):
+        MetricLearningModule(backbone="tv:resnet18", weights="none", embedding_dim=DIM, frozen_stages=1)
+
+
+def test_training_workers_auto_follows_the_cores() -> None:
+    from deepfeat.finetune.pipeline import FinetuneSettings, training_workers
+
+    cpu = FinetuneSettings(accelerator="cpu")
+    assert training_workers(cpu, cores=2) == 0
+    assert training_workers(cpu, cores=16) == 4
+    assert training_workers(FinetuneSettings(accelerator="cpu", num_workers=3), cores=2) == 3
