@@ -49,8 +49,6 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone
         self.head_type: HeadType = head
         self.normalize = normalize
-        self.flip_tta = False
-        self.whitened = False
         in_dim = backbone.num_features
         if head_options and head != "fne":
             raise ModelError(f"head_options {sorted(head_options)} were given for head={head!r}, which takes "
@@ -94,7 +92,6 @@ class EmbeddingModel(nn.Module):
         if mean is None or matrix is None:
             for name in ("whiten_mean", "whiten_matrix"):
                 self._buffers.pop(name, None)
-            self.whitened = False
             return
         d = self.embedding_dim
         if tuple(mean.shape) != (d,) or tuple(matrix.shape) != (d, d):
@@ -103,7 +100,16 @@ class EmbeddingModel(nn.Module):
         device = next(self.parameters()).device
         self.register_buffer("whiten_mean", mean.detach().float().to(device).clone())
         self.register_buffer("whiten_matrix", matrix.detach().float().to(device).clone())
-        self.whitened = True
+
+    @property
+    def whitened(self) -> bool:
+        """Whether a learned whitening follows the output (its buffers are the one record of it)."""
+        return "whiten_matrix" in self._buffers
+
+    @property
+    def flip_tta(self) -> bool:
+        """Whether flip test-time augmentation is on (its marker buffer is the one record of it)."""
+        return "flip_tta_marker" in self._buffers
 
     def set_flip_tta(self, enabled: bool) -> None:
         """Turn flip test-time augmentation on or off (see the class docstring).
@@ -111,7 +117,6 @@ class EmbeddingModel(nn.Module):
         When on, a buffer marks it in the state dict, so the weights digest, and with it the bundle id,
         differ from the same weights without it.
         """
-        self.flip_tta = bool(enabled)
         if enabled and "flip_tta_marker" not in self._buffers:
             self.register_buffer("flip_tta_marker", torch.ones(1))
         elif not enabled and "flip_tta_marker" in self._buffers:
