@@ -54,9 +54,10 @@ from deepfeat.finetune.whiten import whiten_model
 KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
 
 
-def make_loss(name: str, n_classes: int, dim: int, margin: float | None = None) -> tuple[Any, Any]:
+def make_loss(name: str, n_classes: int, dim: int, margin: float | None = None,
+              memory: int = 1200) -> tuple[Any, Any]:
     """The loss (and miner) named on the command line, spelt out whole; ``margin`` overrides the
-    ArcFace (degrees) or CosFace (cosine) margin."""
+    ArcFace (degrees) or CosFace (cosine) margin, ``memory`` is the cross-batch memory's size (``+xbm``)."""
     if name == "ms":
         return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
     if name == "arcface":
@@ -69,6 +70,11 @@ def make_loss(name: str, n_classes: int, dim: int, margin: float | None = None) 
         cosface, _ = make_loss("cosface", n_classes, dim, margin)
         ms, miner = make_loss("ms", n_classes, dim)
         return losses.MultipleLosses({"cosface": cosface, "ms": ms}, miners={"ms": miner}), None
+    if name == "cosface+xbm":  # the same pairs mined against the last `memory` embeddings too (Wang et al. 2020)
+        cosface, _ = make_loss("cosface", n_classes, dim, margin)
+        ms, miner = make_loss("ms", n_classes, dim)
+        xbm = losses.CrossBatchMemory(ms, embedding_size=dim, memory_size=memory, miner=miner)
+        return losses.MultipleLosses({"cosface": cosface, "xbm": xbm}), None
     if name == "supcon":
         return losses.SupConLoss(temperature=0.1), None
     raise SystemExit(f"unknown loss {name!r}")
@@ -113,7 +119,7 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
         result = from_bundle(out, dm, settings)
     else:
         n_classes = dm.split_records("train")["label"].nunique()
-        loss, miner = make_loss(args.loss, n_classes, args.dim, args.margin)
+        loss, miner = make_loss(args.loss, n_classes, args.dim, args.margin, args.memory)
         result = finetune(dm, settings, out, loss=loss, miner=miner)
     test = dm.split_records("test")
     models = {"off-the-shelf": penultimate(result.model)}
@@ -207,7 +213,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--loss", default="arcface",
-                        choices=["ms", "arcface", "cosface", "cosface+ms", "proxyanchor", "supcon"])
+                        choices=["ms", "arcface", "cosface", "cosface+ms", "cosface+xbm", "proxyanchor", "supcon"])
+    parser.add_argument("--memory", type=int, default=1200,
+                        help="cosface+xbm: embeddings kept in the cross-batch memory (10 batches of 120)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0",
                         help="tf_efficientnet_lite0/1/2 (installed ImageNet weights) or another timm name")
     parser.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed (GPU)")
@@ -226,7 +234,7 @@ def main() -> None:
     parser.add_argument("--l2sp", type=float, default=0.0)
     parser.add_argument("--distill", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.99)
-    parser.add_argument("--preset", default="fashion", choices=["fashion", "flip", "none"],
+    parser.add_argument("--preset", default="fashion", choices=["fashion", "flip", "shift", "none"],
                         help="training augmentation (finetune.transforms)")
     parser.add_argument("--flip-tta", action="store_true",
                         help="the fine-tuned model embeds each image and its mirror (EmbeddingModel flip_tta); "

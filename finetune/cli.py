@@ -14,8 +14,9 @@ from typing_extensions import override
 
 from deepfeat.finetune.bundle import export_bundle
 from deepfeat.finetune.datamodule import RetrievalDataModule
-from deepfeat.finetune.errors import ModelError
+from deepfeat.finetune.errors import DataError, ModelError
 from deepfeat.finetune.module import MetricLearningModule
+from deepfeat.finetune.whiten import DEFAULT_REGS, whiten_model
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,34 @@ def load_module_weights(module: MetricLearningModule, ckpt_path: str | Path) -> 
 class ExportBundle(Callback):
     """At the end of fit, export the best checkpoint (or the final weights) as a model bundle.
 
+    The same two post-training steps as ``FinetuneSettings`` (``deepfeat recipe run`` reads them from
+    this callback's arguments, so both paths export alike):
+
     Args:
         dirpath: where the bundle directory is written.
         name: bundle name (defaults to the directory name).
         use_best: load the best checkpoint of the ModelCheckpoint callback before exporting.
         onnx: also export ONNX.
+        flip_tta: the exported model averages each image's embedding with its mirror's
+            (``EmbeddingModel.set_flip_tta``; twice the inference cost).
+        whiten: fit a learned whitening on the data module's training images and keep it when it
+            beats the plain embeddings on the validation split (:func:`deepfeat.finetune.whiten.whiten_model`);
+            needs a :class:`RetrievalDataModule` with a ``val`` split.
+        whiten_regs: the shrinkages tried.
+        whiten_per_class: training images per class embedded for the fit (``None``: all).
     """
 
     def __init__(self, dirpath: str = "bundle", name: str | None = None, use_best: bool = True,
-                 onnx: bool = True) -> None:
+                 onnx: bool = True, flip_tta: bool = False, whiten: bool = False,
+                 whiten_regs: tuple[float, ...] = DEFAULT_REGS, whiten_per_class: int | None = 1000) -> None:
         self.dirpath = dirpath
         self.name = name
         self.use_best = use_best
         self.onnx = onnx
+        self.flip_tta = flip_tta
+        self.whiten = whiten
+        self.whiten_regs = tuple(whiten_regs)
+        self.whiten_per_class = whiten_per_class
         self.exported: Path | None = None
 
     @override
@@ -74,8 +90,30 @@ class ExportBundle(Callback):
                                     "loss": type(pl_module.loss_fn).__name__,
                                     "hparams": {k: v for k, v in pl_module.hparams.items()},
                                     "best_checkpoint": str(best) if best else None}
+        model = pl_module.model
+        model.set_flip_tta(self.flip_tta)
+        if self.whiten:
+            training["whitening"] = self._whiten(trainer, pl_module)
         self.exported = export_bundle(pl_module.model, self.dirpath, name=self.name, training=training,
                                       metrics=metrics, onnx=self.onnx, overwrite=True)
+
+
+    def _whiten(self, trainer: pl.Trainer, pl_module: MetricLearningModule) -> dict[str, Any]:
+        dm = trainer.datamodule  # type: ignore[attr-defined]
+        if not isinstance(dm, RetrievalDataModule) or dm.split_records("val").empty:
+            raise DataError("ExportBundle(whiten=True) needs a RetrievalDataModule with a validation split to "
+                            f"choose the whitening on; got {type(dm).__name__} without one. Give the data a val "
+                            "split (data.fractions or data.val_fraction) or set whiten: false")
+        choice = whiten_model(pl_module.model, dm.split_records("train"), dm.split_records("val"),
+                              regs=self.whiten_regs, per_class=self.whiten_per_class,
+                              batch_size=int(dm.hparams["eval_batch_size"]), num_workers=int(dm.hparams["num_workers"]),
+                              device=pl_module.device)
+        if choice.reg is None:
+            log.info("no whitening: none beat the plain embeddings on validation")
+        else:
+            log.info("learned whitening (reg %g) kept: validation Recall@1 %.4f, MAP@R %.4f", choice.reg,
+                     choice.val["recall_at_1"], choice.val["map_at_r"])
+        return {"reg": choice.reg, "val": {k: v for k, v in choice.val.items() if isinstance(v, float | int)}}
 
 
 class DeepfeatCLI(LightningCLI):

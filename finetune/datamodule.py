@@ -15,7 +15,7 @@ from deepfeat.finetune.errors import DataError
 
 SplitMode = Literal["as_is", "by_class", "by_group"]
 QueryMode = Literal["all_vs_all", "holdout"]
-Preset = Literal["fashion", "flip", "medical", "none"]
+Preset = Literal["fashion", "flip", "shift", "medical", "none"]
 
 
 def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:

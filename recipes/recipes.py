@@ -292,7 +292,9 @@ class RecipeConfig:
 
         ``model``, ``data`` and ``trainer`` keys map onto the fields of the same name; the freeze epochs,
         early-stopping patience and EMA decay come from the ``FreezeBackbone``, ``EarlyStopping`` and
-        ``EMAWeightAveraging`` callbacks (absent callback: no freezing, the default patience, no EMA), so
+        ``EMAWeightAveraging`` callbacks (absent callback: no freezing, the default patience, no EMA) and the
+        flip TTA and learned whitening from ``ExportBundle`` (``flip_tta``, ``whiten``, ``whiten_regs``,
+        ``whiten_per_class``), so
         ``deepfeat fit`` and ``deepfeat recipe run`` train alike; ``recipe.finetune`` sets the rest
         (``guard``, ``exclude_same_group``, ``max_minutes``).
 
@@ -320,6 +322,10 @@ class RecipeConfig:
             kw["patience"] = int(callbacks["EarlyStopping"].get("patience", 3))
         ema = callbacks.get("EMAWeightAveraging")
         kw["ema_decay"] = float(ema.get("decay", 0.999)) if ema is not None else None
+        export = callbacks.get("ExportBundle", {})
+        for key in ("flip_tta", "whiten", "whiten_regs", "whiten_per_class"):
+            if key in export:
+                kw[key] = tuple(export[key]) if key == "whiten_regs" else export[key]
         own = self.section("recipe", "finetune")
         names = {f.name for f in dataclasses.fields(FinetuneSettings)}
         unknown = sorted(set(own) - names)

@@ -51,6 +51,15 @@ def test_recipe_parts_build(name: str) -> None:
     assert config.data_kwargs()["split_mode"] == "by_group"
 
 
+def test_flip_tta_and_whitening_come_from_the_export_callback() -> None:
+    config = load_recipe("fashion")
+    assert not config.settings().flip_tta and not config.settings().whiten
+    export = next(c for c in config.raw["trainer"]["callbacks"] if c["class_path"].endswith(".ExportBundle"))
+    export["init_args"].update(flip_tta=True, whiten=True, whiten_regs=[0.03, 0.3])
+    settings = config.settings()
+    assert settings.flip_tta and settings.whiten and settings.whiten_regs == (0.03, 0.3)
+
+
 def test_medical_recipe_is_patient_level() -> None:
     config = load_recipe("medical")
     settings = config.settings()

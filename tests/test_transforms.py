@@ -127,7 +127,7 @@ def test_interpolation_names_map_to_opencv_flags() -> None:
     assert isinstance(resize, A.SmallestMaxSize) and resize.interpolation == cv2.INTER_CUBIC
 
 
-@pytest.mark.parametrize("preset", ["fashion", "flip", "medical", "none"])
+@pytest.mark.parametrize("preset", ["fashion", "flip", "shift", "medical", "none"])
 @pytest.mark.parametrize("train", [True, False])
 def test_every_preset_gives_a_chw_float_tensor(tiny_image_folder: Path, preset: str, train: bool) -> None:
     image = load_image(next(tiny_image_folder.glob("*/00.png")))
@@ -166,6 +166,25 @@ def test_fashion_preset_contents() -> None:
     jitter = next(t for t in pipeline.transforms if isinstance(t, A.ColorJitter))
     assert tuple(jitter.hue) == (0.0, 0.0)  # colour is a product attribute
     assert A.HorizontalFlip not in _types(build_transforms(Prep(), preset="fashion", train=True, hflip=False))
+
+
+@pytest.mark.parametrize("resize_mode", ["shorter_side_crop", "squash"])
+def test_shift_preset_is_the_eval_image_moved_by_whole_pixels(resize_mode: str) -> None:
+    """Each training view equals the evaluation view shifted by at most the margin, never rescaled."""
+    image = _random_image(40, 40)
+    prep = Prep(input_size=(48, 48), crop_pct=0.875, resize_mode=resize_mode)
+    reference = _run(build_eval_transforms(prep), image)
+    pipeline = build_transforms(prep, preset="shift", train=True, hflip=False, seed=0)
+    shifts = set()
+    for _ in range(12):
+        out = _run(pipeline, image)
+        found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                 if torch.equal(out[:, max(0, dy):48 + min(0, dy), max(0, dx):48 + min(0, dx)],
+                                reference[:, max(0, -dy):48 + min(0, -dy), max(0, -dx):48 + min(0, -dx)])]
+        assert len(found) >= 1, "a training view is not the evaluation view shifted by <= 3 px"
+        shifts.add(found[0])
+    assert len(shifts) > 1  # it does move
+    assert A.HorizontalFlip in _types(build_transforms(prep, preset="shift", train=True))
 
 
 def test_medical_preset_contents() -> None:

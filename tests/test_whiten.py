@@ -110,3 +110,28 @@ def test_finetune_with_whitening_exports_what_it_chose(tmp_path: Path) -> None:
     bundle = ModelBundle.load(result.bundle)
     assert bundle.card.training["whitening"]["reg"] == result.whitening["reg"]
     assert bundle.model.whitened == result.model.whitened
+
+
+def test_export_callback_of_deepfeat_fit_applies_flip_tta_and_whitening(tmp_path: Path) -> None:
+    """``deepfeat fit`` (LightningCLI) exports through ``ExportBundle``: the same two steps as ``finetune``."""
+    import lightning.pytorch as pl
+    from imagegen import make_image_folder
+
+    from deepfeat.finetune.cli import ExportBundle
+    from deepfeat.finetune.module import MetricLearningModule
+    from deepfeat.finetune.pipeline import FinetuneSettings, make_datamodule
+    from deepfeat.finetune.records import read_image_folder
+
+    records = read_image_folder(make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32))
+    settings = FinetuneSettings(image_size=32, p=4, k=2, batches_per_epoch=2, num_workers=0)
+    dm = make_datamodule(records, settings, split_mode="by_group", fractions=(0.5, 0.5, 0.0))
+    module = MetricLearningModule(backbone="test_efficientnet", weights="none", image_size=32, embedding_dim=16)
+    export = ExportBundle(dirpath=str(tmp_path / "bundle"), onnx=False, flip_tta=True, whiten=True,
+                          whiten_regs=(0.1, 1.0))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[export])
+    trainer.fit(module, datamodule=dm)
+    assert export.exported is not None
+    bundle = ModelBundle.load(export.exported)
+    reg = bundle.card.training["whitening"]["reg"]
+    assert bundle.model.flip_tta and reg in (None, 0.1, 1.0) and bundle.model.whitened == (reg is not None)
