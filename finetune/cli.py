@@ -90,30 +90,25 @@ class ExportBundle(Callback):
                                     "loss": type(pl_module.loss_fn).__name__,
                                     "hparams": {k: v for k, v in pl_module.hparams.items()},
                                     "best_checkpoint": str(best) if best else None}
-        model = pl_module.model
-        model.set_flip_tta(self.flip_tta)
+        pl_module.model.set_flip_tta(self.flip_tta)
         if self.whiten:
-            training["whitening"] = self._whiten(trainer, pl_module)
+            dm = trainer.datamodule  # type: ignore[attr-defined]
+            choice = whiten_model(pl_module.model, dm.split_records("train"), dm.split_records("val"),
+                                  regs=self.whiten_regs, per_class=self.whiten_per_class,
+                                  batch_size=int(dm.hparams["eval_batch_size"]),
+                                  num_workers=int(dm.hparams["num_workers"]), device=pl_module.device)
+            training["whitening"] = choice.summary()
         self.exported = export_bundle(pl_module.model, self.dirpath, name=self.name, training=training,
                                       metrics=metrics, onnx=self.onnx, overwrite=True)
 
-
-    def _whiten(self, trainer: pl.Trainer, pl_module: MetricLearningModule) -> dict[str, Any]:
-        dm = trainer.datamodule  # type: ignore[attr-defined]
-        if not isinstance(dm, RetrievalDataModule) or dm.split_records("val").empty:
-            raise DataError("ExportBundle(whiten=True) needs a RetrievalDataModule with a validation split to "
-                            f"choose the whitening on; got {type(dm).__name__} without one. Give the data a val "
-                            "split (data.fractions or data.val_fraction) or set whiten: false")
-        choice = whiten_model(pl_module.model, dm.split_records("train"), dm.split_records("val"),
-                              regs=self.whiten_regs, per_class=self.whiten_per_class,
-                              batch_size=int(dm.hparams["eval_batch_size"]), num_workers=int(dm.hparams["num_workers"]),
-                              device=pl_module.device)
-        if choice.reg is None:
-            log.info("no whitening: none beat the plain embeddings on validation")
-        else:
-            log.info("learned whitening (reg %g) kept: validation Recall@1 %.4f, MAP@R %.4f", choice.reg,
-                     choice.val["recall_at_1"], choice.val["map_at_r"])
-        return {"reg": choice.reg, "val": {k: v for k, v in choice.val.items() if isinstance(v, float | int)}}
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # refused before training, not after it
+        dm = getattr(trainer, "datamodule", None)
+        if self.whiten and (not isinstance(dm, RetrievalDataModule) or dm.split_records("val").empty):
+            raise DataError("ExportBundle(whiten=True) chooses the whitening on a validation split, and this "
+                            f"fit has none (data module: {type(dm).__name__}); give the data a val split "
+                            "(data.fractions or data.val_fraction) or set whiten: false")
 
 
 class DeepfeatCLI(LightningCLI):

@@ -234,7 +234,7 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
                               batch_size=settings.eval_batch_size, num_workers=training_workers(settings),
                               exclude_same_group=settings.exclude_same_group, device=eval_device)
         model.cpu()
-        whitening = {"reg": choice.reg, "val": {k: v for k, v in choice.val.items() if isinstance(v, float | int)}}
+        whitening = choice.summary()
         if choice.reg is None:
             message += "; no whitening (none beat the plain embeddings on validation)"
         else:

@@ -34,8 +34,8 @@ Training presets add augmentation around that resize:
   crop of the input size where the evaluation pipeline crops the centre (the ``crop_pct`` margin:
   up to 3 px each way at 48 px), so objects keep the scale they have at query time; with
   ``resize_mode="squash"`` (no margin) a whole-pixel shift of up to 6 % (black padding, then a
-  random crop). The classic
-  pad-and-crop augmentation of small centred images (Fashion-MNIST, CIFAR).
+  random crop). The classic pad-and-crop augmentation of small centred images (Fashion-MNIST,
+  CIFAR); on Fashion-MNIST it did not beat ``flip`` within 17 minutes on 2 CPU cores (benchmarks/README.md).
 * ``"none"``: the evaluation pipeline.
 """
 

@@ -135,3 +135,11 @@ def test_export_callback_of_deepfeat_fit_applies_flip_tta_and_whitening(tmp_path
     bundle = ModelBundle.load(export.exported)
     reg = bundle.card.training["whitening"]["reg"]
     assert bundle.model.flip_tta and reg in (None, 0.1, 1.0) and bundle.model.whitened == (reg is not None)
+
+    # no validation split to choose on: refused when fit starts, before any training step
+    no_val = make_datamodule(records, settings, split_mode="by_group", fractions=(1.0, 0.0, 0.0))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[ExportBundle(dirpath=str(tmp_path / "b2"), whiten=True)])
+    with pytest.raises(DataError, match="validation split"):
+        trainer.fit(module, datamodule=no_val)
+    assert trainer.global_step == 0 and not (tmp_path / "b2").exists()
