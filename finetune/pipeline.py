@@ -241,7 +241,6 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
             val[f"{chosen} + whitening"] = choice.val
             message += (f"; learned whitening (reg {choice.reg:g}) kept: validation MAP@R "
                         f"{choice.val[SELECT_KEY]:.4f}, Recall@1 {choice.val['recall_at_1']:.4f}")
-        log.info(message)
     seconds = time.perf_counter() - start
     result = FinetuneResult(model=model, chosen=chosen, val=val, seconds=seconds, epochs=trainer.current_epoch,
                             steps=trainer.global_step, best_checkpoint=best, message=message, whitening=whitening)
