@@ -66,13 +66,13 @@ def make_loss(name: str, n_classes: int, dim: int, margin: float | None = None,
         return losses.CosFaceLoss(num_classes=n_classes, embedding_size=dim, margin=margin or 0.35, scale=30), None
     if name == "proxyanchor":
         return losses.ProxyAnchorLoss(num_classes=n_classes, embedding_size=dim, margin=0.1, alpha=32), None
-    if name == "cosface+ms":  # class proxies for the coarse layout, pairs in the batch for the neighbourhoods
+    if name in ("cosface+ms", "cosface+xbm"):
+        # class proxies for the coarse layout, pairs in the batch for the neighbourhoods; +xbm: the pairs
+        # are also mined against the last `memory` embeddings (cross-batch memory, Wang et al. 2020)
         cosface, _ = make_loss("cosface", n_classes, dim, margin)
         ms, miner = make_loss("ms", n_classes, dim)
-        return losses.MultipleLosses({"cosface": cosface, "ms": ms}, miners={"ms": miner}), None
-    if name == "cosface+xbm":  # the same pairs mined against the last `memory` embeddings too (Wang et al. 2020)
-        cosface, _ = make_loss("cosface", n_classes, dim, margin)
-        ms, miner = make_loss("ms", n_classes, dim)
+        if name == "cosface+ms":
+            return losses.MultipleLosses({"cosface": cosface, "ms": ms}, miners={"ms": miner}), None
         xbm = losses.CrossBatchMemory(ms, embedding_size=dim, memory_size=memory, miner=miner)
         return losses.MultipleLosses({"cosface": cosface, "xbm": xbm}), None
     if name == "supcon":
