@@ -108,8 +108,10 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
                                 max_minutes=args.minutes, batches_per_epoch=args.batches_per_epoch,
                                 lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed, distill=args.distill,
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
-                                freeze_epochs=args.freeze_epochs, frozen_stages=args.frozen_stages, p=args.p, k=args.k,
-                                freeze_bn=not args.train_bn, preset=args.preset, loss_lr=args.loss_lr,
+                                freeze_epochs=args.freeze_epochs, frozen_stages=args.frozen_stages,
+                                drop_path_rate=args.drop_path, p=args.p, k=args.k,
+                                freeze_bn=not args.train_bn, preset=args.preset, erasing=args.erasing,
+                                loss_lr=args.loss_lr,
                                 warmup_steps=args.warmup_steps, precision=args.precision,
                                 backbone=args.backbone, flip_tta=args.flip_tta, whiten=args.whiten)
     dm = make_datamodule(records, settings, val_fraction=val_fraction)
@@ -231,11 +233,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--head-lr", type=float, default=3e-3)
+    parser.add_argument("--drop-path", type=float, default=0.0,
+                        help="stochastic depth rate of the backbone's blocks while training (timm drop_path_rate)")
     parser.add_argument("--l2sp", type=float, default=0.0)
     parser.add_argument("--distill", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.99)
     parser.add_argument("--preset", default="fashion", choices=["fashion", "flip", "shift", "none"],
                         help="training augmentation (finetune.transforms)")
+    parser.add_argument("--erasing", type=float, default=0.0, help="random erasing probability in training")
     parser.add_argument("--flip-tta", action="store_true",
                         help="the fine-tuned model embeds each image and its mirror (EmbeddingModel flip_tta); "
                              "the table adds the single-view model and the baseline with the same averaging")

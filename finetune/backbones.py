@@ -399,7 +399,8 @@ def _torchvision_model(name: str) -> tuple[nn.Module, Preprocessing]:
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path = "imagenet",
                     *, layers: Sequence[LayerSpec] | None = None,
-                    image_size: int | tuple[int, int] | None = None) -> Backbone:
+                    image_size: int | tuple[int, int] | None = None,
+                    drop_path_rate: float = 0.0) -> Backbone:
     """Create a pooled-feature backbone by name.
 
     Args:
@@ -412,18 +413,30 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path = "imagene
             concatenated) instead of the final pooled vector.
         image_size: override the input size of the preprocessing (e.g. 64 for 28 px images); the
             mean/std/interpolation still come from the model.
+        drop_path_rate: stochastic depth for training (timm models only): each residual block is
+            skipped at random with a probability rising linearly to this rate over the depth
+            (Huang et al., ECCV 2016; timm's ``drop_path_rate``). Inactive in eval mode, so it
+            changes nothing at query time and is not part of the model's config.
 
     Raises:
-        ModelError: unknown model, missing or mismatched weights.
+        ModelError: unknown model, missing or mismatched weights, or ``drop_path_rate`` outside [0, 1)
+            or asked of a torchvision model.
     """
     name = resolve_name(name)
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ModelError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}; 0 disables stochastic "
+                         f"depth, 0.1-0.2 is usual for EfficientNets")
     if name.startswith("tv:"):
+        if drop_path_rate:
+            raise ModelError(f"drop_path_rate={drop_path_rate} is supported for timm backbones only, not "
+                             f"torchvision {name!r}; pass drop_path_rate=0 or use a timm model")
         model, pre = _torchvision_model(name[3:])
     else:
         import timm
 
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=0)
+            model = timm.create_model(name, pretrained=False, num_classes=0,
+                                      **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
         except RuntimeError as exc:
             raise ModelError(f"unknown timm model {name!r}; see timm.list_models()") from exc
         pre = _timm_preprocessing(model)

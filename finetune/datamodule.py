@@ -40,7 +40,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         classes: keep only these labels (e.g. half of the classes for a class-disjoint study).
         limit_per_class: keep at most this many images per class and split (tiny runs).
         query_mode: ``all_vs_all`` (every eval image is a query against all others) or ``holdout``.
-        preset: augmentation preset for training (``fashion``, ``medical``, ``none``).
+        preset: augmentation preset for training (``fashion``, ``flip``, ``shift``, ``medical``, ``none``).
+        erasing: probability of random erasing on training images (see ``build_transforms``).
         p, k: classes per batch and images per class (batch size = p x k).
         batches_per_epoch: length of a training epoch in batches (default: one pass over the data).
         eval_batch_size: batch size of val/test/predict loaders.
@@ -53,7 +54,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                  classes: list[str] | None = None, limit_per_class: int | None = None,
                  query_mode: QueryMode = "all_vs_all", preset: Preset = "none", p: int = 8, k: int = 4,
                  batches_per_epoch: int | None = None, eval_batch_size: int = 128, num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, erasing: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.source = source
@@ -141,7 +142,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         from deepfeat.finetune.transforms import build_transforms
 
         preset = self.hparams["preset"] if train else "none"
-        tf = build_transforms(self._pre(), preset=preset, train=train)
+        tf = build_transforms(self._pre(), preset=preset, train=train,
+                              erasing=self.hparams.get("erasing", 0.0) if train else 0.0)
         return RecordDataset(self.split_records(split), tf, class_to_idx=self._class_to_idx or None, root=self.root)
 
     @override

@@ -209,7 +209,8 @@ def _init_geometry_preserving(lin: nn.Linear) -> None:
 def build_embedding_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *,
                           head: HeadType = "linear", embedding_dim: int | None = None,
                           layers: list[int | str] | None = None, image_size: int | None = None,
-                          normalize: bool = True) -> EmbeddingModel:
-    """One call from names to a model (what the YAML configs use)."""
-    bb = create_backbone(backbone, weights, layers=layers, image_size=image_size)  # type: ignore[arg-type]
+                          normalize: bool = True, drop_path_rate: float = 0.0) -> EmbeddingModel:
+    """One call from names to a model (what the YAML configs use); ``drop_path_rate`` as in ``create_backbone``."""
+    bb = create_backbone(backbone, weights, layers=layers, image_size=image_size,  # type: ignore[arg-type]
+                         drop_path_rate=drop_path_rate)
     return EmbeddingModel(bb, head=head, embedding_dim=embedding_dim, normalize=normalize)

@@ -61,6 +61,8 @@ class MetricLearningModule(pl.LightningModule):
         channels_last: keep weights and batches in channels-last (NHWC) memory layout. On CPU the
             oneDNN kernels of depthwise convolutions are several times faster in it (EfficientNet-Lite0
             at 32 px: about 190 -> 570 training images/s on 2 cores); on a GPU it suits the tensor cores.
+        drop_path_rate: stochastic depth of the backbone's residual blocks while training (timm
+            backbones; see ``create_backbone``); 0 disables it.
     """
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet",
@@ -70,12 +72,13 @@ class MetricLearningModule(pl.LightningModule):
                  loss_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.01, l2sp: float = 0.0, freeze_bn: bool = True,
                  gather_across_ranks: bool = True, distill: float = 0.0, max_minutes: float | None = None,
-                 channels_last: bool = True, frozen_stages: int = 0) -> None:
+                 channels_last: bool = True, frozen_stages: int = 0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "miner"])
         self.model: EmbeddingModel = build_embedding_model(backbone, weights, head=head,
                                                            embedding_dim=embedding_dim, layers=layers,
-                                                           image_size=image_size)
+                                                           image_size=image_size,
+                                                           drop_path_rate=drop_path_rate)
         self.loss_fn: BaseMetricLossFunction = loss if loss is not None else MultiSimilarityLoss()
         self.miner = miner
         self._check_loss_dims()

@@ -62,6 +62,7 @@ class FinetuneSettings:
     freeze_bn: bool = True
     freeze_epochs: int = 1
     frozen_stages: int = 0
+    drop_path_rate: float = 0.0
     ema_decay: float | None = 0.99
     max_epochs: int = 6
     max_minutes: float | None = None
@@ -69,6 +70,7 @@ class FinetuneSettings:
     p: int = 10
     k: int = 6
     preset: Preset = "fashion"
+    erasing: float = 0.0
     num_workers: int | Literal["auto"] = "auto"
     eval_batch_size: int = 256
     accelerator: str = "auto"
@@ -136,8 +138,9 @@ def training_workers(settings: FinetuneSettings, cores: int | None = None) -> in
 def make_datamodule(records: pd.DataFrame, settings: FinetuneSettings, **data_kwargs: Any) -> RetrievalDataModule:
     """A data module over ``records`` with the settings' batch shape and preset."""
     kw: dict[str, Any] = {"p": settings.p, "k": settings.k, "batches_per_epoch": settings.batches_per_epoch,
-                          "preset": settings.preset, "num_workers": training_workers(settings),
-                          "eval_batch_size": settings.eval_batch_size, "seed": settings.seed}
+                          "preset": settings.preset, "erasing": settings.erasing,
+                          "num_workers": training_workers(settings), "eval_batch_size": settings.eval_batch_size,
+                          "seed": settings.seed}
     kw.update(data_kwargs)
     return RetrievalDataModule.from_records(records, **kw)
 
@@ -175,7 +178,7 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps, l2sp=settings.l2sp, freeze_bn=settings.freeze_bn,
         distill=settings.distill, max_minutes=settings.max_minutes, channels_last=settings.channels_last,
-        frozen_stages=settings.frozen_stages)
+        frozen_stages=settings.frozen_stages, drop_path_rate=settings.drop_path_rate)
     dm.set_preprocessing(module.preprocessing)
     val_records = dm.split_records("val")
     base = off_the_shelf(module.model, settings.weights)

@@ -37,6 +37,11 @@ Training presets add augmentation around that resize:
   random crop). The classic pad-and-crop augmentation of small centred images (Fashion-MNIST,
   CIFAR); on Fashion-MNIST it did not beat ``flip`` within 17 minutes on 2 CPU cores (benchmarks/README.md).
 * ``"none"``: the evaluation pipeline.
+
+Any training preset takes ``erasing=p``: random erasing (Zhong et al., AAAI 2020; torchvision's
+``RandomErasing``): with probability ``p`` a rectangle of 2-25 % of the image is set to the
+normalised mean (0 after ``Normalize``), after all other steps, so a model cannot lean on any one
+region of a garment.
 """
 
 from __future__ import annotations
@@ -228,6 +233,7 @@ def build_transforms(
     preset: Preset,
     train: bool,
     hflip: bool | None = None,
+    erasing: float = 0.0,
     seed: int | None = None,
 ) -> A.Compose:
     """Build the albumentations pipeline for a backbone's preprocessing and a domain preset.
@@ -241,16 +247,19 @@ def build_transforms(
         preset: ``"fashion"``, ``"medical"`` or ``"none"`` (see the module docstring).
         train: ``False`` always gives the evaluation pipeline, whatever the preset.
         hflip: override the preset's horizontal flip (fashion: on, medical: off).
+        erasing: probability of random erasing (training presets only; see the module docstring).
         seed: seed of the pipeline's own random generator (albumentations ignores global seeds);
             ``None`` draws a fresh one. Forked DataLoader workers inherit the same generator state,
             so call :func:`reseed_in_worker` in each worker (e.g. from ``worker_init_fn``).
 
     Raises:
-        DataError: an unknown preset or an invalid preprocessing config.
+        DataError: an unknown preset, an invalid preprocessing config or ``erasing`` outside [0, 1].
     """
     key = _key(preprocessing)
     if preset not in get_args(Preset):
         raise DataError(f"preset must be one of {list(get_args(Preset))}, got {preset!r}")
+    if not 0.0 <= erasing <= 1.0:
+        raise DataError(f"erasing is a probability in [0, 1], got {erasing!r}; 0 disables random erasing")
     if not train or preset == "none":
         return _eval_compose(key)
     (height, width), _, _, interpolation, _, _ = key
@@ -289,7 +298,10 @@ def build_transforms(
         ]
         if hflip:
             steps.append(A.HorizontalFlip(p=0.5))
-    return A.Compose([*steps, *_tail(key)], seed=seed)
+    tail = _tail(key)
+    if erasing > 0:  # on the normalised image, so the fill 0 is the mean colour (as torchvision's)
+        tail.insert(1, A.Erasing(scale=(0.02, 0.25), ratio=(0.3, 3.3), fill=0, p=erasing))
+    return A.Compose([*steps, *tail], seed=seed)
 
 
 def reseed_in_worker(pipeline: A.Compose) -> None:

@@ -95,11 +95,12 @@ _MODEL_SETTINGS = (
     "l2sp",
     "freeze_bn",
     "frozen_stages",
+    "drop_path_rate",
     "distill",
     "channels_last",
     "max_minutes",
 )
-_DATA_SETTINGS = ("preset", "p", "k", "batches_per_epoch", "num_workers", "eval_batch_size", "seed")
+_DATA_SETTINGS = ("preset", "erasing", "p", "k", "batches_per_epoch", "num_workers", "eval_batch_size", "seed")
 _DATA_SPLIT_KEYS = ("split_mode", "fractions", "val_fraction", "classes", "limit_per_class", "query_mode")
 _TRAINER_SETTINGS = ("max_epochs", "precision", "accelerator")
 # model keys the guarded path cannot honour: a warning when they are set to anything but their default

@@ -104,3 +104,22 @@ def test_image_size_override_keeps_normalisation() -> None:
     assert bb.preprocessing.input_size == (64, 64)
     assert bb.preprocessing.mean == (0.5, 0.5, 0.5)
     assert Preprocessing.from_dict(bb.preprocessing.to_dict()) == bb.preprocessing
+
+
+def test_drop_path_is_random_in_training_and_off_in_eval() -> None:
+    """Stochastic depth: two training forwards of one batch differ, eval forwards are equal and match a
+    backbone built without it (same weights), so query-time embeddings do not depend on the option."""
+    torch.manual_seed(0)
+    bb = create_backbone("lite0", weights="imagenet", image_size=48, drop_path_rate=0.2)
+    plain = create_backbone("lite0", weights="imagenet", image_size=48)
+    x = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        bb.eval()
+        plain.eval()
+        assert torch.allclose(bb(x), plain(x), atol=1e-5)
+        bb.train()  # BatchNorm uses the batch's statistics either way: only the dropped blocks differ
+        assert not torch.allclose(bb(x), bb(x))
+    with pytest.raises(ModelError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
+        create_backbone("lite0", weights="none", drop_path_rate=1.0)
+    with pytest.raises(ModelError, match="timm backbones only"):
+        create_backbone("tv:resnet18", weights="none", drop_path_rate=0.1)

@@ -187,6 +187,30 @@ def test_shift_preset_is_the_eval_image_moved_by_whole_pixels(resize_mode: str) 
     assert A.HorizontalFlip in _types(build_transforms(prep, preset="shift", train=True))
 
 
+def test_erasing_sets_a_rectangle_to_the_mean_and_leaves_the_rest() -> None:
+    """Random erasing on a training view: one axis-aligned block of 2-25 % of the image becomes the
+    normalised mean (0), every other pixel is the un-erased view's; off by default and never in eval."""
+    image = np.full((32, 32, 3), 255, dtype=np.uint8)  # normalises to 1.0 everywhere
+    prep = Prep(input_size=(32, 32))
+    sizes = set()
+    pipeline = build_transforms(prep, preset="flip", train=True, erasing=1.0, seed=0)
+    for _ in range(8):
+        out = _run(pipeline, image)
+        erased = (out == 0).all(dim=0)
+        assert torch.equal(out[:, ~erased], torch.ones(3, int((~erased).sum())))
+        rows, cols = torch.where(erased)
+        assert len(rows) > 0, "erasing=1.0 erased nothing"
+        block = erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert block.all(), "the erased pixels are not one rectangle"
+        assert 0.02 * 1024 * 0.5 <= len(rows) <= 0.25 * 1024 * 1.5
+        sizes.add(len(rows))
+    assert len(sizes) > 1  # the rectangle is random
+    assert A.Erasing not in _types(build_transforms(prep, preset="flip", train=True))
+    assert A.Erasing not in _types(build_transforms(prep, preset="flip", train=False, erasing=1.0))
+    with pytest.raises(DataError, match=r"erasing is a probability in \[0, 1\], got 1.5"):
+        build_transforms(prep, preset="flip", train=True, erasing=1.5)
+
+
 def test_medical_preset_contents() -> None:
     pipeline = build_transforms(Prep(), preset="medical", train=True)
     names = _types(pipeline)
