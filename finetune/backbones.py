@@ -435,8 +435,8 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path = "imagene
         import timm
 
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=0,
-                                      **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
+            extra: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+            model = timm.create_model(name, pretrained=False, num_classes=0, **extra)
         except RuntimeError as exc:
             raise ModelError(f"unknown timm model {name!r}; see timm.list_models()") from exc
         pre = _timm_preprocessing(model)

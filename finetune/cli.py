@@ -61,11 +61,14 @@ class ExportBundle(Callback):
             needs a :class:`RetrievalDataModule` with a ``val`` split.
         whiten_regs: the shrinkages tried.
         whiten_per_class: training images per class embedded for the fit (``None``: all).
+        exclude_same_group: the whitening's validation ignores gallery items of the query's own group
+            (patient, product), as ``recipe.finetune.exclude_same_group`` does on the guarded path.
     """
 
     def __init__(self, dirpath: str = "bundle", name: str | None = None, use_best: bool = True,
                  onnx: bool = True, flip_tta: bool = False, whiten: bool = False,
-                 whiten_regs: tuple[float, ...] = DEFAULT_REGS, whiten_per_class: int | None = 1000) -> None:
+                 whiten_regs: tuple[float, ...] = DEFAULT_REGS, whiten_per_class: int | None = 1000,
+                 exclude_same_group: bool = False) -> None:
         self.dirpath = dirpath
         self.name = name
         self.use_best = use_best
@@ -74,6 +77,7 @@ class ExportBundle(Callback):
         self.whiten = whiten
         self.whiten_regs = tuple(whiten_regs)
         self.whiten_per_class = whiten_per_class
+        self.exclude_same_group = exclude_same_group
         self.exported: Path | None = None
 
     @override
@@ -96,7 +100,8 @@ class ExportBundle(Callback):
             choice = whiten_model(pl_module.model, dm.split_records("train"), dm.split_records("val"),
                                   regs=self.whiten_regs, per_class=self.whiten_per_class,
                                   batch_size=int(dm.hparams["eval_batch_size"]),
-                                  num_workers=int(dm.hparams["num_workers"]), device=pl_module.device)
+                                  num_workers=int(dm.hparams["num_workers"]), device=pl_module.device,
+                                  exclude_same_group=self.exclude_same_group)
             training["whitening"] = choice.summary()
         self.exported = export_bundle(pl_module.model, self.dirpath, name=self.name, training=training,
                                       metrics=metrics, onnx=self.onnx, overwrite=True)

@@ -97,6 +97,11 @@ def test_lightning_cli_reads_the_same_yaml(name: str, monkeypatch: pytest.Monkey
     assert type(cli.model.loss_fn) is type(config.loss())
     assert type(cli.model.miner) is type(config.miner())
     assert cli.config["recipe"]["name"] == name
+    # deepfeat fit chooses the whitening patient-aware where the guarded path does
+    from deepfeat.finetune.cli import ExportBundle
+
+    export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportBundle))
+    assert export.exclude_same_group == config.settings().exclude_same_group
 
 
 def test_overrides_parse_yaml_values_and_refuse_unknown_sections() -> None:
