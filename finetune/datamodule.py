@@ -142,8 +142,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         from deepfeat.finetune.transforms import build_transforms
 
         preset = self.hparams["preset"] if train else "none"
-        tf = build_transforms(self._pre(), preset=preset, train=train,
-                              erasing=self.hparams.get("erasing", 0.0) if train else 0.0)
+        tf = build_transforms(self._pre(), preset=preset, train=train, erasing=self.hparams.get("erasing", 0.0))
         return RecordDataset(self.split_records(split), tf, class_to_idx=self._class_to_idx or None, root=self.root)
 
     @override

@@ -244,7 +244,7 @@ def build_transforms(
 
     Args:
         preprocessing: the backbone's config (input size, mean/std, interpolation, crop, resize).
-        preset: ``"fashion"``, ``"medical"`` or ``"none"`` (see the module docstring).
+        preset: ``"fashion"``, ``"flip"``, ``"shift"``, ``"medical"`` or ``"none"`` (see the module docstring).
         train: ``False`` always gives the evaluation pipeline, whatever the preset.
         hflip: override the preset's horizontal flip (fashion: on, medical: off).
         erasing: probability of random erasing (training presets only; see the module docstring).
