@@ -13,8 +13,8 @@ The settings measured for benchmarks/README.md (2 CPU cores, each run under 20 m
 
     # same classes: CosFace (margin 0.2, proxies at 10 x lr) + Multi-Similarity, 64 px, backbone trained with
     # its BatchNorm, flip-only augmentation, no frozen epoch, 17 min of training; flip test-time augmentation
-    # and a learned whitening chosen on validation (about 18.3-18.6 min of fine-tuning, Recall@1 0.9209 +- 0.0020; the test evaluation of the
-    # five rows adds about 3.7 min, of which the exported model's own is 45 s)
+    # and a learned whitening chosen on validation (about 18.3-18.6 min of fine-tuning, Recall@1 0.9209 +- 0.0020;
+    # the test evaluation of the five rows adds about 3.7 min, of which the exported model's own is 45 s)
     python benchmarks/quality.py --protocol same --seeds 0 1 2 --loss cosface+ms --margin 0.2 --loss-lr 1e-2 \
         --image-size 64 --minutes 17 --lr 1e-3 --head-lr 1e-2 --train-bn --preset flip --batches-per-epoch 300 \
         --k 12 --freeze-epochs 0 --flip-tta --whiten
