@@ -111,6 +111,8 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
                                 num_workers=args.num_workers, ema_decay=args.ema or None,
                                 freeze_epochs=args.freeze_epochs, frozen_stages=args.frozen_stages,
                                 drop_path_rate=args.drop_path, p=args.p, k=args.k,
+                                progressive_size=args.progressive_size,
+                                progressive_fraction=args.progressive_fraction,
                                 freeze_bn=not args.train_bn, preset=args.preset, erasing=args.erasing,
                                 loss_lr=args.loss_lr,
                                 warmup_steps=args.warmup_steps, precision=args.precision,
@@ -236,6 +238,10 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=3e-3)
     parser.add_argument("--drop-path", type=float, default=0.0,
                         help="stochastic depth rate of the backbone's blocks while training (timm drop_path_rate)")
+    parser.add_argument("--progressive-size", type=int, default=None,
+                        help="progressive resizing: train at this size for the first --progressive-fraction "
+                             "of the run, then at --image-size")
+    parser.add_argument("--progressive-fraction", type=float, default=0.5)
     parser.add_argument("--l2sp", type=float, default=0.0)
     parser.add_argument("--distill", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=0.99)

@@ -63,6 +63,14 @@ class MetricLearningModule(pl.LightningModule):
             at 32 px: about 190 -> 570 training images/s on 2 cores); on a GPU it suits the tensor cores.
         drop_path_rate: stochastic depth of the backbone's residual blocks while training (timm
             backbones; see ``create_backbone``); 0 disables it.
+        progressive_size: progressive resizing (as in fast.ai's training recipes and EfficientNetV2's
+            progressive learning): for the first ``progressive_fraction`` of the run (of its steps, or of
+            ``max_minutes`` when that ends it first) training batches are resized to this height (the
+            width in proportion) before the forward pass, then the full input size is used. A smaller
+            image costs less per step, so a time budget buys more steps, and the last part of the run
+            adapts the model (BatchNorm statistics included) to the size it is evaluated and served at.
+            ``None`` disables it. Validation, test and export always use the full input size.
+        progressive_fraction: the share of the run at ``progressive_size``, in (0, 1).
     """
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet",
@@ -72,7 +80,8 @@ class MetricLearningModule(pl.LightningModule):
                  loss_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.01, l2sp: float = 0.0, freeze_bn: bool = True,
                  gather_across_ranks: bool = True, distill: float = 0.0, max_minutes: float | None = None,
-                 channels_last: bool = True, frozen_stages: int = 0, drop_path_rate: float = 0.0) -> None:
+                 channels_last: bool = True, frozen_stages: int = 0, drop_path_rate: float = 0.0,
+                 progressive_size: int | None = None, progressive_fraction: float = 0.5) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "miner"])
         self.model: EmbeddingModel = build_embedding_model(backbone, weights, head=head,
@@ -82,6 +91,8 @@ class MetricLearningModule(pl.LightningModule):
         self.loss_fn: BaseMetricLossFunction = loss if loss is not None else MultiSimilarityLoss()
         self.miner = miner
         self._check_loss_dims()
+        self._small_size = self._check_progressive(progressive_size, progressive_fraction)
+        self._started: float | None = None
         if frozen_stages:
             self.model.backbone.freeze_stages(frozen_stages)
             # Lightning warns about modules in eval mode at the start of fit: these are the frozen stages'
@@ -122,6 +133,37 @@ class MetricLearningModule(pl.LightningModule):
                              f"the model outputs {self.model.embedding_dim} dims; set the loss's init_args."
                              f"embedding_size to {self.model.embedding_dim} (or the model's embedding_dim to {size})")
 
+    def _check_progressive(self, size: int | None, fraction: float) -> tuple[int, int] | None:
+        """The (height, width) of the progressive-resizing phase, after checking the settings."""
+        if size is None:
+            return None
+        height, width = self.model.preprocessing.input_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size < height:
+            raise ModelError(f"progressive_size must be an int from 16 up to (not including) the input height "
+                             f"{height}, got {size!r}; use None to train at the full size throughout")
+        if not 0.0 < fraction < 1.0:
+            raise ModelError(f"progressive_fraction is the share of the run at progressive_size, in (0, 1); got "
+                             f"{fraction!r}")
+        return size, max(1, round(width * size / height))
+
+    def training_progress(self) -> float:
+        """The share of the run done, in [0, 1]: of its steps, or of ``max_minutes`` if that ends it first."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        progress = min(1.0, self.global_step / total)
+        budget = self.hparams.get("max_minutes")
+        if budget and self._started is not None:
+            progress = max(progress, min(1.0, (time.perf_counter() - self._started) / (float(budget) * 60)))
+        return progress
+
+    def _train_size(self, images: torch.Tensor) -> torch.Tensor:
+        """Training images resized for progressive resizing while its phase lasts; otherwise as they are."""
+        if self._small_size is None or self.training_progress() >= float(self.hparams["progressive_fraction"]):
+            return images
+        if tuple(images.shape[-2:]) == self._small_size:
+            return images
+        return torch.nn.functional.interpolate(images, size=self._small_size, mode="bilinear", antialias=True,
+                                               align_corners=False)
+
     @property
     def preprocessing(self) -> Any:
         """The model's preprocessing (the data module builds its transforms from it)."""
@@ -143,7 +185,7 @@ class MetricLearningModule(pl.LightningModule):
         images, labels = batch["image"], batch["label"]
         if images is None or len(labels) < 2:
             return None  # every image of the batch failed to decode (already reported)
-        images = self._layout(images)
+        images = self._layout(self._train_size(images))
         emb = self.model(images)
         if self.hparams["gather_across_ranks"] and self.trainer.world_size > 1:
             emb = self.all_gather(emb, sync_grads=True).flatten(0, 1)  # type: ignore[union-attr]
@@ -232,13 +274,15 @@ class MetricLearningModule(pl.LightningModule):
         groups = (split_decay(list(self.model.backbone.named_parameters()), lr)
                   + split_decay(list(self.model.head.named_parameters()), head_lr)
                   + split_decay(list(self.loss_fn.named_parameters()), loss_lr))
-        optimizer = torch.optim.AdamW(groups)
+        # the fused kernel updates every tensor in one pass: 8.6 -> 2.4 ms per step for Lite0 on 2 CPU cores
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp["warmup_steps"])
         floor = float(hp["min_lr_ratio"])
 
         budget = float(hp["max_minutes"]) * 60 if hp.get("max_minutes") else None
-        started = time.perf_counter()
+        self._started = started = time.perf_counter()
 
         def schedule(step: int) -> float:
             if step < warmup:

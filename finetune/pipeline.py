@@ -63,6 +63,8 @@ class FinetuneSettings:
     freeze_epochs: int = 1
     frozen_stages: int = 0
     drop_path_rate: float = 0.0
+    progressive_size: int | None = None
+    progressive_fraction: float = 0.5
     ema_decay: float | None = 0.99
     max_epochs: int = 6
     max_minutes: float | None = None
@@ -178,7 +180,8 @@ def finetune(dm: RetrievalDataModule, settings: FinetuneSettings, out_dir: str |
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps, l2sp=settings.l2sp, freeze_bn=settings.freeze_bn,
         distill=settings.distill, max_minutes=settings.max_minutes, channels_last=settings.channels_last,
-        frozen_stages=settings.frozen_stages, drop_path_rate=settings.drop_path_rate)
+        frozen_stages=settings.frozen_stages, drop_path_rate=settings.drop_path_rate,
+        progressive_size=settings.progressive_size, progressive_fraction=settings.progressive_fraction)
     dm.set_preprocessing(module.preprocessing)
     val_records = dm.split_records("val")
     base = off_the_shelf(module.model, settings.weights)

@@ -96,6 +96,8 @@ _MODEL_SETTINGS = (
     "freeze_bn",
     "frozen_stages",
     "drop_path_rate",
+    "progressive_size",
+    "progressive_fraction",
     "distill",
     "channels_last",
     "max_minutes",

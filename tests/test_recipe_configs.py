@@ -60,6 +60,13 @@ def test_flip_tta_and_whitening_come_from_the_export_callback() -> None:
     assert settings.flip_tta and settings.whiten and settings.whiten_regs == (0.03, 0.3)
 
 
+def test_training_only_model_keys_reach_the_guarded_path() -> None:
+    config = load_recipe("fashion")
+    config.raw["model"].update(progressive_size=48, progressive_fraction=0.4, drop_path_rate=0.1)
+    settings = config.settings()
+    assert (settings.progressive_size, settings.progressive_fraction, settings.drop_path_rate) == (48, 0.4, 0.1)
+
+
 def test_medical_recipe_is_patient_level() -> None:
     config = load_recipe("medical")
     settings = config.settings()

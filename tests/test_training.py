@@ -132,3 +132,28 @@ def test_training_workers_auto_follows_the_cores() -> None:
     assert training_workers(cpu, cores=2) == 0
     assert training_workers(cpu, cores=16) == 4
     assert training_workers(FinetuneSettings(accelerator="cpu", num_workers=3), cores=2) == 3
+
+
+def test_progressive_resizing_trains_small_first_then_at_full_size(tiny_records: Any) -> None:
+    module = MetricLearningModule(backbone="test_efficientnet", weights="none", embedding_dim=DIM, image_size=32,
+                                  progressive_size=16, progressive_fraction=0.5)
+    seen: list[tuple[bool, tuple[int, int]]] = []
+    module.model.backbone.register_forward_pre_hook(
+        lambda m, args: seen.append((module.training, tuple(args[0].shape[-2:]))))
+    dm = RetrievalDataModule.from_records(tiny_records, val_fraction=0.25, p=3, k=2, batches_per_epoch=4)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    train = [size for training, size in seen if training]
+    assert train == [(16, 16)] * 4 + [(32, 32)] * 4  # 8 steps: the first half small
+    assert {size for training, size in seen if not training} == {(32, 32)}  # validation at the full size
+    assert module.training_progress() == 1.0
+
+
+def test_progressive_resizing_settings_are_checked() -> None:
+    with pytest.raises(ModelError, match=r"progressive_size must be an int from 16 up to .* input height 32, got 32"):
+        MetricLearningModule(backbone="test_efficientnet", weights="none", embedding_dim=DIM, image_size=32,
+                             progressive_size=32)
+    with pytest.raises(ModelError, match=r"progressive_fraction .* in \(0, 1\); got 1.0"):
+        MetricLearningModule(backbone="test_efficientnet", weights="none", embedding_dim=DIM, image_size=32,
+                             progressive_size=16, progressive_fraction=1.0)
