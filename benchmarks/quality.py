@@ -132,10 +132,14 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
         models[f"off-the-shelf, layers {','.join(map(str, args.layers))}"] = off_the_shelf(result.model)
     if args.flip_tta:  # the issue's baseline as is, and with the same averaging of the mirrored view
         models["off-the-shelf + flip TTA"] = penultimate(result.model, flip_tta=True)
-    models.update(ablations(result.model))
+    models.update(ablations(result.model, settings.flip_tta, settings.whiten))
     models["fine-tuned"] = result.model
     rows = evaluate_models(models, test, batch_size=256, num_workers=training_workers(settings),
                            device=evaluation_device(settings.accelerator))
+    _, plain_name = ablation_names(settings.flip_tta, settings.whiten)
+    if plain_name and plain_name not in rows:  # no whitening chosen: the exported model is the plain one
+        rows = {**{k: v for k, v in rows.items() if k != "fine-tuned"}, plain_name: dict(rows["fine-tuned"]),
+                "fine-tuned": rows["fine-tuned"]}
     rows["fine-tuned"]["chosen"] = result.chosen  # type: ignore[assignment]
     rows["fine-tuned"]["wall_seconds"] = time.perf_counter() - start
     rows["fine-tuned"]["steps"] = result.steps  # type: ignore[assignment]
@@ -147,18 +151,34 @@ def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dic
     return rows
 
 
-def ablations(model: EmbeddingModel) -> dict[str, EmbeddingModel]:
-    """The fine-tuned model without its test-time flip and/or learned whitening, for the table."""
+def ablation_names(flip_tta: bool, whiten: bool) -> tuple[str | None, str | None]:
+    """The table's rows for the fine-tuned model without its flip TTA and/or whitening, as the run asked.
+
+    The names follow the settings, not what validation chose, so that every seed has the same rows
+    (one seed may keep a whitening that another declines).
+    """
+    single = ("fine-tuned, single view" + (", no whitening" if whiten else "")) if flip_tta else None
+    plain = ("fine-tuned" + (" + flip TTA" if flip_tta else "") + ", no whitening") if whiten else None
+    return single, plain
+
+
+def ablations(model: EmbeddingModel, flip_tta: bool, whiten: bool) -> dict[str, EmbeddingModel]:
+    """The fine-tuned model without its test-time flip and/or learned whitening, for the table.
+
+    The row without whitening is left out when validation chose none: it is then the exported model
+    itself, and the caller copies that row's figures instead of embedding the test split again.
+    """
+    single_name, plain_name = ablation_names(flip_tta, whiten)
     rows: dict[str, EmbeddingModel] = {}
-    if model.flip_tta:
+    if single_name and model.flip_tta:
         single = copy.deepcopy(model)
         single.set_flip_tta(False)
         single.set_whitening(None, None)
-        rows["fine-tuned, single view" + (", no whitening" if model.whitened else "")] = single
-    if model.whitened:
+        rows[single_name] = single
+    if plain_name and model.whitened:
         plain = copy.deepcopy(model)
         plain.set_whitening(None, None)
-        rows["fine-tuned" + (" + flip TTA" if model.flip_tta else "") + ", no whitening"] = plain
+        rows[plain_name] = plain
     return rows
 
 
