@@ -300,10 +300,19 @@ def main() -> None:
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report: dict[str, Any] = {"args": vars(args), "protocols": {}}
+
+    def save() -> None:  # after every seed: a run of an hour keeps what it measured if a later part fails
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+
     for protocol in args.protocol:
-        runs = [run_one(protocol, seed, args) for seed in args.seeds]
+        runs: list[dict[str, dict[str, Any]]] = []
+        report["protocols"][protocol] = {"runs": runs}
+        for seed in args.seeds:
+            runs.append(run_one(protocol, seed, args))
+            save()
         table = summarise(runs)
-        report["protocols"][protocol] = {"runs": runs, "summary": table}
+        report["protocols"][protocol]["summary"] = table
         walls = [r["fine-tuned"]["wall_seconds"] for r in runs]
         steps = [r["fine-tuned"]["steps"] for r in runs]
         tuning = [r["fine-tuned"]["finetune_seconds"] for r in runs]
@@ -313,8 +322,7 @@ def main() -> None:
               f"wall per run with the test evaluation {statistics.fmean(walls) / 60:.1f} min)")
         print(format_metrics_table(table, [k for key in KEYS for k in (key, f"{key}_std")], delta=False))
         print("chosen per seed:", [r["fine-tuned"]["chosen"] for r in runs])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+        save()
 
 
 if __name__ == "__main__":
