@@ -146,14 +146,17 @@ class MetricLearningModule(pl.LightningModule):
                              f"{fraction!r}")
         return size, max(1, round(width * size / height))
 
+    def _elapsed_share(self) -> float:
+        """The share of ``max_minutes`` used since the optimizer was set up (0 without a budget)."""
+        budget = self.hparams.get("max_minutes")
+        if not budget or self._started is None:
+            return 0.0
+        return min(1.0, (time.perf_counter() - self._started) / (float(budget) * 60))
+
     def training_progress(self) -> float:
         """The share of the run done, in [0, 1]: of its steps, or of ``max_minutes`` if that ends it first."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        progress = min(1.0, self.global_step / total)
-        budget = self.hparams.get("max_minutes")
-        if budget and self._started is not None:
-            progress = max(progress, min(1.0, (time.perf_counter() - self._started) / (float(budget) * 60)))
-        return progress
+        return max(min(1.0, self.global_step / total), self._elapsed_share())
 
     def _train_size(self, images: torch.Tensor) -> torch.Tensor:
         """Training images resized for progressive resizing while its phase lasts; otherwise as they are."""
@@ -281,15 +284,12 @@ class MetricLearningModule(pl.LightningModule):
         warmup = int(hp["warmup_steps"])
         floor = float(hp["min_lr_ratio"])
 
-        budget = float(hp["max_minutes"]) * 60 if hp.get("max_minutes") else None
-        self._started = started = time.perf_counter()
+        self._started = time.perf_counter()
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if budget:
-                progress = max(progress, min(1.0, (time.perf_counter() - started) / budget))
+            progress = max(min(1.0, (step - warmup) / max(1, total - warmup)), self._elapsed_share())
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
