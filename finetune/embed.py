@@ -35,6 +35,7 @@ from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.data import RecordDataset, SkipReport, collate_skipping_errors, record_source
 from deepfeat.finetune.device_decode import DevicePreprocess
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
+from deepfeat.finetune.runtime import tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
         raise DataError(f"decode must be one of {list(DECODE_CHOICES)}, got {decode!r}")
     records = records.reset_index(drop=True)
     dev = torch.device(device) if device is not None else next(bundle.model.parameters()).device
+    tune_cpu_allocator()
     model = bundle.model.to(dev).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

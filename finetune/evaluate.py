@@ -14,6 +14,7 @@ import torch
 from deepfeat.finetune.data import RecordDataset, SkipReport, make_loader
 from deepfeat.finetune.errors import DataError
 from deepfeat.finetune.model import EmbeddingModel, build_embedding_model
+from deepfeat.finetune.runtime import tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ def embed_records(model: EmbeddingModel, records: pd.DataFrame, *, batch_size: i
         ``(embeddings, kept)``: float32 (n_kept, dim) and the positions (into ``records``) that decoded.
     """
     from deepfeat.finetune.transforms import build_transforms
+
+    tune_cpu_allocator()
 
     records = records.reset_index(drop=True)
     model = model.to(device).eval()

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from deepfeat.finetune.errors import ModelError
 from deepfeat.finetune.model import EmbeddingModel, HeadType, build_embedding_model
+from deepfeat.finetune.runtime import tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,10 @@ class MetricLearningModule(pl.LightningModule):
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self._layout(x))
+
+    @override
+    def on_fit_start(self) -> None:
+        tune_cpu_allocator()
 
     @override
     def on_train_epoch_start(self) -> None:
