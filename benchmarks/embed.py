@@ -48,6 +48,7 @@ from _common import Clock, Measure, goal_mark, machine, median, spread, table, w
 from deepfeat.finetune.bundle import ModelBundle, export_bundle
 from deepfeat.finetune.embed import PRECISION_AUTOCAST, _compiled, embed_to_parquet, read_shards, resolve_autocast
 from deepfeat.finetune.model import build_embedding_model
+from deepfeat.finetune.runtime import tune_cpu_allocator
 from deepfeat.finetune.transforms import build_eval_transforms
 
 GOAL_VS_NAIVE_CPU = 5.0
@@ -219,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> Result:
 
 
 def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work: Path) -> Result:
+    # one allocator for every path from the first repeat on (deepfeat's path would tune it when it starts,
+    # and the other paths share the process)
+    tune_cpu_allocator()
     print(f"machine: {machine()}")
     t0 = time.perf_counter()
     paths = write_jpegs(work / "images", args.n, args.source_size)

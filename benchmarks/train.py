@@ -33,6 +33,7 @@ from pytorch_metric_learning.losses import MultiSimilarityLoss
 from torch import nn
 
 from deepfeat.finetune.module import MetricLearningModule
+from deepfeat.finetune.runtime import tune_cpu_allocator
 
 GOAL = 0.95
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -215,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.warmup < 1:
         raise SystemExit("--warmup must be at least 1 (the first step includes one-off set-up)")
 
+    # one allocator for both sides from the first repeat on (the Lightning side would tune it when its fit
+    # starts, and the plain loop shares the process)
+    tune_cpu_allocator()
     print(f"machine: {machine()}")
     batch_size = args.classes * args.per_class
     print(
