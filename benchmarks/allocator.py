@@ -1,4 +1,4 @@
-"""CPU step time with deepfeat's glibc malloc tuning against glibc's defaults (``deepfeat.finetune.runtime``).
+"""CPU step time with deepfeat's glibc malloc tuning against glibc's defaults (``deepfeat.finetune.inference.runtime``).
 
 Each measurement is a fresh child process, so the two allocator settings never share a heap: the
 child builds ``MetricLearningModule`` (EfficientNet-Lite0, trainable BatchNorm as in the quality recipe),
@@ -26,14 +26,14 @@ from typing import Any
 
 from _common import goal_mark, machine, median, spread, table
 
-from deepfeat.finetune.runtime import ENV
+from deepfeat.finetune.inference.runtime import ENV
 
 GOAL_TRAIN = 1.1
 
 _CHILD = r"""
 import json, resource, sys, time, torch
-from deepfeat.finetune.module import MetricLearningModule
-from deepfeat.finetune.runtime import tune_cpu_allocator
+from deepfeat.finetune.training.module import MetricLearningModule
+from deepfeat.finetune.inference.runtime import tune_cpu_allocator
 
 size, batch, warmup, steps = (int(v) for v in sys.argv[1:5])
 applied = tune_cpu_allocator()

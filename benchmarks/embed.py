@@ -5,12 +5,12 @@
     ``model.predict`` tutorial; the vectors are written to Parquet at the end.
 (b) ``model-only``: the forward pass alone on pre-decoded, pre-processed tensors already in memory
     (on the device), at the same batch size and settings as (c): the ceiling for (c).
-(c) ``deepfeat``: :func:`deepfeat.finetune.embed.embed_to_parquet`, files -> Parquet shards, with
+(c) ``deepfeat``: :func:`deepfeat.finetune.inference.embed.embed_to_parquet`, files -> Parquet shards, with
     DataLoader workers decoding while the model runs.
 (d) ``device decode`` (with ``--gpu-decode``; on by default on CUDA): ``embed_to_parquet(decode="device")``,
     the library's default on CUDA: workers only read and hash the file bytes,
     ``torchvision.io.decode_jpeg(device=...)`` decodes the batch on the GPU (nvJPEG) and resize, crop
-    and normalise run there too (:mod:`deepfeat.finetune.device_decode`, OpenCV's filters as matrix
+    and normalise run there too (:mod:`deepfeat.finetune.inference.device_decode`, OpenCV's filters as matrix
     products). The cosine of its vectors against (c)'s is printed with it.
 
 The three (four) are alternated ``--repeats`` times; ratios are computed within each repeat and the
@@ -45,11 +45,17 @@ import pandas as pd
 import torch
 from _common import Clock, Measure, goal_mark, machine, median, spread, table, write_jpegs
 
-from deepfeat.finetune.bundle import ModelBundle, export_bundle
-from deepfeat.finetune.embed import PRECISION_AUTOCAST, _compiled, embed_to_parquet, read_shards, resolve_autocast
-from deepfeat.finetune.model import build_embedding_model
-from deepfeat.finetune.runtime import tune_cpu_allocator
-from deepfeat.finetune.transforms import build_eval_transforms
+from deepfeat.finetune.data.transforms import build_eval_transforms
+from deepfeat.finetune.inference.embed import (
+    PRECISION_AUTOCAST,
+    _compiled,
+    embed_to_parquet,
+    read_shards,
+    resolve_autocast,
+)
+from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
+from deepfeat.finetune.models.model import build_embedding_model
 
 GOAL_VS_NAIVE_CPU = 5.0
 GOAL_VS_MODEL_CPU = 0.9
@@ -112,7 +118,7 @@ def preprocess_all(
     device: torch.device,
 ) -> list[torch.Tensor]:
     """Decode and preprocess every image once, into channels_last batches on ``device`` (for (b))."""
-    from deepfeat.finetune.images import load_image
+    from deepfeat.finetune.data.images import load_image
 
     transform = build_eval_transforms(bundle.preprocessing)
     tensors = [transform(image=load_image(p))["image"] for p in paths]

@@ -78,9 +78,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """Embed the first ``args.child`` images and report memory (runs in its own process)."""
     import pandas as pd
 
-    from deepfeat.finetune.bundle import ModelBundle, export_bundle
-    from deepfeat.finetune.embed import embed_to_parquet
-    from deepfeat.finetune.model import build_embedding_model
+    from deepfeat.finetune.inference.embed import embed_to_parquet
+    from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
+    from deepfeat.finetune.models.model import build_embedding_model
 
     n = args.child
     paths = sorted(args.images.glob("p-*.jpg"))[:n]

@@ -37,11 +37,12 @@ from typing import Any
 import pandas as pd
 from pytorch_metric_learning import losses, miners
 
-from deepfeat.finetune.bundle import ModelBundle
-from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
+from deepfeat.finetune.data.records import FASHION_MNIST_CLASSES, read_fashion_mnist, sample_per_class
+from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
 from deepfeat.finetune.metrics import format_metrics_table
-from deepfeat.finetune.model import EmbeddingModel, build_embedding_model
-from deepfeat.finetune.pipeline import (
+from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.finetune.models.model import EmbeddingModel, build_embedding_model
+from deepfeat.finetune.training.pipeline import (
     FinetuneResult,
     FinetuneSettings,
     evaluation_device,
@@ -49,8 +50,7 @@ from deepfeat.finetune.pipeline import (
     make_datamodule,
     training_workers,
 )
-from deepfeat.finetune.records import FASHION_MNIST_CLASSES, read_fashion_mnist, sample_per_class
-from deepfeat.finetune.whiten import whiten_model
+from deepfeat.finetune.training.whiten import whiten_model
 
 KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
 

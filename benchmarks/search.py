@@ -65,10 +65,10 @@ def embed_fashion_mnist(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarra
         return data["gallery"], data["queries"]
     import torch
 
-    from deepfeat.finetune.bundle import ModelBundle, export_bundle
-    from deepfeat.finetune.embed import iter_embeddings
-    from deepfeat.finetune.model import build_embedding_model
-    from deepfeat.finetune.records import read_fashion_mnist
+    from deepfeat.finetune.data.records import read_fashion_mnist
+    from deepfeat.finetune.inference.embed import iter_embeddings
+    from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
+    from deepfeat.finetune.models.model import build_embedding_model
 
     records = read_fashion_mnist(args.data)
     train = records[records["split"] == "train"].iloc[: args.real]

@@ -1,6 +1,6 @@
 """Training throughput: Lightning ``Trainer.fit`` of MetricLearningModule vs a plain PyTorch loop.
 
-Both sides train the same :class:`~deepfeat.finetune.model.EmbeddingModel` (same initial weights),
+Both sides train the same :class:`~deepfeat.finetune.models.model.EmbeddingModel` (same initial weights),
 with the same pytorch-metric-learning loss (MultiSimilarityLoss), the same AdamW parameter groups and
 learning-rate schedule as ``MetricLearningModule.configure_optimizers``, frozen BatchNorm statistics
 (``freeze_bn=True``, the module's default), the same precision and the very same PK batches, built
@@ -32,8 +32,8 @@ from _common import goal_mark, machine, median, spread, table
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 from torch import nn
 
-from deepfeat.finetune.module import MetricLearningModule
-from deepfeat.finetune.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.training.module import MetricLearningModule
 
 GOAL = 0.95
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")

@@ -36,8 +36,8 @@ from deepfeat.connectors.load import (
     shard_fingerprint,
 )
 from deepfeat.connectors.schema import VECTOR_FIELD, CollectionSpec, IndexSpec, KeyMode, _fingerprint_of
-from deepfeat.finetune.bundle import check_compatible
 from deepfeat.finetune.errors import ConnectorError, MissingExtraError
+from deepfeat.finetune.models.bundle import check_compatible
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any, TypeAlias
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.schema import PROP_BUNDLE, VECTOR_FIELD, CollectionSpec
-from deepfeat.finetune.bundle import BundleCard, ModelBundle
 from deepfeat.finetune.errors import ConnectorError
+from deepfeat.finetune.models.bundle import BundleCard, ModelBundle
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from deepfeat.connectors.schema import (
     KeyMode,
     primary_keys,
 )
-from deepfeat.finetune.bundle import check_compatible
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
+from deepfeat.finetune.models.bundle import check_compatible
 
 log = logging.getLogger(__name__)
 

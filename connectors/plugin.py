@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfeat.finetune.bundle import ModelBundle
+from deepfeat.finetune.models.bundle import ModelBundle
 
 
 def _as_array(image: Any) -> Any:

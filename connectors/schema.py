@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from deepfeat.finetune.bundle import BundleCard, ModelBundle, check_compatible, read_card
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
+from deepfeat.finetune.models.bundle import BundleCard, ModelBundle, check_compatible, read_card
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from deepfeat.connectors.schema import (
     check_vectors,
     primary_keys,
 )
-from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from deepfeat.connectors.schema import (
     KeyMode,
     primary_key,
 )
-from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import ConnectorError, DataError, DeepfeatError, ImageDecodeError
+from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _load_bundle(bundle: ModelBundle | str | Path) -> ModelBundle:
 
 
 def _read(records: pd.DataFrame | str | Path, root: str | Path | None) -> pd.DataFrame:
-    from deepfeat.finetune.records import read_records
+    from deepfeat.finetune.data.records import read_records
 
     # Missing files and broken links are kept as records: the sync reports and skips each one (and keeps
     # its row) instead of refusing the whole folder. A root is enforced (no path may leave it) for manifests
@@ -95,8 +95,8 @@ def _read(records: pd.DataFrame | str | Path, root: str | Path | None) -> pd.Dat
 
 def content_hashes(records: pd.DataFrame, root: str | Path | None = None) -> tuple[list[str | None], dict[str, str]]:
     """The content hash of each record (``None`` where the image cannot be read) and the reasons."""
-    from deepfeat.finetune.data import record_source
-    from deepfeat.finetune.images import content_hash
+    from deepfeat.finetune.data.dataset import record_source
+    from deepfeat.finetune.data.images import content_hash
 
     out: list[str | None] = []
     errors: dict[str, str] = {}
@@ -119,8 +119,8 @@ def _default_embedder(
     skipped: dict[str, str],
     on_error: Literal["skip", "fail"] = "skip",
 ) -> Embedder:
-    from deepfeat.finetune.data import SkipReport
-    from deepfeat.finetune.embed import iter_embeddings
+    from deepfeat.finetune.data.dataset import SkipReport
+    from deepfeat.finetune.inference.embed import iter_embeddings
 
     report = SkipReport()
 

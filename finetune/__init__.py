@@ -1,6 +1,6 @@
 """deepfeat.finetune: data, backbones, embedding models, metric-learning training, metrics, export.
 
-Attributes are imported lazily so that ``import deepfeat.finetune.bundle`` (used by the Milvus
+Attributes are imported lazily so that ``import deepfeat.finetune.models.bundle`` (used by the Milvus
 connector) does not pull in Lightning.
 """
 
@@ -10,15 +10,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "create_backbone": "backbones", "Backbone": "backbones", "Preprocessing": "backbones",
-    "EmbeddingModel": "model", "build_embedding_model": "model",
-    "ModelBundle": "bundle", "export_bundle": "bundle", "read_card": "bundle",
-    "MetricLearningModule": "module", "FreezeBackbone": "module",
-    "RetrievalDataModule": "datamodule", "RecordDataset": "data", "SkipReport": "data",
+    "create_backbone": "models.backbones", "Backbone": "models.backbones", "Preprocessing": "models.backbones",
+    "EmbeddingModel": "models.model", "build_embedding_model": "models.model",
+    "ModelBundle": "models.bundle", "export_bundle": "models.bundle", "read_card": "models.bundle",
+    "MetricLearningModule": "training.module", "FreezeBackbone": "training.callbacks",
+    "ExportBundle": "training.callbacks", "RetrievalDataModule": "training.datamodule",
+    "RecordDataset": "data.dataset", "SkipReport": "data.dataset",
     "retrieval_metrics": "metrics", "retrieval_metrics_from_records": "metrics",
-    "embed_to_parquet": "embed", "iter_embeddings": "embed", "read_shards": "embed",
-    "evaluate_models": "evaluate", "read_records": "records", "load_image": "images",
-    "build_transforms": "transforms", "PKSampler": "sampler",
+    "embed_to_parquet": "inference.embed", "iter_embeddings": "inference.embed", "read_shards": "inference.embed",
+    "evaluate_models": "inference.evaluate", "read_records": "data.records", "load_image": "data.images",
+    "build_transforms": "data.transforms", "PKSampler": "training.sampler",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,7 +26,7 @@ from deepfeat.recipes.recipes import RecipeConfig, RecipeContext, build_filter, 
 
 if TYPE_CHECKING:
     from deepfeat.connectors.client import MilvusConnector
-    from deepfeat.finetune.bundle import ModelBundle
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def classify_images(
         MismatchError: ``bundle`` is not the bundle that filled the collection.
     """
     from deepfeat.connectors.collection import open_collection
-    from deepfeat.finetune.bundle import ModelBundle
+    from deepfeat.finetune.models.bundle import ModelBundle
 
     model = bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle)
     open_collection(conn, collection, bundle=model, what="classifying")

@@ -71,9 +71,9 @@ def _module_from_checkpoint(ckpt: str) -> Any:
 
     import torch
 
-    from deepfeat.finetune.cli import load_module_weights
     from deepfeat.finetune.errors import ModelError
-    from deepfeat.finetune.module import MetricLearningModule
+    from deepfeat.finetune.training.callbacks import load_module_weights
+    from deepfeat.finetune.training.module import MetricLearningModule
 
     if not Path(ckpt).is_file():
         raise ModelError(f"checkpoint {ckpt!r} not found; pass the .ckpt written by 'deepfeat fit'")
@@ -91,7 +91,7 @@ def _module_from_checkpoint(ckpt: str) -> Any:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from deepfeat.finetune.bundle import export_bundle
+    from deepfeat.finetune.models.bundle import export_bundle
 
     module = _module_from_checkpoint(args.ckpt)
     path = export_bundle(module.model, args.out, name=args.name, onnx=not args.no_onnx, overwrite=args.overwrite,
@@ -116,10 +116,10 @@ def _workers(text: str) -> int | str:
 def _cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from deepfeat.finetune.bundle import ModelBundle
-    from deepfeat.finetune.embed import PRECISION_AUTOCAST, auto_num_workers, embed_to_parquet
+    from deepfeat.finetune.data.records import read_records
     from deepfeat.finetune.errors import DataError
-    from deepfeat.finetune.records import read_records
+    from deepfeat.finetune.inference.embed import PRECISION_AUTOCAST, auto_num_workers, embed_to_parquet
+    from deepfeat.finetune.models.bundle import ModelBundle
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -142,10 +142,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from deepfeat.finetune.bundle import ModelBundle
-    from deepfeat.finetune.datamodule import RetrievalDataModule
-    from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
+    from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
     from deepfeat.finetune.metrics import format_metrics_table
+    from deepfeat.finetune.models.bundle import ModelBundle
+    from deepfeat.finetune.training.datamodule import RetrievalDataModule
 
     cfg = _load_yaml(args.config)
     data_cfg = dict(cfg.get("data", {}))
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] in LIGHTNING_COMMANDS:
         _setup_logging(max(verbose, 1), args_list[0])
         try:
-            from deepfeat.finetune.cli import run_lightning_cli
+            from deepfeat.finetune.training.config import run_lightning_cli
 
             run_lightning_cli(args_list)
         except DeepfeatError as exc:

@@ -33,7 +33,7 @@ from deepfeat.recipes.recipes import (
 
 if TYPE_CHECKING:
     from deepfeat.connectors.client import MilvusConnector
-    from deepfeat.finetune.bundle import ModelBundle
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def read_catalogue(source: str, *, group_column: str | None = "product_id") -> p
     Raises:
         DataError: the source cannot be read, or a product's photos were given different splits.
     """
-    from deepfeat.finetune.records import read_records, validate_records
+    from deepfeat.finetune.data.records import read_records, validate_records
 
     records = read_records(source)
     if group_column and group_column in records.columns:

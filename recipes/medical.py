@@ -1,7 +1,7 @@
 """Medical recipe: similar cases from scans, split and searched at the patient level.
 
 Scans are DICOM (read with pydicom: rescale, window/level, ``MONOCHROME1`` inverted, the middle frame of a
-multi-frame file; see :func:`deepfeat.finetune.images.load_image`) or PNG/JPEG, in a folder with one
+multi-frame file; see :func:`deepfeat.finetune.data.images.load_image`) or PNG/JPEG, in a folder with one
 sub-folder per finding (``root/<label>/[<patient>/]<scan>``) or in a CSV/Parquet manifest
 (``path, label, patient_id, modality, body_part``).
 
@@ -35,7 +35,7 @@ from deepfeat.recipes.recipes import (
 
 if TYPE_CHECKING:
     from deepfeat.connectors.client import MilvusConnector
-    from deepfeat.finetune.bundle import ModelBundle
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def dicom_header(path: str | Path) -> dict[str, Any]:
 
 
 def _is_dicom_file(path: Any) -> bool:
-    from deepfeat.finetune.images import is_dicom
+    from deepfeat.finetune.data.images import is_dicom
 
     if not isinstance(path, str) or not path:
         return False
@@ -93,7 +93,7 @@ def read_scans(source: str, *, patient_column: str = "patient_id") -> pd.DataFra
         DataError: the source cannot be read, a DICOM header is corrupt, or one patient's scans were
             given different splits in a manifest.
     """
-    from deepfeat.finetune.records import read_records, validate_records
+    from deepfeat.finetune.data.records import read_records, validate_records
 
     records = read_records(source)
     headers = {i: dicom_header(p) for i, p in zip(records.index, records["path"], strict=True) if _is_dicom_file(p)}

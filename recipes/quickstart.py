@@ -76,7 +76,7 @@ class QuickstartResult:
 
 
 def _records(opts: QuickstartOptions) -> tuple[pd.DataFrame, dict[str, Any]]:
-    from deepfeat.finetune.records import read_fashion_mnist, read_records, sample_per_class
+    from deepfeat.finetune.data.records import read_fashion_mnist, read_records, sample_per_class
 
     if opts.data in (None, "fashion-mnist"):
         records = read_fashion_mnist()  # says how to install the Debian package when missing
@@ -97,12 +97,12 @@ def _records(opts: QuickstartOptions) -> tuple[pd.DataFrame, dict[str, Any]]:
 def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     """Run the five steps and return what they measured (the CLI prints it)."""
     from deepfeat.connectors import connect, load_embeddings, search_ids
-    from deepfeat.finetune.bundle import ModelBundle
-    from deepfeat.finetune.embed import iter_embeddings
-    from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
-    from deepfeat.finetune.images import load_image
+    from deepfeat.finetune.data.images import load_image
+    from deepfeat.finetune.inference.embed import iter_embeddings
+    from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
     from deepfeat.finetune.metrics import format_metrics_table
-    from deepfeat.finetune.pipeline import FinetuneSettings, finetune, make_datamodule
+    from deepfeat.finetune.models.bundle import ModelBundle
+    from deepfeat.finetune.training.pipeline import FinetuneSettings, finetune, make_datamodule
     from deepfeat.recipes.viz import result_grid
 
     out = Path(opts.out)
@@ -159,7 +159,7 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     finally:
         conn.close()
     by_id = test.set_index(test["id"].astype(str))
-    from deepfeat.finetune.data import record_source
+    from deepfeat.finetune.data.dataset import record_source
 
     drawn = []
     searches = []

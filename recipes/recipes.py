@@ -6,7 +6,7 @@ with it as it is, plus a ``recipe:`` section that only ``deepfeat recipe run`` r
 (name, index, key), the search (top-k, group-by, filter) and the recipe's own action.
 
 ``run_recipe`` is the same five steps for every recipe: read the records (the recipe's reader: a
-catalogue, DICOM scans, any folder), fine-tune through :func:`~deepfeat.finetune.pipeline.finetune`
+catalogue, DICOM scans, any folder), fine-tune through :func:`~deepfeat.finetune.training.pipeline.finetune`
 (the guarded path: the off-the-shelf model is kept when fine-tuning does not beat it), embed every
 record with the exported bundle, load it into Milvus, run the recipe's action
 (:data:`RECIPES` names the module; it exposes ``read(source, config)`` and ``act(context)``).
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
     from deepfeat.connectors.client import MilvusConnector
     from deepfeat.connectors.schema import KeyMode
-    from deepfeat.finetune.bundle import ModelBundle
-    from deepfeat.finetune.pipeline import FinetuneResult, FinetuneSettings
+    from deepfeat.finetune.models.bundle import ModelBundle
+    from deepfeat.finetune.training.pipeline import FinetuneResult, FinetuneSettings
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class RecipeConfig:
         Raises:
             DataError: a ``recipe.finetune`` key is not a FinetuneSettings field.
         """
-        from deepfeat.finetune.pipeline import FinetuneSettings
+        from deepfeat.finetune.training.pipeline import FinetuneSettings
 
         model, data, trainer = self.section("model"), self.section("data"), self.section("trainer")
         kw: dict[str, Any] = {k: model[k] for k in _MODEL_SETTINGS if k in model}
@@ -405,7 +405,7 @@ def read_any(source: str | os.PathLike[str], *, label: str = "unlabelled") -> pd
     A folder of loose images (no class sub-folders) is what an unlabelled collection looks like; its
     records all get ``label``.
     """
-    from deepfeat.finetune.records import read_records, validate_records
+    from deepfeat.finetune.data.records import read_records, validate_records
 
     path = Path(source)
     if path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
@@ -425,11 +425,11 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
     Raises:
         DataError: nothing exists at ``source`` or it holds no image.
     """
-    from deepfeat.finetune.images import IMAGE_EXTENSIONS
+    from deepfeat.finetune.data.images import IMAGE_EXTENSIONS
 
     path = Path(source)
     if path.is_file() and path.suffix.lower() in (".csv", ".parquet", ".pq"):
-        from deepfeat.finetune.records import read_manifest
+        from deepfeat.finetune.data.records import read_manifest
 
         return [str(p) for p in read_manifest(path)["path"].dropna()]
     if path.is_file():
@@ -447,9 +447,9 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
 
 def record_image(row: Mapping[str, Any] | pd.Series) -> np.ndarray | None:
     """A record's decoded image, or ``None`` when it cannot be read (pictures skip it)."""
-    from deepfeat.finetune.data import record_source
+    from deepfeat.finetune.data.dataset import record_source
+    from deepfeat.finetune.data.images import load_image
     from deepfeat.finetune.errors import DeepfeatError
-    from deepfeat.finetune.images import load_image
 
     try:
         return load_image(record_source(row))  # type: ignore[arg-type]
@@ -706,8 +706,8 @@ class RecipeResult:
 
 
 def _off_the_shelf_bundle(settings: FinetuneSettings, out: Path, name: str) -> Path:
-    from deepfeat.finetune.bundle import export_bundle
-    from deepfeat.finetune.model import build_embedding_model
+    from deepfeat.finetune.models.bundle import export_bundle
+    from deepfeat.finetune.models.model import build_embedding_model
 
     model = build_embedding_model(settings.backbone, settings.weights, head="none", image_size=settings.image_size)
     return export_bundle(
@@ -751,9 +751,9 @@ def run_recipe(
         DataError: no data source, or the collection exists in a given ``uri`` and ``replace`` is off.
     """
     from deepfeat.connectors import connect, drop_collection, load_embeddings
-    from deepfeat.finetune.bundle import ModelBundle
-    from deepfeat.finetune.embed import iter_embeddings
-    from deepfeat.finetune.pipeline import finetune, make_datamodule, training_workers
+    from deepfeat.finetune.inference.embed import iter_embeddings
+    from deepfeat.finetune.models.bundle import ModelBundle
+    from deepfeat.finetune.training.pipeline import finetune, make_datamodule, training_workers
 
     config = load_recipe(name_or_path, overrides)
     module = recipe_module(config.name)

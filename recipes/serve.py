@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
     from deepfeat.connectors.client import MilvusConnector
     from deepfeat.connectors.schema import CollectionSpec
-    from deepfeat.finetune.bundle import ModelBundle
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -585,8 +585,8 @@ class ServeState:
             MismatchError: a bundle is not the one that filled its collection.
         """
         from deepfeat.connectors.client import _lite_served_here, connect
-        from deepfeat.finetune.bundle import ModelBundle
-        from deepfeat.finetune.images import DEFAULT_MAX_PIXELS
+        from deepfeat.finetune.data.images import DEFAULT_MAX_PIXELS
+        from deepfeat.finetune.models.bundle import ModelBundle
 
         if not 1 <= len(configs) <= 2:
             raise DataError(f"serve shows one panel, or two side by side; got {len(configs)}")
@@ -689,8 +689,8 @@ class ServeState:
             PayloadTooLargeError: more than ``max_upload_bytes``.
             ImageDecodeError: empty, not an image, corrupt, or more than ``max_pixels`` pixels.
         """
+        from deepfeat.finetune.data.images import load_image
         from deepfeat.finetune.errors import ImageDecodeError
-        from deepfeat.finetune.images import load_image
 
         if len(data) > self.max_upload_bytes:
             raise PayloadTooLargeError(
@@ -773,8 +773,8 @@ class ServeState:
             NotFoundError: no such panel or key, no image file, or a file that no longer decodes.
             DataError: ``pk`` is not a deepfeat key (32 hex digits).
         """
+        from deepfeat.finetune.data.images import load_image
         from deepfeat.finetune.errors import ImageDecodeError
-        from deepfeat.finetune.images import load_image
 
         if not 0 <= panel_index < len(self.panels):
             raise NotFoundError(f"no panel {panel_index}; this page has {len(self.panels)}")

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepfeat.finetune.backbones import (
+from deepfeat.finetune.errors import ModelError
+from deepfeat.finetune.models.backbones import (
     Preprocessing,
     _load_state_dict_file,
     create_backbone,
     installed_weights_path,
     load_weights_into,
 )
-from deepfeat.finetune.errors import ModelError
 
 
 def test_lite0_reads_size_and_preprocessing_from_the_model() -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from deepfeat.finetune.bundle import ModelBundle, check_compatible, export_bundle
 from deepfeat.finetune.errors import MismatchError, ModelError
-from deepfeat.finetune.model import EmbeddingModel, build_embedding_model
+from deepfeat.finetune.models.bundle import ModelBundle, check_compatible, export_bundle
+from deepfeat.finetune.models.model import EmbeddingModel, build_embedding_model
 
 
 @pytest.fixture(scope="module")

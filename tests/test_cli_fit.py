@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from imagegen import make_image_folder
 
-from deepfeat.finetune.bundle import ModelBundle
+from deepfeat.finetune.models.bundle import ModelBundle
 from deepfeat.recipes.cli import main
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "fashion.yaml"
@@ -70,7 +70,7 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
     capsys.readouterr()
 
     # an evaluation manifest: every image is a test query against all the others
-    from deepfeat.finetune.records import read_image_folder, write_manifest
+    from deepfeat.finetune.data.records import read_image_folder, write_manifest
 
     test = read_image_folder(data).assign(split="test")
     manifest = write_manifest(test.drop(columns=["is_query", "is_gallery"]), tmp_path / "test.csv")

@@ -24,8 +24,8 @@ from deepfeat.connectors import (
 )
 from deepfeat.connectors.client import MilvusConnector, redact_uri
 from deepfeat.connectors.schema import check_vectors, user_fields
-from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
+from deepfeat.finetune.models.bundle import ModelBundle
 
 pytest_plugins = ("test_connector_support",)  # shared fixtures: bundle, bundle_dir, conn, ...
 

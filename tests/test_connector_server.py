@@ -32,8 +32,8 @@ from deepfeat.connectors import (
     search_vectors,
 )
 from deepfeat.connectors.client import MilvusConnector
-from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import ConnectorError, MismatchError
+from deepfeat.finetune.models.bundle import ModelBundle
 
 pytestmark = pytest.mark.server
 

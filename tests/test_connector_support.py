@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from deepfeat.connectors import MilvusConnector, connect
-from deepfeat.finetune.bundle import ModelBundle, export_bundle
-from deepfeat.finetune.model import build_embedding_model
+from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
+from deepfeat.finetune.models.model import build_embedding_model
 
 DIM = 16
 
@@ -62,7 +62,7 @@ def conn(tmp_path: Path) -> Iterator[MilvusConnector]:
 
 def fingerprint_of(bundle_path: Path) -> dict[str, Any]:
     """The fingerprint a shard records for the bundle at ``bundle_path``."""
-    from deepfeat.finetune.bundle import read_card
+    from deepfeat.finetune.models.bundle import read_card
 
     return read_card(bundle_path).fingerprint()
 

@@ -18,15 +18,15 @@ import torch
 from PIL import Image
 from test_reliability_support import build_corpus
 
-from deepfeat.finetune.backbones import Preprocessing
-from deepfeat.finetune.bundle import ModelBundle
-from deepfeat.finetune.data import SkipReport
-from deepfeat.finetune.device_decode import DevicePreprocess, jpeg_for_device, orient
-from deepfeat.finetune.embed import embed_to_parquet, iter_embeddings, read_shards
+from deepfeat.finetune.data.dataset import SkipReport
+from deepfeat.finetune.data.images import load_image
+from deepfeat.finetune.data.records import read_records
+from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError, ImageDecodeError
-from deepfeat.finetune.images import load_image
-from deepfeat.finetune.records import read_records
-from deepfeat.finetune.transforms import build_transforms
+from deepfeat.finetune.inference.device_decode import DevicePreprocess, jpeg_for_device, orient
+from deepfeat.finetune.inference.embed import embed_to_parquet, iter_embeddings, read_shards
+from deepfeat.finetune.models.backbones import Preprocessing
+from deepfeat.finetune.models.bundle import ModelBundle
 
 pytest_plugins = ("test_reliability_support",)  # rel_bundle_dir, rel_bundle
 
@@ -135,7 +135,7 @@ def test_device_decode_applies_exif_orientation_like_pillow(tmp_path: Path, rel_
 def test_device_decode_on_the_reliability_corpus_skips_the_same_files_and_agrees_on_the_rest(
     tmp_path: Path, rel_bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import deepfeat.finetune.device_decode as device_decode
+    import deepfeat.finetune.inference.device_decode as device_decode
 
     on_device: list[int] = []
     real = device_decode.decode_on_device
@@ -202,7 +202,7 @@ def test_decode_choice_is_checked(rel_bundle: ModelBundle, tmp_path: Path) -> No
 def test_run_ahead_keeps_order_raises_the_workers_error_and_stops_when_closed() -> None:
     import threading
 
-    from deepfeat.finetune.embed import _run_ahead
+    from deepfeat.finetune.inference.embed import _run_ahead
 
     assert list(_run_ahead(iter(range(20)), lambda b: b * 2, threaded=True)) == [2 * i for i in range(20)]
 
@@ -271,7 +271,7 @@ def test_cli_embed_decodes_on_the_device_and_refuses_a_missing_gpu(
 
 
 def test_auto_num_workers_leaves_a_small_cpu_to_the_model_and_feeds_a_gpu() -> None:
-    from deepfeat.finetune.embed import auto_num_workers
+    from deepfeat.finetune.inference.embed import auto_num_workers
 
     assert auto_num_workers("cpu", cores=2) == 0  # measured: a worker slows the model's own threads
     assert auto_num_workers("cpu", cores=8) == 2

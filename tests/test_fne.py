@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from deepfeat.finetune.backbones import create_backbone
-from deepfeat.finetune.bundle import ModelBundle, export_bundle
 from deepfeat.finetune.errors import DataError, ModelError
-from deepfeat.finetune.fne import (
+from deepfeat.finetune.models.backbones import create_backbone
+from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
+from deepfeat.finetune.models.fne import (
     DEFAULT_THRESHOLDS,
     FNEHead,
     RunningMoments,
@@ -28,7 +28,7 @@ from deepfeat.finetune.fne import (
     to_int8,
     to_presence_absence,
 )
-from deepfeat.finetune.model import EmbeddingModel
+from deepfeat.finetune.models.model import EmbeddingModel
 
 SIZE = 32
 
@@ -130,8 +130,8 @@ def test_fit_statistics_streams_the_backbone_features(fitted: EmbeddingModel, im
 def test_fit_statistics_from_records_uses_the_eval_preprocessing(fitted: EmbeddingModel) -> None:
     import pandas as pd
 
-    from deepfeat.finetune.records import read_records
-    from deepfeat.finetune.transforms import preprocess_batch
+    from deepfeat.finetune.data.records import read_records
+    from deepfeat.finetune.data.transforms import preprocess_batch
 
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8) for _ in range(5)]

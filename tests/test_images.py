@@ -1,4 +1,4 @@
-"""deepfeat.finetune.images: every decoder path on real files written to tmp_path."""
+"""deepfeat.finetune.data.images: every decoder path on real files written to tmp_path."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from deepfeat.finetune.errors import ImageDecodeError
-from deepfeat.finetune.images import (
+from deepfeat.finetune.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     content_hash,
     load_image,
 )
+from deepfeat.finetune.errors import ImageDecodeError
 
 
 def _png(array: np.ndarray, path: Path, **kwargs: object) -> Path:

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from deepfeat.finetune.bundle import ModelBundle
-from deepfeat.finetune.evaluate import embed_records
+from deepfeat.finetune.inference.evaluate import embed_records
 from deepfeat.finetune.metrics import retrieval_metrics_from_records
+from deepfeat.finetune.models.bundle import ModelBundle
 from deepfeat.recipes.cli import main
 from deepfeat.recipes.layers import select_records
 

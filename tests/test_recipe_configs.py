@@ -80,9 +80,9 @@ def test_medical_recipe_is_patient_level() -> None:
 @pytest.mark.parametrize("name", ["medical", "classify"])
 def test_lightning_cli_reads_the_same_yaml(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One config system: `deepfeat fit --config` accepts a recipe YAML and builds the same loss and miner."""
-    from deepfeat.finetune.cli import DeepfeatCLI
-    from deepfeat.finetune.datamodule import RetrievalDataModule
-    from deepfeat.finetune.module import MetricLearningModule
+    from deepfeat.finetune.training.config import DeepfeatCLI
+    from deepfeat.finetune.training.datamodule import RetrievalDataModule
+    from deepfeat.finetune.training.module import MetricLearningModule
 
     monkeypatch.setattr(sys, "argv", ["deepfeat"])
     config = load_recipe(name)
@@ -105,7 +105,7 @@ def test_lightning_cli_reads_the_same_yaml(name: str, monkeypatch: pytest.Monkey
     assert type(cli.model.miner) is type(config.miner())
     assert cli.config["recipe"]["name"] == name
     # deepfeat fit chooses the whitening patient-aware where the guarded path does
-    from deepfeat.finetune.cli import ExportBundle
+    from deepfeat.finetune.training.callbacks import ExportBundle
 
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportBundle))
     assert export.exclude_same_group == config.settings().exclude_same_group

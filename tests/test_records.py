@@ -1,4 +1,4 @@
-"""deepfeat.finetune.records: the record contract, the readers, splits and manifests."""
+"""deepfeat.finetune.data.records: the record contract, the readers, splits and manifests."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.images import load_image
-from deepfeat.finetune.records import (
+from deepfeat.finetune.data.images import load_image
+from deepfeat.finetune.data.records import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     RECORD_COLUMNS,
@@ -32,6 +31,7 @@ from deepfeat.finetune.records import (
     validate_records,
     write_manifest,
 )
+from deepfeat.finetune.errors import DataError
 
 TINY_N_CLASSES, TINY_PER_CLASS = 6, 8  # the shape of the tiny_image_folder fixture (conftest.py)
 
@@ -88,7 +88,7 @@ def test_image_folder_skips_hidden_loose_and_foreign_files(
     (root / "dog" / "c.png").write_bytes(_png_bytes(4))
     (root / ".cache" / "d.png").write_bytes(_png_bytes(5))
     (root / "loose.png").write_bytes(_png_bytes(6))
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
         df = read_image_folder(root)
     assert sorted(df["id"]) == ["cat/a.PNG", "cat/nested/deeper/b.jpg", "dog/c.png"]
     assert df.set_index("id").loc["cat/nested/deeper/b.jpg", "label"] == "cat"
@@ -170,7 +170,7 @@ def test_defaults_and_normalisation() -> None:
 
 def test_mixed_label_types_are_merged_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     raw = pd.DataFrame({"id": ["a", "b", "c", "d"], "image": [b"x"] * 4, "label": [1, "1", 2.0, "cat"]})
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
         df = validate_records(raw, check_files=False)
     assert df["label"].tolist() == ["1", "1", "2", "cat"]
     assert "mix types" in caplog.text
@@ -178,7 +178,7 @@ def test_mixed_label_types_are_merged_with_a_warning(caplog: pytest.LogCaptureFi
 
 def test_integer_labels_become_text_silently(caplog: pytest.LogCaptureFixture) -> None:
     raw = pd.DataFrame({"id": ["a", "b"], "image": [b"x", b"y"], "label": np.array([3, 3])})
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
         df = validate_records(raw, check_files=False)
     assert df["label"].tolist() == ["3", "3"]
     assert "mix types" not in caplog.text
@@ -277,7 +277,7 @@ def test_single_image_classes_and_missing_queries_warn(caplog: pytest.LogCapture
             "is_query": False,
         }
     )
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
         validate_records(raw, check_files=False)
     assert "1 of 2 class(es) in split 'val' have a single image" in caplog.text
     assert "split 'val' has no queries" in caplog.text
@@ -574,7 +574,7 @@ def test_split_fractions_are_checked(caplog: pytest.LogCaptureFixture) -> None:
     for bad in ((0.5, 0.5), (0.8, 0.3, 0.1), (-0.1, 0.6, 0.5)):
         with pytest.raises(DataError, match="fractions"):
             split_by_class(df, fractions=bad)
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
         out = split_by_class(_records(2, 2), fractions=(0.8, 0.1, 0.1))
     assert "is empty although its fraction" in caplog.text
     assert set(out["split"]) == {"train", "val"}

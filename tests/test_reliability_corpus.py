@@ -27,9 +27,9 @@ from test_reliability_support import DIM, Corpus, build_corpus, make_bundle
 
 from deepfeat.connectors import connect, search_ids
 from deepfeat.connectors.schema import primary_key
-from deepfeat.finetune.bundle import ModelBundle
-from deepfeat.finetune.embed import read_shards
 from deepfeat.finetune.errors import DataError, ModelError
+from deepfeat.finetune.inference.embed import read_shards
+from deepfeat.finetune.models.bundle import ModelBundle
 from deepfeat.recipes.cli import main
 
 pytest_plugins = ("test_reliability_support",)  # rel_bundle_dir, rel_bundle
@@ -415,8 +415,8 @@ def test_mixed_label_types_are_merged_as_text_and_warned(
 ) -> None:
     # CSV cells are read as text and Parquet cannot hold a mixed column: mixed types come from tables built
     # in code (or JSON, Hugging Face datasets), which go through the same validation
-    from deepfeat.finetune.embed import embed_to_parquet
-    from deepfeat.finetune.records import read_records
+    from deepfeat.finetune.data.records import read_records
+    from deepfeat.finetune.inference.embed import embed_to_parquet
 
     root, df = _manifest(tmp_path, n=5)
     df["path"] = [str(root / p) for p in df["path"]]
@@ -429,9 +429,9 @@ def test_mixed_label_types_are_merged_as_text_and_warned(
 
 
 def test_single_image_classes_and_empty_splits_in_training_and_evaluation(caplog: pytest.LogCaptureFixture) -> None:
-    from deepfeat.finetune.datamodule import RetrievalDataModule
-    from deepfeat.finetune.records import check_retrievable, validate_records
-    from deepfeat.finetune.sampler import PKSampler
+    from deepfeat.finetune.data.records import check_retrievable, validate_records
+    from deepfeat.finetune.training.datamodule import RetrievalDataModule
+    from deepfeat.finetune.training.sampler import PKSampler
 
     img = np.zeros((8, 8, 3), np.uint8)
     df = validate_records(
@@ -563,7 +563,7 @@ def test_load_of_another_bundles_shards_is_refused(
 def test_non_finite_embeddings_are_refused_before_writing(
     tmp_path: Path, filled: tuple[Path, Path], rel_bundle_dir: Path
 ) -> None:
-    from deepfeat.finetune.bundle import export_bundle
+    from deepfeat.finetune.models.bundle import export_bundle
 
     model = ModelBundle.load(rel_bundle_dir).model
     with torch.no_grad():
@@ -594,7 +594,7 @@ class _Payload:
 
 
 def test_pickled_code_in_checkpoints_bundles_and_weights_never_runs(tmp_path: Path, rel_bundle_dir: Path) -> None:
-    from deepfeat.finetune.backbones import create_backbone
+    from deepfeat.finetune.models.backbones import create_backbone
 
     marker = tmp_path / "PWNED"
     state = ModelBundle.load(rel_bundle_dir).model.state_dict()
@@ -628,15 +628,15 @@ def test_pickled_code_in_checkpoints_bundles_and_weights_never_runs(tmp_path: Pa
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
-    from deepfeat.finetune.cli import load_module_weights
-    from deepfeat.finetune.module import MetricLearningModule
+    from deepfeat.finetune.training.callbacks import load_module_weights
+    from deepfeat.finetune.training.module import MetricLearningModule
 
     source = MetricLearningModule(backbone="test_resnet", weights="none", image_size=32, embedding_dim=DIM)
     torch.save({"state_dict": source.state_dict(), "hyper_parameters": dict(source.hparams)}, tmp_path / "r.ckpt")
     target = MetricLearningModule(backbone="test_efficientnet", weights="none", image_size=32, embedding_dim=DIM)
     with pytest.raises(ModelError, match="another architecture or config"):
         load_module_weights(target, tmp_path / "r.ckpt")
-    from deepfeat.finetune.backbones import create_backbone
+    from deepfeat.finetune.models.backbones import create_backbone
 
     torch.save(source.model.backbone.model.state_dict(), tmp_path / "resnet.pth")
     with pytest.raises(ModelError, match="another architecture"):

@@ -29,9 +29,9 @@ from test_reliability_corpus import milvus_rows, run_cli
 from test_reliability_support import _png_bytes, _rng_image
 
 from deepfeat.connectors import connect, sync_records
-from deepfeat.finetune.bundle import ModelBundle, read_card
-from deepfeat.finetune.embed import read_shards
 from deepfeat.finetune.errors import ConnectorError
+from deepfeat.finetune.inference.embed import read_shards
+from deepfeat.finetune.models.bundle import ModelBundle, read_card
 
 pytest_plugins = ("test_reliability_support",)  # rel_bundle_dir, rel_bundle
 
@@ -238,7 +238,7 @@ def test_sync_killed_three_times_resumes_to_the_clean_result(tmp_path: Path, rel
 def test_sync_killed_before_its_index_was_built_builds_it(tmp_path: Path, rel_bundle: ModelBundle) -> None:
     from deepfeat.connectors.collection import create_collection
     from deepfeat.connectors.schema import CollectionSpec
-    from deepfeat.finetune.records import read_records
+    from deepfeat.finetune.data.records import read_records
 
     images = image_folder(tmp_path / "images", n_per_class=2)
     conn = connect(str(tmp_path / "x.db"))
@@ -265,8 +265,8 @@ _FIT = textwrap.dedent("""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from deepfeat.finetune.datamodule import RetrievalDataModule
-    from deepfeat.finetune.module import MetricLearningModule
+    from deepfeat.finetune.training.datamodule import RetrievalDataModule
+    from deepfeat.finetune.training.module import MetricLearningModule
 
     images, run, ckpt = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
     pl.seed_everything(0)
@@ -329,7 +329,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(tmp_path: Path) -
 
 def test_sampler_resumes_mid_epoch_with_the_next_batch() -> None:
     """The mechanism behind the training test, fast: a resumed sampler yields the rest of the epoch."""
-    from deepfeat.finetune.sampler import PKSampler
+    from deepfeat.finetune.training.sampler import PKSampler
 
     labels = np.repeat(np.arange(5), 4)
     full = PKSampler(labels, p=3, k=2, batches_per_epoch=6, seed=3)
@@ -558,7 +558,7 @@ def test_credentials_never_reach_logs_cards_reports_or_state(
 ) -> None:
     import logging
 
-    from deepfeat.finetune.bundle import export_bundle
+    from deepfeat.finetune.models.bundle import export_bundle
 
     token, password, file_token = "tok-9f2c1e-SECRET", "pw-77ab-SECRET", "file-31d0-SECRET"
     monkeypatch.setenv("DEEPFEAT_MILVUS_TOKEN", token)

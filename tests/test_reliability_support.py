@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepfeat.finetune.bundle import ModelBundle, export_bundle
+from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
 
 DIM = 8
 SIZE = 32
@@ -37,7 +37,7 @@ def make_bundle(
     """A tiny real bundle (timm ``test_efficientnet``, random weights from ``seed``)."""
     import torch
 
-    from deepfeat.finetune.model import build_embedding_model
+    from deepfeat.finetune.models.model import build_embedding_model
 
     torch.manual_seed(seed)
     model = build_embedding_model(backbone, weights="none", image_size=image_size, embedding_dim=dim)

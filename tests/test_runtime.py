@@ -1,4 +1,4 @@
-"""glibc malloc tuning for CPU training and embedding (deepfeat.finetune.runtime)."""
+"""glibc malloc tuning for CPU training and embedding (deepfeat.finetune.inference.runtime)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from deepfeat.finetune.runtime import ENV, _libc
+from deepfeat.finetune.inference.runtime import ENV, _libc
 
 # A child process: tune (or not), then allocate and touch a 256 MiB tensor, free it, and report the RSS
 # around the free. With glibc's defaults a block this big is its own mmap and goes back to the kernel on
 # free; with the tuning it stays in the heap for the next step's tensors.
 _CHILD = """
 import json, sys, torch
-from deepfeat.finetune.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference.runtime import tune_cpu_allocator
 
 def rss_mib():
     with open("/proc/self/status") as f:
@@ -53,7 +53,7 @@ def test_tuning_keeps_freed_blocks_for_reuse() -> None:
 
 
 def test_other_allocator_in_ld_preload_is_left_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepfeat.finetune import runtime
+    from deepfeat.finetune.inference import runtime
 
     monkeypatch.setattr(runtime, "_state", {})
     monkeypatch.delenv(ENV, raising=False)

@@ -1,4 +1,4 @@
-"""deepfeat.finetune.sampler.PKSampler: batch shape, determinism, DDP splitting, edge cases."""
+"""deepfeat.finetune.training.sampler.PKSampler: batch shape, determinism, DDP splitting, edge cases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.sampler import PKSampler
+from deepfeat.finetune.training.sampler import PKSampler
 
 
 def _labels(sizes: dict[str, int]) -> list[str]:
@@ -60,7 +60,7 @@ def test_small_classes_are_sampled_with_replacement() -> None:
 
 def test_singleton_classes_are_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     labels = _labels({"solo1": 1, "a": 4, "solo2": 1, "b": 4, "c": 4})
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.sampler"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.training.sampler"):
         sampler = PKSampler(labels, p=3, k=2, batches_per_epoch=10)
     assert "skips 2 of 5 class(es)" in caplog.text and "solo1" in caplog.text
     assert sampler.num_classes == 3 and sampler.skipped_classes == ["solo1", "solo2"]

@@ -19,8 +19,8 @@ from deepfeat.connectors import (
 )
 from deepfeat.connectors.cli import main
 from deepfeat.connectors.client import MilvusConnector
-from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import DataError, MismatchError
+from deepfeat.finetune.models.bundle import ModelBundle
 
 N = 60
 

@@ -17,10 +17,10 @@ import pytest
 from imagegen import class_image, make_image_folder
 
 from deepfeat.connectors import connect, load_embeddings
-from deepfeat.finetune.bundle import ModelBundle, export_bundle
-from deepfeat.finetune.embed import iter_embeddings
-from deepfeat.finetune.model import build_embedding_model
-from deepfeat.finetune.records import read_records
+from deepfeat.finetune.data.records import read_records
+from deepfeat.finetune.inference.embed import iter_embeddings
+from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
+from deepfeat.finetune.models.model import build_embedding_model
 from deepfeat.recipes.serve import PanelConfig
 
 #: A label with a quote, a backslash, markup and non-ASCII letters: filters must quote it, the page escape it.

@@ -11,8 +11,8 @@ from test_connector_support import all_rows, make_images, write_image
 from deepfeat.connectors import open_collection, reindex, search_images, sync_records
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.sync import reindex_name
-from deepfeat.finetune.bundle import ModelBundle
 from deepfeat.finetune.errors import ConnectorError, MismatchError
+from deepfeat.finetune.models.bundle import ModelBundle
 
 pytest_plugins = ("test_connector_support",)  # shared fixtures: bundle, bundle_dir, conn, ...
 

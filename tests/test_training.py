@@ -9,10 +9,11 @@ import pytest
 import torch
 from pytorch_metric_learning import losses, miners
 
-from deepfeat.finetune.datamodule import RetrievalDataModule
+from deepfeat.finetune.data.records import read_image_folder
 from deepfeat.finetune.errors import ModelError
-from deepfeat.finetune.module import FreezeBackbone, MetricLearningModule
-from deepfeat.finetune.records import read_image_folder
+from deepfeat.finetune.training.callbacks import FreezeBackbone
+from deepfeat.finetune.training.datamodule import RetrievalDataModule
+from deepfeat.finetune.training.module import MetricLearningModule
 
 DIM = 32
 
@@ -126,7 +127,7 @@ def test_frozen_stages_out_of_range_or_torchvision_is_explained() -> None:
 
 
 def test_training_workers_auto_follows_the_cores() -> None:
-    from deepfeat.finetune.pipeline import FinetuneSettings, training_workers
+    from deepfeat.finetune.training.pipeline import FinetuneSettings, training_workers
 
     cpu = FinetuneSettings(accelerator="cpu")
     assert training_workers(cpu, cores=2) == 0

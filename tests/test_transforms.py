@@ -1,4 +1,4 @@
-"""deepfeat.finetune.transforms: eval semantics (timm parity), train presets, query batches."""
+"""deepfeat.finetune.data.transforms: eval semantics (timm parity), train presets, query batches."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.images import load_image
-from deepfeat.finetune.transforms import (
+from deepfeat.finetune.data.images import load_image
+from deepfeat.finetune.data.transforms import (
     INTERPOLATIONS,
     PreprocessingLike,
     build_eval_transforms,
@@ -21,6 +20,7 @@ from deepfeat.finetune.transforms import (
     preprocess_batch,
     reseed_in_worker,
 )
+from deepfeat.finetune.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def test_medical_keeps_grayscale_gray() -> None:
 
 
 def test_medical_clahe_changes_contrast_of_gray_and_colour_images() -> None:
-    from deepfeat.finetune.transforms import _LuminanceCLAHE
+    from deepfeat.finetune.data.transforms import _LuminanceCLAHE
 
     clahe = _LuminanceCLAHE(clip_limit=4.0, p=1.0)
     low_contrast = (np.random.default_rng(1).integers(100, 120, size=(64, 64))).astype(np.uint8)

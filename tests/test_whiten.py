@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from deepfeat.finetune.bundle import ModelBundle, export_bundle
 from deepfeat.finetune.errors import DataError, ModelError
 from deepfeat.finetune.metrics import retrieval_metrics_from_records
-from deepfeat.finetune.model import build_embedding_model
-from deepfeat.finetune.whiten import apply_whitening, choose_whitening, fit_whitening
+from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
+from deepfeat.finetune.models.model import build_embedding_model
+from deepfeat.finetune.training.whiten import apply_whitening, choose_whitening, fit_whitening
 
 
 def _blobs(n: int, seed: int, noise_axis_std: float = 3.0,
@@ -94,8 +94,8 @@ def test_whitened_model_round_trips_through_its_bundle(tmp_path: Path) -> None:
 def test_finetune_with_whitening_exports_what_it_chose(tmp_path: Path) -> None:
     from imagegen import make_image_folder
 
-    from deepfeat.finetune.pipeline import FinetuneSettings, finetune, make_datamodule
-    from deepfeat.finetune.records import read_image_folder
+    from deepfeat.finetune.data.records import read_image_folder
+    from deepfeat.finetune.training.pipeline import FinetuneSettings, finetune, make_datamodule
 
     records = read_image_folder(make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32))
     settings = FinetuneSettings(backbone="test_efficientnet", weights="none", image_size=32, embedding_dim=16,
@@ -117,10 +117,10 @@ def test_export_callback_of_deepfeat_fit_applies_flip_tta_and_whitening(tmp_path
     import lightning.pytorch as pl
     from imagegen import make_image_folder
 
-    from deepfeat.finetune.cli import ExportBundle
-    from deepfeat.finetune.module import MetricLearningModule
-    from deepfeat.finetune.pipeline import FinetuneSettings, make_datamodule
-    from deepfeat.finetune.records import read_image_folder
+    from deepfeat.finetune.data.records import read_image_folder
+    from deepfeat.finetune.training.callbacks import ExportBundle
+    from deepfeat.finetune.training.module import MetricLearningModule
+    from deepfeat.finetune.training.pipeline import FinetuneSettings, make_datamodule
 
     records = read_image_folder(make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32))
     settings = FinetuneSettings(image_size=32, p=4, k=2, batches_per_epoch=2, num_workers=0)

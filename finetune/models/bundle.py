@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfeat.finetune.backbones import Preprocessing
 from deepfeat.finetune.errors import MismatchError, ModelError
-from deepfeat.finetune.model import EmbeddingModel
+from deepfeat.finetune.models.backbones import Preprocessing
+from deepfeat.finetune.models.model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,8 @@ class ModelBundle:
 
     def embed(self, images: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
         """Embed images (paths, encoded bytes or arrays) with the bundle's preprocessing."""
-        from deepfeat.finetune.images import load_image
-        from deepfeat.finetune.transforms import preprocess_batch
+        from deepfeat.finetune.data.images import load_image
+        from deepfeat.finetune.data.transforms import preprocess_batch
 
         out = []
         for start in range(0, len(images), batch_size):

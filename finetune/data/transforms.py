@@ -57,8 +57,8 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from deepfeat.finetune.data.images import load_image
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.images import load_image
 
 __all__ = [
     "INTERPOLATIONS",
@@ -88,7 +88,7 @@ INTERPOLATIONS: dict[str, int] = {
 class PreprocessingLike(Protocol):
     """What the transforms need from a preprocessing config.
 
-    ``deepfeat.finetune.backbones.Preprocessing`` (a frozen dataclass) is the concrete type; any
+    ``deepfeat.finetune.models.backbones.Preprocessing`` (a frozen dataclass) is the concrete type; any
     object with these attributes works.
     """
 
@@ -239,7 +239,7 @@ def build_transforms(
     """Build the albumentations pipeline for a backbone's preprocessing and a domain preset.
 
     Call it as ``pipeline(image=array)["image"]`` on an ``(H, W, 3)`` uint8 RGB array (the output of
-    :func:`~deepfeat.finetune.images.load_image`); the result is a ``(3, H, W)`` float32 tensor,
+    :func:`~deepfeat.finetune.data.images.load_image`); the result is a ``(3, H, W)`` float32 tensor,
     normalised with the backbone's mean and std.
 
     Args:
@@ -321,7 +321,7 @@ def preprocess_batch(images: Sequence[np.ndarray], preprocessing: PreprocessingL
     """Turn decoded images into a model input batch with exactly the evaluation pipeline.
 
     For query time: the same pixels as at indexing time. Arrays that are not ``(H, W, 3)`` uint8
-    (grayscale, RGBA, uint16) are first converted by :func:`~deepfeat.finetune.images.load_image`.
+    (grayscale, RGBA, uint16) are first converted by :func:`~deepfeat.finetune.data.images.load_image`.
 
     Returns:
         A ``(N, 3, H, W)`` float32 tensor (``N = 0`` gives an empty batch of the right shape).

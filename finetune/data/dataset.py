@@ -98,7 +98,7 @@ class RecordDataset(Dataset[dict[str, Any]]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from deepfeat.finetune.images import load_image
+        from deepfeat.finetune.data.images import load_image
 
         row = self.records.iloc[index]
         try:
@@ -128,7 +128,7 @@ def collate_skipping_errors(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _worker_init(worker_id: int) -> None:
     """Give each DataLoader worker its own augmentation stream (albumentations does not reseed forks)."""
-    from deepfeat.finetune.transforms import reseed_in_worker
+    from deepfeat.finetune.data.transforms import reseed_in_worker
 
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None) if info is not None else None

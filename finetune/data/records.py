@@ -37,8 +37,8 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 import pandas as pd
 
+from deepfeat.finetune.data.images import IMAGE_EXTENSIONS
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.images import IMAGE_EXTENSIONS
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

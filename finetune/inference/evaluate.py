@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deepfeat.finetune.data import RecordDataset, SkipReport, make_loader
+from deepfeat.finetune.data.dataset import RecordDataset, SkipReport, make_loader
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.model import EmbeddingModel, build_embedding_model
-from deepfeat.finetune.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.models.model import EmbeddingModel, build_embedding_model
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def embed_records(model: EmbeddingModel, records: pd.DataFrame, *, batch_size: i
     Returns:
         ``(embeddings, kept)``: float32 (n_kept, dim) and the positions (into ``records``) that decoded.
     """
-    from deepfeat.finetune.transforms import build_transforms
+    from deepfeat.finetune.data.transforms import build_transforms
 
     tune_cpu_allocator()
 

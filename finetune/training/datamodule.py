@@ -10,7 +10,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from deepfeat.finetune.data import RecordDataset, make_loader
+from deepfeat.finetune.data.dataset import RecordDataset, make_loader
 from deepfeat.finetune.errors import DataError
 
 SplitMode = Literal["as_is", "by_class", "by_group"]
@@ -19,7 +19,7 @@ Preset = Literal["fashion", "flip", "shift", "medical", "none"]
 
 
 def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    from deepfeat.finetune.records import sample_per_class
+    from deepfeat.finetune.data.records import sample_per_class
 
     return sample_per_class(df, limit, seed=seed, by=("split", "label"))
 
@@ -72,7 +72,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         return dm
 
     def _prepare(self, records: pd.DataFrame) -> pd.DataFrame:
-        from deepfeat.finetune.records import (
+        from deepfeat.finetune.data.records import (
             assign_query_gallery,
             split_by_class,
             split_by_group,
@@ -106,7 +106,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     def records(self) -> pd.DataFrame:
         """All records after filtering, splitting and query/gallery assignment."""
         if self._records is None:
-            from deepfeat.finetune.records import read_records
+            from deepfeat.finetune.data.records import read_records
 
             self._records = self._prepare(read_records(self.source))
         return self._records
@@ -139,7 +139,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def dataset(self, split: str, *, train: bool = False) -> RecordDataset:
         """A dataset over one split, with training augmentation or the eval pipeline."""
-        from deepfeat.finetune.transforms import build_transforms
+        from deepfeat.finetune.data.transforms import build_transforms
 
         preset = self.hparams["preset"] if train else "none"
         tf = build_transforms(self._pre(), preset=preset, train=train, erasing=self.hparams.get("erasing", 0.0))
@@ -147,7 +147,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
-        from deepfeat.finetune.sampler import PKSampler
+        from deepfeat.finetune.training.sampler import PKSampler
 
         ds = self.dataset("train", train=True)
         hp = self.hparams

@@ -31,11 +31,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from deepfeat.finetune.bundle import ModelBundle
-from deepfeat.finetune.data import RecordDataset, SkipReport, collate_skipping_errors, record_source
-from deepfeat.finetune.device_decode import DevicePreprocess
+from deepfeat.finetune.data.dataset import RecordDataset, SkipReport, collate_skipping_errors, record_source
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
-from deepfeat.finetune.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference.device_decode import DevicePreprocess
+from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _HashingDataset(RecordDataset):
     """
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from deepfeat.finetune.images import content_hash
+        from deepfeat.finetune.data.images import content_hash
 
         item = super().__getitem__(index)
         if "error" not in item:
@@ -79,8 +79,8 @@ class _EncodedDataset(_HashingDataset):
         self._in_memory = self.records["image"].notna().tolist() if "image" in self.records else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from deepfeat.finetune.device_decode import encoded_item, jpeg_for_device
-        from deepfeat.finetune.images import DEFAULT_MAX_PIXELS
+        from deepfeat.finetune.data.images import DEFAULT_MAX_PIXELS
+        from deepfeat.finetune.inference.device_decode import encoded_item, jpeg_for_device
 
         data = orientation = None
         if self._paths is not None and not (self._in_memory is not None and self._in_memory[index]):
@@ -225,10 +225,10 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     ``decode`` says where JPEG files are decoded: ``"cpu"`` in the workers (with the bundle's
     OpenCV preprocessing), ``"device"`` on ``device`` by ``torchvision.io.decode_jpeg`` (nvJPEG on
     CUDA) with torch resizing there, the workers only reading bytes (see
-    :mod:`deepfeat.finetune.device_decode`); ``"auto"`` is ``device`` on CUDA and ``cpu`` elsewhere.
+    :mod:`deepfeat.finetune.inference.device_decode`); ``"auto"`` is ``device`` on CUDA and ``cpu`` elsewhere.
     Other formats, and JPEGs the device decoder rejects, always take the CPU path.
     """
-    from deepfeat.finetune.transforms import build_transforms
+    from deepfeat.finetune.data.transforms import build_transforms
 
     if on_error not in ("skip", "fail"):
         raise DataError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
@@ -416,8 +416,8 @@ def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any, er
     """Decode a batch's JPEG bytes on ``dev``: ``(index, hash, uint8 image on dev)`` per image, and
     ``(index, hash, preprocessed CPU tensor)`` for those the device decoder rejected but Pillow reads.
     Images neither can decode are appended to ``errors``."""
-    from deepfeat.finetune.device_decode import decode_on_device
-    from deepfeat.finetune.images import load_image
+    from deepfeat.finetune.data.images import load_image
+    from deepfeat.finetune.inference.device_decode import decode_on_device
 
     images: list[tuple[int, str, torch.Tensor]] = []
     fallback: list[tuple[int, str, torch.Tensor]] = []

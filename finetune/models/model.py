@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepfeat.finetune.backbones import Backbone, Preprocessing, create_backbone
 from deepfeat.finetune.errors import ModelError
+from deepfeat.finetune.models.backbones import Backbone, Preprocessing, create_backbone
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class EmbeddingModel(nn.Module):
         backbone: the feature extractor.
         head: ``none`` (the pooled features themselves), ``linear``, ``mlp`` (Linear-BN-ReLU-Linear), or
             ``fne`` (the full-network embedding: standardised, discretised features, see
-            :mod:`deepfeat.finetune.fne`).
+            :mod:`deepfeat.finetune.models.fne`).
         embedding_dim: output size of the head; ``None`` keeps the backbone's size.
         normalize: L2-normalise the output (cosine similarity == inner product).
         head_options: keyword arguments of the head (``fne``: ``thresholds``, ``discretize``).
@@ -39,7 +39,7 @@ class EmbeddingModel(nn.Module):
             with a laterality). It is part of what a bundle stores, and changes its ``bundle_id``, so a
             collection filled without it refuses queries embedded with it.
 
-    A learned whitening (:meth:`set_whitening`, fitted by :mod:`deepfeat.finetune.whiten`) may follow the
+    A learned whitening (:meth:`set_whitening`, fitted by :mod:`deepfeat.finetune.training.whiten`) may follow the
     normalised output: a fixed linear map, then the normalisation again.
     """
 
@@ -54,7 +54,7 @@ class EmbeddingModel(nn.Module):
             raise ModelError(f"head_options {sorted(head_options)} were given for head={head!r}, which takes "
                              f"none; they belong to head='fne'")
         if head == "fne":
-            from deepfeat.finetune.fne import FNEHead
+            from deepfeat.finetune.models.fne import FNEHead
 
             if embedding_dim not in (None, in_dim):
                 raise ModelError(f"head='fne' keeps the backbone's {in_dim} features, but embedding_dim="

@@ -23,14 +23,14 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.miners import BaseMiner
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from deepfeat.finetune.bundle import export_bundle
-from deepfeat.finetune.cli import load_module_weights
-from deepfeat.finetune.datamodule import Preset, RetrievalDataModule
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.evaluate import evaluate_models, off_the_shelf
-from deepfeat.finetune.model import EmbeddingModel, HeadType
-from deepfeat.finetune.module import FreezeBackbone, MetricLearningModule
-from deepfeat.finetune.whiten import DEFAULT_REGS, whiten_model
+from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
+from deepfeat.finetune.models.bundle import export_bundle
+from deepfeat.finetune.models.model import EmbeddingModel, HeadType
+from deepfeat.finetune.training.callbacks import FreezeBackbone, load_module_weights
+from deepfeat.finetune.training.datamodule import Preset, RetrievalDataModule
+from deepfeat.finetune.training.module import MetricLearningModule
+from deepfeat.finetune.training.whiten import DEFAULT_REGS, whiten_model
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def training_workers(settings: FinetuneSettings, cores: int | None = None) -> in
     """
     if settings.num_workers != "auto":
         return int(settings.num_workers)
-    from deepfeat.finetune.embed import auto_num_workers
+    from deepfeat.finetune.inference.embed import auto_num_workers
 
     return auto_num_workers(evaluation_device(settings.accelerator), cores)
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from deepfeat.finetune.backbones import Preprocessing
+from deepfeat.finetune.models.backbones import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _weights(n_in: int, n_out: int, kind: str) -> torch.Tensor:
 class DevicePreprocess:
     """The bundle's evaluation preprocessing on decoded uint8 tensors, on their device.
 
-    Mirrors :func:`deepfeat.finetune.transforms.build_transforms` (``train=False``), which runs
+    Mirrors :func:`deepfeat.finetune.data.transforms.build_transforms` (``train=False``), which runs
     OpenCV through albumentations: ``squash`` resizes to the input size; ``shorter_side_crop`` scales
     so the image covers ``input_size / crop_pct``, then centre-crops; shrinking uses the area filter
     (``area_for_downscale``), enlarging the bundle's interpolation; the result is rounded to 8 bits as

@@ -16,7 +16,7 @@ magnitude is mostly noise. The embedding is built in three steps:
    ``1`` if ``z > t_pos`` (unusually present), ``0`` otherwise. The paper's thresholds are
    ``t_neg = -0.25`` and ``t_pos = 0.15``.
 
-In deepfeat the embedding is an :class:`~deepfeat.finetune.model.EmbeddingModel` whose head is an
+In deepfeat the embedding is an :class:`~deepfeat.finetune.models.model.EmbeddingModel` whose head is an
 :class:`FNEHead` (``head="fne"``): the statistics and thresholds are buffers of the model, so they
 travel in the model bundle's weights (and its hash), and query time uses exactly the statistics of
 index time. Build one with :func:`build_fne_model`, measure the statistics with :func:`fit_statistics`.
@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfeat.finetune.backbones import DEFAULT_BACKBONE, Backbone, LayerSpec, create_backbone
 from deepfeat.finetune.errors import DataError, ModelError
+from deepfeat.finetune.models.backbones import DEFAULT_BACKBONE, Backbone, LayerSpec, create_backbone
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from deepfeat.finetune.model import EmbeddingModel
+    from deepfeat.finetune.models.model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class FNEHead(nn.Module):
             if not self.fitted:
                 raise ModelError(
                     "the full-network embedding has no reference statistics yet; call "
-                    "deepfeat.finetune.fne.fit_statistics(model, reference_images) first"
+                    "deepfeat.finetune.models.fne.fit_statistics(model, reference_images) first"
                 )
             if x.ndim != 2 or x.shape[1] != self.num_features:
                 raise ModelError(
@@ -339,7 +339,7 @@ def build_fne_model(
     """A full-network-embedding model: backbone features of ``layers`` -> :class:`FNEHead`.
 
     Args:
-        backbone: a timm model name (see :func:`~deepfeat.finetune.backbones.create_backbone`) or an
+        backbone: a timm model name (see :func:`~deepfeat.finetune.models.backbones.create_backbone`) or an
             existing :class:`Backbone` (its weights are shared, not copied).
         weights: as in ``create_backbone`` (ignored when ``backbone`` is a ``Backbone``).
         layers: ``"all"`` (every intermediate layer and ``"head"``) or a list of layer specs.
@@ -350,7 +350,7 @@ def build_fne_model(
 
     The model must be fitted (:func:`fit_statistics`) before it embeds anything.
     """
-    from deepfeat.finetune.model import EmbeddingModel
+    from deepfeat.finetune.models.model import EmbeddingModel
 
     bb = (
         backbone
@@ -371,7 +371,7 @@ def fne_head(model: EmbeddingModel) -> FNEHead:
     if not isinstance(model.head, FNEHead):
         raise ModelError(
             f"this model has head={model.head_type!r}, not a full-network embedding; build one "
-            f"with deepfeat.finetune.fne.build_fne_model()"
+            f"with deepfeat.finetune.models.fne.build_fne_model()"
         )
     return model.head
 
@@ -441,8 +441,8 @@ def fit_statistics_from_records(
 
     Images that fail to decode are skipped with a warning.
     """
-    from deepfeat.finetune.data import RecordDataset, make_loader
-    from deepfeat.finetune.transforms import build_transforms
+    from deepfeat.finetune.data.dataset import RecordDataset, make_loader
+    from deepfeat.finetune.data.transforms import build_transforms
 
     ds = RecordDataset(
         records, build_transforms(model.preprocessing, preset="none", train=False), class_to_idx={}, root=root

@@ -1,0 +1,300 @@
+"""Training logic: a LightningModule around :class:`EmbeddingModel` and a pytorch-metric-learning loss.
+
+Losses and miners are PML objects handed in (YAML ``class_path``/``init_args``), kept as submodules so
+a loss with weights (ArcFace, ProxyAnchor) is trained and checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction, MultiSimilarityLoss
+from pytorch_metric_learning.miners import BaseMiner
+from torch import nn
+from typing_extensions import override
+
+from deepfeat.finetune.errors import ModelError
+from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.models.model import EmbeddingModel, HeadType, build_embedding_model
+
+log = logging.getLogger(__name__)
+
+
+class MetricLearningModule(pl.LightningModule):
+    """Fine-tunes an embedding model with a metric-learning loss.
+
+    Args:
+        backbone: backbone name (see ``create_backbone``).
+        weights: ``imagenet`` (installed package), a local state-dict path, or ``none``.
+        head: projection head type; ``linear`` starts geometry-preserving.
+        embedding_dim: output size (``None`` keeps the backbone's).
+        image_size: network input size (``None`` keeps the backbone's default).
+        layers: intermediate layers to pool and concatenate instead of the final features.
+        loss: a pytorch-metric-learning loss (default: MultiSimilarityLoss).
+        miner: an optional pytorch-metric-learning miner.
+        lr: learning rate of the backbone (kept low so pretrained features are not destroyed).
+        head_lr: learning rate of the head (default 10 x lr).
+        loss_lr: learning rate of loss parameters such as ArcFace class centres (default 100 x lr).
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        warmup_steps: linear learning-rate warm-up steps, then cosine decay to ``min_lr_ratio``.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        l2sp: weight of the L2-SP penalty pulling backbone weights towards their pretrained values
+            (Li et al., "Explicit inductive bias for transfer learning", ICML 2018); 0 disables it.
+        freeze_bn: keep BatchNorm statistics of the backbone fixed (small PK batches are biased).
+        gather_across_ranks: under DDP, compute the loss on embeddings gathered from all ranks.
+        distill: weight of a relational distillation term that keeps the batch's similarity matrix
+            close to the one of the frozen pretrained features (Park et al., "Relational Knowledge
+            Distillation", CVPR 2019): it fights the collapse onto the training classes that hurts
+            retrieval of unseen classes; 0 disables it (and the teacher's extra forward pass).
+        max_minutes: a wall-clock training budget; the cosine schedule then follows whichever of
+            steps or time runs out first, so a time-limited run still ends at a low learning rate.
+        frozen_stages: keep the first stages of the backbone (the stem counts as one; see
+            ``Backbone.freeze_stages``) at their pretrained values for the whole run: fewer steps to learn,
+            and a cheaper backward pass, so more steps in a time budget.
+        channels_last: keep weights and batches in channels-last (NHWC) memory layout. On CPU the
+            oneDNN kernels of depthwise convolutions are several times faster in it (EfficientNet-Lite0
+            at 32 px: about 190 -> 570 training images/s on 2 cores); on a GPU it suits the tensor cores.
+        drop_path_rate: stochastic depth of the backbone's residual blocks while training (timm
+            backbones; see ``create_backbone``); 0 disables it.
+        progressive_size: progressive resizing (as in fast.ai's training recipes and EfficientNetV2's
+            progressive learning): for the first ``progressive_fraction`` of the run (of its steps, or of
+            ``max_minutes`` when that ends it first) training batches are resized to this height (the
+            width in proportion) before the forward pass, then the full input size is used. A smaller
+            image costs less per step, so a time budget buys more steps, and the last part of the run
+            adapts the model (BatchNorm statistics included) to the size it is evaluated and served at.
+            ``None`` disables it. Validation, test and export always use the full input size.
+        progressive_fraction: the share of the run at ``progressive_size``, in (0, 1).
+    """
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet",
+                 head: HeadType = "linear", embedding_dim: int | None = None, image_size: int | None = None,
+                 layers: list[int | str] | None = None, loss: BaseMetricLossFunction | None = None,
+                 miner: BaseMiner | None = None, lr: float = 1e-4, head_lr: float | None = None,
+                 loss_lr: float | None = None, weight_decay: float = 1e-4, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.01, l2sp: float = 0.0, freeze_bn: bool = True,
+                 gather_across_ranks: bool = True, distill: float = 0.0, max_minutes: float | None = None,
+                 channels_last: bool = True, frozen_stages: int = 0, drop_path_rate: float = 0.0,
+                 progressive_size: int | None = None, progressive_fraction: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "miner"])
+        self.model: EmbeddingModel = build_embedding_model(backbone, weights, head=head,
+                                                           embedding_dim=embedding_dim, layers=layers,
+                                                           image_size=image_size,
+                                                           drop_path_rate=drop_path_rate)
+        self.loss_fn: BaseMetricLossFunction = loss if loss is not None else MultiSimilarityLoss()
+        self.miner = miner
+        self._check_loss_dims()
+        self._small_size = self._check_progressive(progressive_size, progressive_fraction)
+        self._started: float | None = None
+        if frozen_stages:
+            self.model.backbone.freeze_stages(frozen_stages)
+            # Lightning warns about modules in eval mode at the start of fit: these are the frozen stages'
+            # norms, on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        self._pretrained: dict[str, torch.Tensor] = {}
+        if l2sp > 0:
+            self._pretrained = {n: p.detach().clone() for n, p in self.model.backbone.named_parameters()}
+        self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The teacher is kept out of the module's parameters and state dict (not trained, not saved).
+        self._teacher: list[nn.Module] = []
+        if distill > 0:
+            import copy
+
+            teacher = copy.deepcopy(self.model.backbone).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._teacher.append(teacher)
+        if channels_last:
+            # before any callback copies the model (EMA), so the copies share the layout
+            self.model.to(memory_format=torch.channels_last)
+            for teacher in self._teacher:
+                teacher.to(memory_format=torch.channels_last)
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch in the model's memory layout (a no-op when it already is)."""
+        if self.hparams.get("channels_last", False) and images.ndim == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _check_loss_dims(self) -> None:
+        size = getattr(self.loss_fn, "embedding_size", None)
+        if size is None:
+            w = getattr(self.loss_fn, "W", None)
+            size = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
+        if size is not None and int(size) != self.model.embedding_dim:
+            raise ModelError(f"the loss {type(self.loss_fn).__name__} was built for embedding_size={size}, but "
+                             f"the model outputs {self.model.embedding_dim} dims; set the loss's init_args."
+                             f"embedding_size to {self.model.embedding_dim} (or the model's embedding_dim to {size})")
+
+    def _check_progressive(self, size: int | None, fraction: float) -> tuple[int, int] | None:
+        """The (height, width) of the progressive-resizing phase, after checking the settings."""
+        if size is None:
+            return None
+        height, width = self.model.preprocessing.input_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size < height:
+            raise ModelError(f"progressive_size must be an int from 16 up to (not including) the input height "
+                             f"{height}, got {size!r}; use None to train at the full size throughout")
+        if not 0.0 < fraction < 1.0:
+            raise ModelError(f"progressive_fraction is the share of the run at progressive_size, in (0, 1); got "
+                             f"{fraction!r}")
+        return size, max(1, round(width * size / height))
+
+    def _elapsed_share(self) -> float:
+        """The share of ``max_minutes`` used since the optimizer was set up (0 without a budget)."""
+        budget = self.hparams.get("max_minutes")
+        if not budget or self._started is None:
+            return 0.0
+        return min(1.0, (time.perf_counter() - self._started) / (float(budget) * 60))
+
+    def training_progress(self) -> float:
+        """The share of the run done, in [0, 1]: of its steps, or of ``max_minutes`` if that ends it first."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return max(min(1.0, self.global_step / total), self._elapsed_share())
+
+    def _train_size(self, images: torch.Tensor) -> torch.Tensor:
+        """Training images resized for progressive resizing while its phase lasts; otherwise as they are."""
+        if self._small_size is None or self.training_progress() >= float(self.hparams["progressive_fraction"]):
+            return images
+        if tuple(images.shape[-2:]) == self._small_size:
+            return images
+        return torch.nn.functional.interpolate(images, size=self._small_size, mode="bilinear", antialias=True,
+                                               align_corners=False)
+
+    @property
+    def preprocessing(self) -> Any:
+        """The model's preprocessing (the data module builds its transforms from it)."""
+        return self.model.preprocessing
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._layout(x))
+
+    @override
+    def on_fit_start(self) -> None:
+        tune_cpu_allocator()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        if self.hparams["freeze_bn"]:
+            for m in self.model.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        images, labels = batch["image"], batch["label"]
+        if images is None or len(labels) < 2:
+            return None  # every image of the batch failed to decode (already reported)
+        images = self._layout(self._train_size(images))
+        emb = self.model(images)
+        if self.hparams["gather_across_ranks"] and self.trainer.world_size > 1:
+            emb = self.all_gather(emb, sync_grads=True).flatten(0, 1)  # type: ignore[union-attr]
+            labels = self.all_gather(labels).flatten(0, 1)  # type: ignore[union-attr]
+        tuples = self.miner(emb, labels) if self.miner is not None else None
+        loss = self.loss_fn(emb, labels, tuples)
+        if self._teacher:
+            teacher = self._teacher[0].to(images.device)
+            with torch.no_grad():
+                t = torch.nn.functional.normalize(teacher(images), dim=1)
+            s = torch.nn.functional.normalize(emb[: len(t)], dim=1)
+            rkd = torch.nn.functional.mse_loss(s @ s.T, t @ t.T)
+            self.log("train/distill", rkd, batch_size=len(labels))
+            loss = loss + self.hparams["distill"] * rkd
+        if self._pretrained:
+            reg = sum(((p - self._pretrained[n].to(p.device)) ** 2).sum()
+                      for n, p in self.model.backbone.named_parameters() if p.requires_grad)
+            loss = loss + self.hparams["l2sp"] * reg
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss  # type: ignore[no-any-return]
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        if batch["image"] is None:
+            return
+        emb = self.model(self._layout(batch["image"]))
+        self._eval_outputs.append((emb.float().cpu(), batch["index"].cpu()))
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def _log_retrieval(self, stage: str) -> None:
+        from deepfeat.finetune.metrics import retrieval_metrics_from_records
+
+        outputs, self._eval_outputs = self._eval_outputs, []
+        if not outputs or self.trainer.sanity_checking:
+            return
+        emb = torch.cat([o[0] for o in outputs])
+        idx = torch.cat([o[1] for o in outputs])
+        if self.trainer.world_size > 1:
+            emb = self.all_gather(emb).flatten(0, 1)  # type: ignore[union-attr]
+            idx = self.all_gather(idx).flatten(0, 1)  # type: ignore[union-attr]
+        order = np.argsort(idx.numpy(), kind="stable")
+        idx_np, emb_np = idx.numpy()[order], emb.numpy()[order]
+        _, first = np.unique(idx_np, return_index=True)  # DDP pads with repeated samples
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        records = dm.eval_records(stage).iloc[idx_np[first]]
+        metrics = retrieval_metrics_from_records(emb_np[first], records)
+        for key, value in metrics.items():
+            if isinstance(value, float | int) and not key.startswith("n_"):
+                self.log(f"{stage}/{key}", float(value), sync_dist=False, prog_bar=key in ("map_at_r", "recall_at_1"))
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if batch["image"] is None:
+            return {"embeddings": torch.zeros(0, self.model.embedding_dim), "index": batch["index"],
+                    "errors": batch["errors"]}
+        return {"embeddings": self.model(self._layout(batch["image"])).float().cpu(), "index": batch["index"].cpu(),
+                "errors": batch["errors"]}
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        lr = float(hp["lr"])
+        head_lr = float(hp["head_lr"] or lr * 10)
+        loss_lr = float(hp["loss_lr"] or lr * 100)
+
+        def split_decay(params: list[tuple[str, nn.Parameter]], group_lr: float) -> list[dict[str, Any]]:
+            decay = [p for n, p in params if p.ndim > 1]
+            no_decay = [p for n, p in params if p.ndim <= 1]
+            return [g for g in ({"params": decay, "lr": group_lr, "weight_decay": hp["weight_decay"]},
+                                {"params": no_decay, "lr": group_lr, "weight_decay": 0.0}) if g["params"]]
+
+        groups = (split_decay(list(self.model.backbone.named_parameters()), lr)
+                  + split_decay(list(self.model.head.named_parameters()), head_lr)
+                  + split_decay(list(self.loss_fn.named_parameters()), loss_lr))
+        # the fused kernel updates every tensor in one pass: 8.6 -> 2.4 ms per step for Lite0 on 2 CPU cores
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, fused=fused or None)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp["warmup_steps"])
+        floor = float(hp["min_lr_ratio"])
+
+        self._started = time.perf_counter()
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = max(min(1.0, (step - warmup) / max(1, total - warmup)), self._elapsed_share())
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
