@@ -37,7 +37,8 @@ from typing import Any
 import pandas as pd
 from pytorch_metric_learning import losses, miners
 
-from deepfeat.finetune.data.records import FASHION_MNIST_CLASSES, read_fashion_mnist, sample_per_class
+from deepfeat.finetune.data.readers import FASHION_MNIST_CLASSES, read_fashion_mnist
+from deepfeat.finetune.data.splits import sample_per_class
 from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
 from deepfeat.finetune.metrics import format_metrics_table
 from deepfeat.finetune.models.bundle import ModelBundle

@@ -65,7 +65,7 @@ def embed_fashion_mnist(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarra
         return data["gallery"], data["queries"]
     import torch
 
-    from deepfeat.finetune.data.records import read_fashion_mnist
+    from deepfeat.finetune.data.readers import read_fashion_mnist
     from deepfeat.finetune.inference.embed import iter_embeddings
     from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
     from deepfeat.finetune.models.model import build_embedding_model

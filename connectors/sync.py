@@ -83,7 +83,7 @@ def _load_bundle(bundle: ModelBundle | str | Path) -> ModelBundle:
 
 
 def _read(records: pd.DataFrame | str | Path, root: str | Path | None) -> pd.DataFrame:
-    from deepfeat.finetune.data.records import read_records
+    from deepfeat.finetune.data.readers import read_records
 
     # Missing files and broken links are kept as records: the sync reports and skips each one (and keeps
     # its row) instead of refusing the whole folder. A root is enforced (no path may leave it) for manifests

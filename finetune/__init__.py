@@ -18,7 +18,7 @@ _EXPORTS = {
     "RecordDataset": "data.dataset", "SkipReport": "data.dataset",
     "retrieval_metrics": "metrics", "retrieval_metrics_from_records": "metrics",
     "embed_to_parquet": "inference.embed", "iter_embeddings": "inference.embed", "read_shards": "inference.embed",
-    "evaluate_models": "inference.evaluate", "read_records": "data.records", "load_image": "data.images",
+    "evaluate_models": "inference.evaluate", "read_records": "data.readers", "load_image": "data.images",
     "build_transforms": "data.transforms", "PKSampler": "training.sampler",
 }
 

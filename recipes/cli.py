@@ -116,7 +116,7 @@ def _workers(text: str) -> int | str:
 def _cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from deepfeat.finetune.data.records import read_records
+    from deepfeat.finetune.data.readers import read_records
     from deepfeat.finetune.errors import DataError
     from deepfeat.finetune.inference.embed import PRECISION_AUTOCAST, auto_num_workers, embed_to_parquet
     from deepfeat.finetune.models.bundle import ModelBundle

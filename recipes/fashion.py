@@ -46,7 +46,8 @@ def read_catalogue(source: str, *, group_column: str | None = "product_id") -> p
     Raises:
         DataError: the source cannot be read, or a product's photos were given different splits.
     """
-    from deepfeat.finetune.data.records import read_records, validate_records
+    from deepfeat.finetune.data.contract import validate_records
+    from deepfeat.finetune.data.readers import read_records
 
     records = read_records(source)
     if group_column and group_column in records.columns:

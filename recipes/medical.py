@@ -93,7 +93,8 @@ def read_scans(source: str, *, patient_column: str = "patient_id") -> pd.DataFra
         DataError: the source cannot be read, a DICOM header is corrupt, or one patient's scans were
             given different splits in a manifest.
     """
-    from deepfeat.finetune.data.records import read_records, validate_records
+    from deepfeat.finetune.data.contract import validate_records
+    from deepfeat.finetune.data.readers import read_records
 
     records = read_records(source)
     headers = {i: dicom_header(p) for i, p in zip(records.index, records["path"], strict=True) if _is_dicom_file(p)}

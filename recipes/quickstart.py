@@ -76,7 +76,8 @@ class QuickstartResult:
 
 
 def _records(opts: QuickstartOptions) -> tuple[pd.DataFrame, dict[str, Any]]:
-    from deepfeat.finetune.data.records import read_fashion_mnist, read_records, sample_per_class
+    from deepfeat.finetune.data.readers import read_fashion_mnist, read_records
+    from deepfeat.finetune.data.splits import sample_per_class
 
     if opts.data in (None, "fashion-mnist"):
         records = read_fashion_mnist()  # says how to install the Debian package when missing

@@ -405,7 +405,8 @@ def read_any(source: str | os.PathLike[str], *, label: str = "unlabelled") -> pd
     A folder of loose images (no class sub-folders) is what an unlabelled collection looks like; its
     records all get ``label``.
     """
-    from deepfeat.finetune.data.records import read_records, validate_records
+    from deepfeat.finetune.data.contract import validate_records
+    from deepfeat.finetune.data.readers import read_records
 
     path = Path(source)
     if path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
@@ -429,7 +430,7 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
 
     path = Path(source)
     if path.is_file() and path.suffix.lower() in (".csv", ".parquet", ".pq"):
-        from deepfeat.finetune.data.records import read_manifest
+        from deepfeat.finetune.data.readers import read_manifest
 
         return [str(p) for p in read_manifest(path)["path"].dropna()]
     if path.is_file():

@@ -70,7 +70,8 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
     capsys.readouterr()
 
     # an evaluation manifest: every image is a test query against all the others
-    from deepfeat.finetune.data.records import read_image_folder, write_manifest
+    from deepfeat.finetune.data.readers import read_image_folder
+    from deepfeat.finetune.data.writer import write_manifest
 
     test = read_image_folder(data).assign(split="test")
     manifest = write_manifest(test.drop(columns=["is_query", "is_gallery"]), tmp_path / "test.csv")

@@ -20,7 +20,7 @@ from test_reliability_support import build_corpus
 
 from deepfeat.finetune.data.dataset import SkipReport
 from deepfeat.finetune.data.images import load_image
-from deepfeat.finetune.data.records import read_records
+from deepfeat.finetune.data.readers import read_records
 from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError, ImageDecodeError
 from deepfeat.finetune.inference.device_decode import DevicePreprocess, jpeg_for_device, orient

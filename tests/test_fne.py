@@ -130,7 +130,7 @@ def test_fit_statistics_streams_the_backbone_features(fitted: EmbeddingModel, im
 def test_fit_statistics_from_records_uses_the_eval_preprocessing(fitted: EmbeddingModel) -> None:
     import pandas as pd
 
-    from deepfeat.finetune.data.records import read_records
+    from deepfeat.finetune.data.readers import read_records
     from deepfeat.finetune.data.transforms import preprocess_batch
 
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""deepfeat.finetune.data.records: the record contract, the readers, splits and manifests."""
+"""deepfeat.finetune.data: the record contract, the readers, splits and manifests."""
 
 from __future__ import annotations
 
@@ -14,23 +14,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from deepfeat.finetune.data.contract import RECORD_COLUMNS, check_retrievable, validate_records
 from deepfeat.finetune.data.images import load_image
-from deepfeat.finetune.data.records import (
+from deepfeat.finetune.data.readers import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
-    RECORD_COLUMNS,
-    assign_query_gallery,
-    check_retrievable,
     read_fashion_mnist,
     read_hf_dataset,
     read_image_folder,
     read_manifest,
     read_records,
-    split_by_class,
-    split_by_group,
-    validate_records,
-    write_manifest,
 )
+from deepfeat.finetune.data.splits import assign_query_gallery, split_by_class, split_by_group
+from deepfeat.finetune.data.writer import write_manifest
 from deepfeat.finetune.errors import DataError
 
 TINY_N_CLASSES, TINY_PER_CLASS = 6, 8  # the shape of the tiny_image_folder fixture (conftest.py)
@@ -88,7 +84,7 @@ def test_image_folder_skips_hidden_loose_and_foreign_files(
     (root / "dog" / "c.png").write_bytes(_png_bytes(4))
     (root / ".cache" / "d.png").write_bytes(_png_bytes(5))
     (root / "loose.png").write_bytes(_png_bytes(6))
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data"):
         df = read_image_folder(root)
     assert sorted(df["id"]) == ["cat/a.PNG", "cat/nested/deeper/b.jpg", "dog/c.png"]
     assert df.set_index("id").loc["cat/nested/deeper/b.jpg", "label"] == "cat"
@@ -170,7 +166,7 @@ def test_defaults_and_normalisation() -> None:
 
 def test_mixed_label_types_are_merged_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     raw = pd.DataFrame({"id": ["a", "b", "c", "d"], "image": [b"x"] * 4, "label": [1, "1", 2.0, "cat"]})
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.contract"):
         df = validate_records(raw, check_files=False)
     assert df["label"].tolist() == ["1", "1", "2", "cat"]
     assert "mix types" in caplog.text
@@ -178,7 +174,7 @@ def test_mixed_label_types_are_merged_with_a_warning(caplog: pytest.LogCaptureFi
 
 def test_integer_labels_become_text_silently(caplog: pytest.LogCaptureFixture) -> None:
     raw = pd.DataFrame({"id": ["a", "b"], "image": [b"x", b"y"], "label": np.array([3, 3])})
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.contract"):
         df = validate_records(raw, check_files=False)
     assert df["label"].tolist() == ["3", "3"]
     assert "mix types" not in caplog.text
@@ -277,7 +273,7 @@ def test_single_image_classes_and_missing_queries_warn(caplog: pytest.LogCapture
             "is_query": False,
         }
     )
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.contract"):
         validate_records(raw, check_files=False)
     assert "1 of 2 class(es) in split 'val' have a single image" in caplog.text
     assert "split 'val' has no queries" in caplog.text
@@ -416,9 +412,13 @@ def test_read_hf_dataset_object_and_saved_folder(tmp_path: Path) -> None:
     assert isinstance(df["image"][0], bytes) and df["path"].isna().all()
     assert load_image(df["image"][2])[0, 0, 0] == 20
     assert "source" in df.columns and "tags" not in df.columns
+    assert "hf_dataset" not in df.columns  # an object in memory has no folder to find its rows in again
     ds.save_to_disk(str(tmp_path / "saved"))  # type: ignore[attr-defined]
-    pd.testing.assert_frame_equal(read_hf_dataset(tmp_path / "saved"), df)
-    pd.testing.assert_frame_equal(read_records(tmp_path / "saved"), df)
+    saved = read_hf_dataset(tmp_path / "saved")
+    way_back = ["hf_dataset", "hf_row", "hf_column"]
+    pd.testing.assert_frame_equal(saved.drop(columns=way_back), df)
+    assert saved[way_back].iloc[4].tolist() == [str(tmp_path / "saved"), 4, "image"]
+    pd.testing.assert_frame_equal(read_records(tmp_path / "saved"), saved)
 
 
 def test_read_hf_dataset_dict_gives_splits() -> None:
@@ -574,7 +574,7 @@ def test_split_fractions_are_checked(caplog: pytest.LogCaptureFixture) -> None:
     for bad in ((0.5, 0.5), (0.8, 0.3, 0.1), (-0.1, 0.6, 0.5)):
         with pytest.raises(DataError, match="fractions"):
             split_by_class(df, fractions=bad)
-    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.records"):
+    with caplog.at_level(logging.WARNING, logger="deepfeat.finetune.data.splits"):
         out = split_by_class(_records(2, 2), fractions=(0.8, 0.1, 0.1))
     assert "is empty although its fraction" in caplog.text
     assert set(out["split"]) == {"train", "val"}

@@ -415,7 +415,7 @@ def test_mixed_label_types_are_merged_as_text_and_warned(
 ) -> None:
     # CSV cells are read as text and Parquet cannot hold a mixed column: mixed types come from tables built
     # in code (or JSON, Hugging Face datasets), which go through the same validation
-    from deepfeat.finetune.data.records import read_records
+    from deepfeat.finetune.data.readers import read_records
     from deepfeat.finetune.inference.embed import embed_to_parquet
 
     root, df = _manifest(tmp_path, n=5)
@@ -429,7 +429,7 @@ def test_mixed_label_types_are_merged_as_text_and_warned(
 
 
 def test_single_image_classes_and_empty_splits_in_training_and_evaluation(caplog: pytest.LogCaptureFixture) -> None:
-    from deepfeat.finetune.data.records import check_retrievable, validate_records
+    from deepfeat.finetune.data.contract import check_retrievable, validate_records
     from deepfeat.finetune.training.datamodule import RetrievalDataModule
     from deepfeat.finetune.training.sampler import PKSampler
 

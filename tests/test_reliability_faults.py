@@ -238,7 +238,7 @@ def test_sync_killed_three_times_resumes_to_the_clean_result(tmp_path: Path, rel
 def test_sync_killed_before_its_index_was_built_builds_it(tmp_path: Path, rel_bundle: ModelBundle) -> None:
     from deepfeat.connectors.collection import create_collection
     from deepfeat.connectors.schema import CollectionSpec
-    from deepfeat.finetune.data.records import read_records
+    from deepfeat.finetune.data.readers import read_records
 
     images = image_folder(tmp_path / "images", n_per_class=2)
     conn = connect(str(tmp_path / "x.db"))

@@ -17,7 +17,7 @@ import pytest
 from imagegen import class_image, make_image_folder
 
 from deepfeat.connectors import connect, load_embeddings
-from deepfeat.finetune.data.records import read_records
+from deepfeat.finetune.data.readers import read_records
 from deepfeat.finetune.inference.embed import iter_embeddings
 from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
 from deepfeat.finetune.models.model import build_embedding_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses, miners
 
-from deepfeat.finetune.data.records import read_image_folder
+from deepfeat.finetune.data.readers import read_image_folder
 from deepfeat.finetune.errors import ModelError
 from deepfeat.finetune.training.callbacks import FreezeBackbone
 from deepfeat.finetune.training.datamodule import RetrievalDataModule

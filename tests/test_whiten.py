@@ -94,7 +94,7 @@ def test_whitened_model_round_trips_through_its_bundle(tmp_path: Path) -> None:
 def test_finetune_with_whitening_exports_what_it_chose(tmp_path: Path) -> None:
     from imagegen import make_image_folder
 
-    from deepfeat.finetune.data.records import read_image_folder
+    from deepfeat.finetune.data.readers import read_image_folder
     from deepfeat.finetune.training.pipeline import FinetuneSettings, finetune, make_datamodule
 
     records = read_image_folder(make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32))
@@ -117,7 +117,7 @@ def test_export_callback_of_deepfeat_fit_applies_flip_tta_and_whitening(tmp_path
     import lightning.pytorch as pl
     from imagegen import make_image_folder
 
-    from deepfeat.finetune.data.records import read_image_folder
+    from deepfeat.finetune.data.readers import read_image_folder
     from deepfeat.finetune.training.callbacks import ExportBundle
     from deepfeat.finetune.training.module import MetricLearningModule
     from deepfeat.finetune.training.pipeline import FinetuneSettings, make_datamodule

@@ -19,7 +19,7 @@ Preset = Literal["fashion", "flip", "shift", "medical", "none"]
 
 
 def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    from deepfeat.finetune.data.records import sample_per_class
+    from deepfeat.finetune.data.splits import sample_per_class
 
     return sample_per_class(df, limit, seed=seed, by=("split", "label"))
 
@@ -72,12 +72,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         return dm
 
     def _prepare(self, records: pd.DataFrame) -> pd.DataFrame:
-        from deepfeat.finetune.data.records import (
-            assign_query_gallery,
-            split_by_class,
-            split_by_group,
-            validate_records,
-        )
+        from deepfeat.finetune.data.contract import validate_records
+        from deepfeat.finetune.data.splits import assign_query_gallery, split_by_class, split_by_group
 
         hp = self.hparams
         df = validate_records(records, root=self.root, check_files=False)
@@ -106,7 +102,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     def records(self) -> pd.DataFrame:
         """All records after filtering, splitting and query/gallery assignment."""
         if self._records is None:
-            from deepfeat.finetune.data.records import read_records
+            from deepfeat.finetune.data.readers import read_records
 
             self._records = self._prepare(read_records(self.source))
         return self._records

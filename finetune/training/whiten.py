@@ -125,7 +125,7 @@ def whiten_model(model: Any, train_records: pd.DataFrame, val_records: pd.DataFr
     with the model as it is (a whitening already set is removed first), then :func:`choose_whitening`.
     The model is left whitened with the chosen shrinkage, or unwhitened when none beat the plain output.
     """
-    from deepfeat.finetune.data.records import sample_per_class
+    from deepfeat.finetune.data.splits import sample_per_class
     from deepfeat.finetune.inference.evaluate import embed_records
 
     model.set_whitening(None, None)
