@@ -94,9 +94,14 @@ def test_dataset_dict_splits_survive_the_data_module(tmp_path: Path) -> None:
     from deepfeat.finetune.training.datamodule import RetrievalDataModule
 
     df = read_records(_saved_dataset_dict(tmp_path / "hf"))
+    test_ids = set(df.loc[df["split"] == "test", "id"])
     records = RetrievalDataModule.from_records(df, val_fraction=0.0).records
     assert records.groupby("split").size().to_dict() == {"test": 6, "train": 9}
-    assert set(records.loc[records["split"] == "test", "id"]) == set(df.loc[df["split"] == "test", "id"])
+    assert set(records.loc[records["split"] == "test", "id"]) == test_ids
+    # the default as_is mode only draws a val split from train (the dict has none); its test split stays
+    records = RetrievalDataModule.from_records(df, val_fraction=0.34).records
+    assert set(records.loc[records["split"] == "test", "id"]) == test_ids
+    assert records["split"].value_counts().to_dict() == {"test": 6, "train": 6, "val": 3}
 
 
 # --------------------------------------------------------------------------------------------------

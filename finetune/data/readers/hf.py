@@ -94,6 +94,11 @@ def read_hf_dataset(
             f"read_hf_dataset needs a datasets.Dataset, a DatasetDict or a save_to_disk folder, got "
             f"{type(source).__name__}"
         )
+    if folder is None and df["image"].notna().any():
+        logger.info(
+            "the dataset was passed in memory: its records keep their image bytes for embedding, but search "
+            "hits cannot show them later; save it with save_to_disk() and read the folder to keep a way back"
+        )
     return validate_records(df)
 
 
