@@ -1,10 +1,10 @@
 """``deepfeat quickstart``: the whole job on the embedded defaults, offline, in minutes on a CPU.
 
-1. off-the-shelf EfficientNet-Lite0 embeddings evaluated on a query/gallery test split;
-2. safe fine-tuning with the fashion recipe (frozen warm-up, EMA, model selection, baseline guard);
-3. evaluation again, both rows side by side;
-4. the gallery embedded and loaded into Milvus Lite;
-5. a few searches, drawn as a picture: each query beside its top-k hits, framed green / red.
+The quickstart is a recipe (``recipes/configs/quickstart.yaml``) run by the same engine as every other
+(:func:`deepfeat.recipes.engine.run_recipe`): safe fine-tuning (frozen warm-up, EMA, model selection, the baseline
+guard), the before/after table on the held-out test split (off-the-shelf EfficientNet-Lite0 vs the model it
+fine-tuned), the test gallery embedded and loaded into Milvus Lite, and a few searches drawn as a picture: each
+query beside its top-k hits, framed green / red.
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, or any image folder
 (one sub-folder per class) given with ``--data``.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from deepfeat.finetune.errors import DataError, DeepfeatError
+from deepfeat.connectors import search_ids
+from deepfeat.finetune.data.dataset import record_source
+from deepfeat.finetune.data.images import load_image
+from deepfeat.finetune.data.readers import read_fashion_mnist, read_records
+from deepfeat.finetune.data.splits import sample_per_class, split_by_group
+from deepfeat.finetune.errors import DataError
+from deepfeat.recipes.config import RecipeConfig
+from deepfeat.recipes.engine import RecipeContext, run_recipe
+from deepfeat.recipes.viz import result_grid
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,7 @@ COLLECTION = "quickstart"
 
 @dataclass
 class QuickstartOptions:
-    """Knobs of the quickstart; the defaults fit in a few minutes on 2 CPU cores."""
+    """Knobs of the quickstart, each a ``--set`` override of ``quickstart.yaml``; the defaults are the YAML's."""
 
     data: str | None = None
     out: str = "deepfeat-quickstart"
@@ -47,7 +54,7 @@ class QuickstartOptions:
     num_workers: int = 2
     seed: int = 0
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
 
     @classmethod
     def full(cls, **kw: Any) -> QuickstartOptions:
@@ -56,6 +63,19 @@ class QuickstartOptions:
                                 "minutes": 20.0, "max_epochs": 40, "batches_per_epoch": 150}
         base.update(kw)
         return cls(**base)
+
+    def overrides(self) -> list[str]:
+        """The options as ``key=value`` overrides of the recipe YAML (``extra`` last, so it wins)."""
+        def value(v: Any) -> str:
+            return "null" if v is None else str(v)
+
+        return [f"model.image_size={self.image_size}", f"model.max_minutes={self.minutes}",
+                f"trainer.max_epochs={self.max_epochs}", f"data.batches_per_epoch={self.batches_per_epoch}",
+                f"data.num_workers={self.num_workers}", f"data.seed={self.seed}", f"seed_everything={self.seed}",
+                f"recipe.quickstart.train_per_class={value(self.train_per_class)}",
+                f"recipe.quickstart.test_per_class={value(self.test_per_class)}",
+                f"recipe.quickstart.n_queries={self.n_queries}", f"recipe.quickstart.top_k={self.top_k}",
+                *self.extra]
 
 
 @dataclass
@@ -73,113 +93,70 @@ class QuickstartResult:
     picture: Path
     searches: list[dict[str, Any]]
     seconds: dict[str, float]
+    test_message: str = ""
 
 
-def _records(opts: QuickstartOptions) -> tuple[pd.DataFrame, dict[str, Any]]:
-    from deepfeat.finetune.data.readers import read_fashion_mnist, read_records
-    from deepfeat.finetune.data.splits import sample_per_class
-
-    if opts.data in (None, "fashion-mnist"):
+def read(source: str, config: RecipeConfig) -> pd.DataFrame:
+    """Fashion-MNIST's own train/test split sampled per class, or a class folder split 50/25/25 within classes."""
+    opts = config.action
+    seed = int(config.section("data").get("seed", 0))
+    if source in ("", "fashion-mnist"):
         records = read_fashion_mnist()  # says how to install the Debian package when missing
-        parts = []
-        for split, limit in (("train", opts.train_per_class), ("test", opts.test_per_class)):
-            part = records[records["split"] == split]
-            parts.append(sample_per_class(part, limit, seed=opts.seed))
-        return pd.concat(parts).reset_index(drop=True), {"val_fraction": 0.1}
-    records = read_records(opts.data)
+        parts = [sample_per_class(records[records["split"] == split], opts.get(f"{split}_per_class"), seed=seed)
+                 for split in ("train", "test")]
+        return pd.concat(parts).reset_index(drop=True)
+    records = read_records(source)
     if records["label"].nunique() < 2:
-        raise DataError(f"{opts.data!r} has {records['label'].nunique()} class(es); the quickstart needs a folder "
+        raise DataError(f"{source!r} has {records['label'].nunique()} class(es); the quickstart needs a folder "
                         f"with one sub-folder per class and at least 2 classes")
-    records = sample_per_class(records, opts.train_per_class, seed=opts.seed)
+    records = sample_per_class(records, opts.get("train_per_class"), seed=seed)
     # A folder has no official split: split within classes, keeping groups whole.
-    return records.reset_index(drop=True), {"split_mode": "by_group", "fractions": (0.6, 0.15, 0.25)}
+    return split_by_group(records.reset_index(drop=True), fractions=(0.5, 0.25, 0.25), seed=seed)
 
 
-def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
-    """Run the five steps and return what they measured (the CLI prints it)."""
-    from deepfeat.connectors import connect, load_embeddings, search_ids
-    from deepfeat.finetune.data.images import load_image
-    from deepfeat.finetune.inference.embed import iter_embeddings
-    from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
-    from deepfeat.finetune.metrics import format_metrics_table
-    from deepfeat.finetune.models.bundle import ModelBundle
-    from deepfeat.finetune.training.pipeline import FinetuneSettings, finetune, make_datamodule
-    from deepfeat.recipes.viz import result_grid
+def index_records(records: pd.DataFrame) -> pd.DataFrame:
+    """Only the test gallery goes into Milvus: the searches are the test queries against it."""
+    test = records[records["split"] == "test"]
+    return test[test["is_gallery"]].reset_index(drop=True)
 
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    records, data_kw = _records(opts)
-    settings = FinetuneSettings(image_size=opts.image_size, max_minutes=opts.minutes, max_epochs=opts.max_epochs,
-                                batches_per_epoch=opts.batches_per_epoch, num_workers=opts.num_workers,
-                                seed=opts.seed, preset="fashion", lr=3e-4, head_lr=3e-3, **opts.extra)
-    dm = make_datamodule(records, settings, **data_kw)
-    test = dm.split_records("test")
-    seconds["data"] = time.perf_counter() - t0
 
-    # 1-3: off-the-shelf vs fine-tuned on the test queries/gallery.
-    from pytorch_metric_learning import losses
-
-    t = time.perf_counter()
-    # ArcFace (additive angular margin, Deng et al. CVPR 2019) converged fastest of the tested losses on
-    # CPU budgets; the fashion recipe YAML spells out MultiSimilarity for open catalogues.
-    n_classes = int(dm.split_records("train")["label"].nunique())
-    loss = losses.ArcFaceLoss(num_classes=n_classes, embedding_size=settings.embedding_dim or 256, margin=28.6,
-                              scale=30)
-    result = finetune(dm, settings, out / "run", loss=loss, bundle_name="quickstart", progress=opts.progress)
-    seconds["fine-tune"] = time.perf_counter() - t
-    t = time.perf_counter()
-    metrics = evaluate_models({"off-the-shelf": off_the_shelf(result.model), "fine-tuned": result.model}, test,
-                              batch_size=256, num_workers=opts.num_workers)
-    seconds["evaluate"] = time.perf_counter() - t
-    table = format_metrics_table(metrics, delta=True)
-
-    # 4: embed the gallery with the exported bundle and load it into Milvus Lite.
-    t = time.perf_counter()
-    if result.bundle is None:  # finetune always exports; keep the type checker honest
-        raise DeepfeatError("fine-tuning produced no model bundle; re-run with -vv and report the log")
-    bundle = ModelBundle.load(result.bundle)
-    gallery = test[test["is_gallery"]].reset_index(drop=True)
-    uri = str(out / "milvus.db")
-    conn = connect(uri)
-    try:
-        batches = ((rows.drop(columns=["image"], errors="ignore"), vec)
-                   for rows, vec in iter_embeddings(bundle, gallery, batch_size=128, num_workers=opts.num_workers))
-        report = load_embeddings(conn, COLLECTION, batches, bundle=bundle, total=len(gallery),
-                                 progress=opts.progress)
-        seconds["load"] = time.perf_counter() - t
-
-        # 5: searches by id (each query's own vector, itself excluded), drawn as a picture.
-        t = time.perf_counter()
-        rng = np.random.default_rng(opts.seed)
-        queries = test[test["is_query"]]
-        picks = queries.iloc[rng.choice(len(queries), size=min(opts.n_queries, len(queries)), replace=False)]
-        hits = search_ids(conn, COLLECTION, picks["id"].astype(str).tolist(), top_k=opts.top_k,
-                          output_fields=["record_id", "label"])
-    finally:
-        conn.close()
+def act(ctx: RecipeContext) -> dict[str, Any]:
+    """A few test queries searched by their own vector (themselves excluded), drawn as a picture."""
+    opts = ctx.config.action
+    test = ctx.records[ctx.records["split"] == "test"]
+    queries = test[test["is_query"]]
+    rng = np.random.default_rng(int(ctx.config.section("data").get("seed", 0)))
+    picks = queries.iloc[rng.choice(len(queries), size=min(int(opts["n_queries"]), len(queries)), replace=False)]
+    hits = search_ids(ctx.conn, ctx.collection, picks["id"].astype(str).tolist(), top_k=int(opts["top_k"]),
+                      output_fields=["record_id", "label"])
     by_id = test.set_index(test["id"].astype(str))
-    from deepfeat.finetune.data.dataset import record_source
-
-    drawn = []
-    searches = []
+    drawn, searches = [], []
     for (_, q), q_hits in zip(picks.iterrows(), hits, strict=True):
         drawn.append({"image": load_image(record_source(q)), "label": q["label"],
                       "hits": [{"image": load_image(record_source(by_id.loc[h["record_id"]])),
-                                "label": h["label"], "score": h["score"]} for h in q_hits]})
+                                "label": h["label"], "score": float(h["score"])} for h in q_hits]})
         searches.append({"query": str(q["id"]), "label": str(q["label"]),
-                         "hits": [{"id": h["record_id"], "label": h["label"], "score": h["score"]} for h in q_hits]})
-    picture = result_grid(drawn, out / "quickstart_results.png",
-                          title=f"deepfeat quickstart: top-{opts.top_k} hits ({result.chosen} model)")
-    seconds["search"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t0
-    res = QuickstartResult(table=table, metrics=metrics, chosen=result.chosen, guard_message=result.message,
-                           bundle=result.bundle, milvus_uri=uri, collection=COLLECTION,
-                           n_loaded=report.final_count, picture=picture, searches=searches, seconds=seconds)
-    (out / "quickstart.json").write_text(json.dumps({**asdict(res), "bundle": str(res.bundle),
-                                                     "picture": str(res.picture)}, indent=2, default=str))
-    return res
+                         "hits": [{"id": h["record_id"], "label": h["label"], "score": float(h["score"])}
+                                  for h in q_hits]})
+    chosen = ctx.finetune.chosen if ctx.finetune is not None else "off-the-shelf"
+    picture = result_grid(drawn, ctx.out / "quickstart_results.png",
+                          title=f"deepfeat quickstart: top-{opts['top_k']} hits ({chosen} model)")
+    return {"picture": str(picture), "searches": searches}
+
+
+def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
+    """Run the quickstart recipe and return what it measured (the CLI prints it)."""
+    res = run_recipe("quickstart", opts.data or "fashion-mnist", out=opts.out, overrides=opts.overrides(),
+                     progress=opts.progress)
+    if res.test is None or res.test_table is None:
+        raise DataError(f"the quickstart measured no held-out test split ({res.test_message})")
+    out = QuickstartResult(table=res.test_table, metrics=res.test, chosen=res.chosen, guard_message=res.guard_message,
+                           bundle=res.bundle, milvus_uri=res.uri, collection=res.collection, n_loaded=res.n_loaded,
+                           picture=Path(res.summary["picture"]), searches=res.summary["searches"],
+                           seconds=res.seconds, test_message=res.test_message)
+    (Path(opts.out) / "quickstart.json").write_text(json.dumps({**asdict(out), "bundle": str(out.bundle),
+                                                               "picture": str(out.picture)}, indent=2, default=str))
+    return out
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:

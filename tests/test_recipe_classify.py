@@ -134,7 +134,7 @@ def test_classify_recipe_defaults_on_fashion_mnist(tmp_path: Path) -> None:
         "data.k=4",
         "data.num_workers=0",
         "data.limit_per_class=10",
-        "recipe.finetune.max_minutes=null",
+        "model.max_minutes=null",
     ]
     res = run_recipe("classify", out=tmp_path / "out", overrides=small)
     assert res.n_loaded == res.n_records == 300  # 10 per class in each of train/val/test

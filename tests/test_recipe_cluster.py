@@ -35,6 +35,7 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "--set",
             *TINY,
             "recipe.cluster.per_cluster=4",
+            "data.fractions=[0.5,0.25,0.25]",
         ]
     )
     assert code == 0

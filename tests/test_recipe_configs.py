@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from deepfeat.connectors.schema import IndexSpec
 from deepfeat.finetune.errors import DataError
 from deepfeat.recipes.cli import main
-from deepfeat.recipes.recipes import (
-    RECIPES,
-    apply_overrides,
-    build_filter,
-    instantiate,
-    list_recipes,
-    load_recipe,
-    milvus_literal,
-    pick_queries,
-)
+from deepfeat.finetune.training import EMA, ExportBundle, MetricLearningModule, RetrievalDataModule
+from deepfeat.recipes.config import RECIPES, RecipeConfig, list_recipes, load_recipe, resolve_config
+from deepfeat.recipes.recipes import build_filter, milvus_literal, pick_queries
 
-NAMES = ["classify", "cluster", "dedup", "fashion", "medical"]
+NAMES = ["classify", "cluster", "dedup", "fashion", "medical", "quickstart"]
+TINY = ["model.backbone=test_efficientnet", "model.weights=none", "model.image_size=32"]
 
 
 def test_every_recipe_is_listed_with_a_description() -> None:
@@ -30,118 +25,86 @@ def test_every_recipe_is_listed_with_a_description() -> None:
     assert all(len(r.description) > 30 and r.path.is_file() for r in recipes)
 
 
+def _callbacks(config: RecipeConfig) -> dict[str, Any]:
+    return {type(c).__name__: c for c in config.training.trainer.callbacks}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_recipe_parts_build(name: str) -> None:
-    config = load_recipe(name)
-    settings = config.settings()
-    # the guarded path trains like `deepfeat fit` would: freezing, patience and EMA come from the callbacks
-    assert settings.freeze_epochs == 1 and settings.patience == 3 and settings.ema_decay == 0.99
-    assert settings.preset == config.section("data")["preset"] and settings.guard
-    assert config.loss() is not None  # spelt out in the YAML, built from class_path/init_args
+def test_recipe_yaml_builds_the_real_objects(name: str) -> None:
+    """One config system: the YAML is parsed once into the module, data module and trainer the run drives."""
+    config = load_recipe(name, TINY)
+    training = config.training
+    assert isinstance(training.module, MetricLearningModule) and isinstance(training.datamodule, RetrievalDataModule)
+    cbs = _callbacks(config)
+    # the guarded path trains like `deepfeat fit`: freezing, patience, EMA and the guard are callbacks
+    assert cbs["FreezeBackbone"].epochs == 1 and cbs["EarlyStopping"].patience == 3
+    assert isinstance(cbs["EMA"], EMA) and cbs["EMA"].decay == 0.99
+    assert isinstance(cbs["ExportBundle"], ExportBundle) and cbs["ExportBundle"].guard
+    assert training.module.hparams["max_minutes"] > 0  # the budget is the module's, read by schedule and stop
+    assert training.datamodule.hparams["preset"] == config.section("data")["preset"]
+    assert training.module.loss_fn is not None  # spelt out in the YAML, built from class_path/init_args
     IndexSpec.parse(config.collection.index)  # the index spec is valid
     assert config.collection.name == name and config.collection.key == "record_id"
-    assert set(config.data_kwargs()) <= {
-        "split_mode",
-        "fractions",
-        "val_fraction",
-        "classes",
-        "limit_per_class",
-        "query_mode",
-    }
-    assert config.data_kwargs()["split_mode"] == "by_group"
+    expected = "as_is" if name == "quickstart" else "by_group"
+    assert training.datamodule.hparams["split_mode"] == expected
 
 
-def test_flip_tta_and_whitening_come_from_the_export_callback() -> None:
-    config = load_recipe("fashion")
-    assert not config.settings().flip_tta and not config.settings().whiten
-    export = next(c for c in config.raw["trainer"]["callbacks"] if c["class_path"].endswith(".ExportBundle"))
-    export["init_args"].update(flip_tta=True, whiten=True, whiten_regs=[0.03, 0.3])
-    settings = config.settings()
-    assert settings.flip_tta and settings.whiten and settings.whiten_regs == (0.03, 0.3)
+def test_overrides_accumulate_and_typos_are_refused_with_the_key(tmp_path: Path) -> None:
+    config = load_recipe("fashion", [*TINY, "model.embedding_dim=16", "recipe.search.top_k=3",
+                                     "recipe.search.filter=price <= 80", "model.layers=[1, 2]"])
+    assert config.training.module.model.embedding_dim == 16 and config.training.module.hparams["layers"] == [1, 2]
+    assert config.search["top_k"] == 3 and config.search["filter"] == "price <= 80"
+    with pytest.raises(DataError, match="imag_size"):
+        load_recipe("fashion", ["model.imag_size=32"])
+    with pytest.raises(DataError, match="not key=value"):
+        load_recipe("fashion", ["model.image_size"])
+    with pytest.raises(DataError, match="gaurd"):
+        load_recipe("fashion", ["recipe.collection.gaurd=false"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(load_recipe_path("fashion").read_text().replace("  max_epochs: 4", "  max_epoch: 4"))
+    with pytest.raises(DataError, match="max_epoch"):
+        load_recipe(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(DataError, match="cannot read recipe"):
+        load_recipe(broken)
 
 
-def test_training_only_model_keys_reach_the_guarded_path() -> None:
-    config = load_recipe("fashion")
-    config.raw["model"].update(progressive_size=48, progressive_fraction=0.4, drop_path_rate=0.1)
-    settings = config.settings()
-    assert (settings.progressive_size, settings.progressive_fraction, settings.drop_path_rate) == (48, 0.4, 0.1)
+def load_recipe_path(name: str) -> Path:
+    return Path(RECIPES and list_recipes()[[r.name for r in list_recipes()].index(name)].path)
 
 
 def test_medical_recipe_is_patient_level() -> None:
-    config = load_recipe("medical")
-    settings = config.settings()
-    assert settings.exclude_same_group and settings.preset == "medical"
+    config = load_recipe("medical", TINY)
+    assert _callbacks(config)["ExportBundle"].exclude_same_group
+    assert config.training.datamodule.hparams["preset"] == "medical"
     assert config.action["same_fields"] == ["modality", "body_part"]
-    loss, miner = config.loss(), config.miner()
+    loss, miner = config.training.module.loss_fn, config.training.module.miner
     assert type(loss).__name__ == "TripletMarginLoss" and type(loss.distance).__name__ == "CosineSimilarity"
     assert type(miner).__name__ == "TripletMarginMiner" and miner.type_of_triplets == "semihard"
 
 
 @pytest.mark.parametrize("name", ["medical", "classify"])
 def test_lightning_cli_reads_the_same_yaml(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One config system: `deepfeat fit --config` accepts a recipe YAML and builds the same loss and miner."""
+    """`deepfeat fit --config` accepts a recipe YAML and builds the same objects as `recipe run`."""
     from deepfeat.finetune.training.config import DeepfeatCLI
-    from deepfeat.finetune.training.datamodule import RetrievalDataModule
-    from deepfeat.finetune.training.module import MetricLearningModule
 
     monkeypatch.setattr(sys, "argv", ["deepfeat"])
-    config = load_recipe(name)
-    path = config.path
-    cli = DeepfeatCLI(
-        MetricLearningModule,
-        RetrievalDataModule,
-        run=False,
-        auto_configure_optimizers=False,
-        args=[
-            "--config",
-            str(path),
-            "--model.backbone=test_efficientnet",
-            "--model.weights=none",
-            "--model.image_size=32",
-            "--trainer.logger=false",
-        ],
-    )
-    assert type(cli.model.loss_fn) is type(config.loss())
-    assert type(cli.model.miner) is type(config.miner())
+    config = load_recipe(name, TINY)
+    args = ["--config", str(config.path), *[f"--{o}" for o in TINY], "--trainer.logger=false"]
+    cli = DeepfeatCLI(MetricLearningModule, RetrievalDataModule, run=False, auto_configure_optimizers=False, args=args)
+    assert type(cli.model.loss_fn) is type(config.training.module.loss_fn)
+    assert type(cli.model.miner) is type(config.training.module.miner)
     assert cli.config["recipe"]["name"] == name
-    # deepfeat fit chooses the whitening patient-aware where the guarded path does
-    from deepfeat.finetune.training.callbacks import ExportBundle
-
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportBundle))
-    assert export.exclude_same_group == config.settings().exclude_same_group
+    assert export.exclude_same_group == _callbacks(config)["ExportBundle"].exclude_same_group
 
 
-def test_overrides_parse_yaml_values_and_refuse_unknown_sections() -> None:
-    raw = {"model": {"image_size": 64}, "recipe": {"search": {"top_k": 5}}}
-    out = apply_overrides(
-        raw, ["model.image_size=32", "recipe.search.filter=price <= 80", "recipe.search.top_k=3", "model.layers=[1, 2]"]
-    )
-    assert out["model"] == {"image_size": 32, "layers": [1, 2]}
-    assert out["recipe"]["search"] == {"top_k": 3, "filter": "price <= 80"}
-    assert raw["model"]["image_size"] == 64  # the input is not changed
-    with pytest.raises(DataError, match="'modle' is not a section"):
-        apply_overrides(raw, ["modle.image_size=32"])
-    with pytest.raises(DataError, match="not key=value"):
-        apply_overrides(raw, ["model.image_size"])
-    with pytest.raises(DataError, match="unknown key"):
-        load_recipe("fashion", ["recipe.finetune.gaurd=false"]).settings()
-
-
-def test_instantiate_builds_nested_class_paths_and_explains_failures() -> None:
-    loss = instantiate(
-        {
-            "class_path": "pytorch_metric_learning.losses.ContrastiveLoss",
-            "init_args": {
-                "pos_margin": 0.9,
-                "distance": {"class_path": "pytorch_metric_learning.distances.CosineSimilarity"},
-            },
-        }
-    )
-    assert loss.pos_margin == 0.9 and type(loss.distance).__name__ == "CosineSimilarity"
-    with pytest.raises(DataError, match="cannot be imported"):
-        instantiate({"class_path": "pytorch_metric_learning.losses.NoSuchLoss"})
-    with pytest.raises(DataError, match="refused init_args"):
-        instantiate({"class_path": "pytorch_metric_learning.losses.ContrastiveLoss", "init_args": {"margin": 1}})
+def test_a_recipe_resolves_by_name_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("fashion") == resolve_config("fashion.yaml") == load_recipe_path("fashion")
+    with pytest.raises(DataError, match="neither a file nor a shipped recipe"):
+        resolve_config("nosuch")
 
 
 def test_filters_quote_values_safely() -> None:
@@ -182,6 +145,6 @@ def test_cli_lists_shows_and_explains(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "threshold: 0.8" in capsys.readouterr().out
     assert main(["recipe", "run", "nosuch", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "unknown recipe 'nosuch'" in err and "fashion" in err and "Traceback" not in err
+    assert "'nosuch'" in err and "fashion" in err and "Traceback" not in err
     assert main(["recipe", "run", "medical", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "missing" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def dedup_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             *TINY,
             "model.image_size=64",
             f"recipe.dedup.threshold={THRESHOLD}",
-            "data.fractions=[0.6,0.2,0.2]",
+            "data.fractions=[0.4,0.3,0.3]",
         ]
     )
     assert code == 0

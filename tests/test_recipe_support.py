@@ -27,7 +27,7 @@ TINY: tuple[str, ...] = (
     "data.num_workers=0",
     "data.eval_batch_size=64",
     "data.limit_per_class=null",
-    "recipe.finetune.max_minutes=null",
+    "model.max_minutes=null",
 )
 
 

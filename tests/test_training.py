@@ -126,13 +126,11 @@ def test_frozen_stages_out_of_range_or_torchvision_is_explained() -> None:
         MetricLearningModule(backbone="tv:resnet18", weights="none", embedding_dim=DIM, frozen_stages=1)
 
 
-def test_training_workers_auto_follows_the_cores() -> None:
-    from deepfeat.finetune.training.pipeline import FinetuneSettings, training_workers
+def test_auto_workers_follow_the_cores() -> None:
+    from deepfeat.finetune.inference.embed import auto_num_workers
 
-    cpu = FinetuneSettings(accelerator="cpu")
-    assert training_workers(cpu, cores=2) == 0
-    assert training_workers(cpu, cores=16) == 4
-    assert training_workers(FinetuneSettings(accelerator="cpu", num_workers=3), cores=2) == 3
+    assert auto_num_workers("cpu", cores=2) == 0
+    assert auto_num_workers("cpu", cores=16) == 4
 
 
 def test_progressive_resizing_trains_small_first_then_at_full_size(tiny_records: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,21 @@ def test_finetune_with_whitening_exports_what_it_chose(tmp_path: Path) -> None:
     from imagegen import make_image_folder
 
     from deepfeat.finetune.data.readers import read_image_folder
-    from deepfeat.finetune.training.pipeline import FinetuneSettings, finetune, make_datamodule
+    import lightning.pytorch as pl
+
+    from deepfeat.finetune.training import ExportBundle, MetricLearningModule, RetrievalDataModule
+    from deepfeat.finetune.training.pipeline import guarded_fit
 
     records = read_image_folder(make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32))
-    settings = FinetuneSettings(backbone="test_efficientnet", weights="none", image_size=32, embedding_dim=16,
-                                max_epochs=1, batches_per_epoch=2, p=4, k=2, num_workers=0, accelerator="cpu",
-                                whiten=True, whiten_regs=(0.1, 1.0), guard=False, freeze_epochs=0)
-    dm = make_datamodule(records, settings, split_mode="by_group", fractions=(0.5, 0.5, 0.0))
-    result = finetune(dm, settings, tmp_path / "run")
+    dm = RetrievalDataModule.from_records(records, split_mode="by_group", fractions=(0.5, 0.5, 0.0), p=4, k=2,
+                                          batches_per_epoch=2)
+    module = MetricLearningModule(backbone="test_efficientnet", weights="none", image_size=32, embedding_dim=16)
+    export = ExportBundle(dirpath=str(tmp_path / "run" / "bundle"), onnx=False, guard=False, whiten=True,
+                          whiten_regs=(0.1, 1.0))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         default_root_dir=str(tmp_path / "run"), callbacks=[export])
+    result = guarded_fit(module, dm, trainer)
+    assert result.test is None and "no held-out test split" in result.test_message
     assert result.whitening is not None and result.whitening["reg"] in (None, 0.1, 1.0)
     assert result.model.whitened == (result.whitening["reg"] is not None)
     assert "whitening" in result.message
@@ -120,11 +128,11 @@ def test_export_callback_of_deepfeat_fit_applies_flip_tta_and_whitening(tmp_path
     from deepfeat.finetune.data.readers import read_image_folder
     from deepfeat.finetune.training.callbacks import ExportBundle
     from deepfeat.finetune.training.module import MetricLearningModule
-    from deepfeat.finetune.training.pipeline import FinetuneSettings, make_datamodule
+    from deepfeat.finetune.training.datamodule import RetrievalDataModule
 
     records = read_image_folder(make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32))
-    settings = FinetuneSettings(image_size=32, p=4, k=2, batches_per_epoch=2, num_workers=0)
-    dm = make_datamodule(records, settings, split_mode="by_group", fractions=(0.5, 0.5, 0.0))
+    kw: dict[str, Any] = {"split_mode": "by_group", "p": 4, "k": 2, "batches_per_epoch": 2}
+    dm = RetrievalDataModule.from_records(records, fractions=(0.5, 0.5, 0.0), **kw)
     module = MetricLearningModule(backbone="test_efficientnet", weights="none", image_size=32, embedding_dim=16)
     export = ExportBundle(dirpath=str(tmp_path / "bundle"), onnx=False, flip_tta=True, whiten=True,
                           whiten_regs=(0.1, 1.0))
@@ -137,9 +145,9 @@ def test_export_callback_of_deepfeat_fit_applies_flip_tta_and_whitening(tmp_path
     assert bundle.model.flip_tta and reg in (None, 0.1, 1.0) and bundle.model.whitened == (reg is not None)
 
     # no validation split to choose on: refused when fit starts, before any training step
-    no_val = make_datamodule(records, settings, split_mode="by_group", fractions=(1.0, 0.0, 0.0))
+    no_val = RetrievalDataModule.from_records(records, fractions=(1.0, 0.0, 0.0), **kw)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, callbacks=[ExportBundle(dirpath=str(tmp_path / "b2"), whiten=True)])
-    with pytest.raises(DataError, match="validation split"):
+    with pytest.raises(DataError, match="'val' split"):
         trainer.fit(module, datamodule=no_val)
     assert trainer.global_step == 0 and not (tmp_path / "b2").exists()

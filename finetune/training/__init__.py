@@ -2,8 +2,9 @@
 pipeline and the one config parser. The only floor of ``deepfeat.finetune`` that imports Lightning.
 """
 
-from deepfeat.finetune.training.callbacks import ExportBundle, FreezeBackbone, load_module_weights
+from deepfeat.finetune.training.callbacks import EMA, ExportBundle, FinetuneResult, FreezeBackbone, load_module_weights
 from deepfeat.finetune.training.datamodule import RetrievalDataModule
 from deepfeat.finetune.training.module import MetricLearningModule
 
-__all__ = ["ExportBundle", "FreezeBackbone", "MetricLearningModule", "RetrievalDataModule", "load_module_weights"]
+__all__ = ["EMA", "ExportBundle", "FinetuneResult", "FreezeBackbone", "MetricLearningModule", "RetrievalDataModule",
+           "load_module_weights"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Literal
 
@@ -10,12 +11,45 @@ import pandas as pd
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from deepfeat.finetune.data.contract import check_retrievable
 from deepfeat.finetune.data.dataset import RecordDataset, make_loader
 from deepfeat.finetune.errors import DataError
 
 SplitMode = Literal["as_is", "by_class", "by_group"]
 QueryMode = Literal["all_vs_all", "holdout"]
 Preset = Literal["fashion", "flip", "shift", "medical", "none"]
+
+log = logging.getLogger(__name__)
+
+
+def check_measurable(records: pd.DataFrame, split: str, *, exclude_same_group: bool = False) -> None:
+    """Refuse a ``split`` on which retrieval cannot be measured: one class, or no query with a positive.
+
+    A split with a single class scores every model 1.0 (each hit has the query's label), so a guard comparing
+    two models on it compares nothing.
+
+    Raises:
+        DataError: naming the split, its counts and the fix.
+    """
+    rows = records[records["split"] == split]
+    n_classes = int(rows["label"].nunique())
+    fix = ("give the split images of 2+ classes (data.split_mode by_group splits within classes; by_class "
+           "needs 3+ classes for train, val and test)")
+    if n_classes < 2:
+        raise DataError(f"the {split!r} split cannot measure retrieval: it holds {len(rows)} images of {n_classes} "
+                        f"class(es) {sorted(set(rows['label']))[:5]}, so every model would score 1.0; {fix}")
+    try:
+        check_retrievable(records, split)
+    except DataError as exc:
+        raise DataError(f"the {split!r} split cannot measure retrieval: {exc}") from exc
+    if exclude_same_group:
+        gallery = rows[rows["is_gallery"].astype(bool)]
+        groups_per_label = gallery.groupby("label")["group"].nunique()
+        queries = rows[rows["is_query"].astype(bool)]
+        if not (queries["label"].map(groups_per_label).fillna(0) >= 2).any():
+            raise DataError(f"the {split!r} split cannot measure retrieval with the query's own group excluded: no "
+                            f"label has gallery images from 2+ groups ({rows['group'].nunique()} groups, "
+                            f"{n_classes} classes); add more groups (patients, products) per class to the split")
 
 
 def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
@@ -68,8 +102,13 @@ class RetrievalDataModule(pl.LightningDataModule):
     def from_records(cls, records: pd.DataFrame, **kwargs: Any) -> RetrievalDataModule:
         """A data module over an in-memory record table (programmatic use)."""
         dm = cls(source="<records>", **kwargs)
-        dm._records = dm._prepare(records)
+        dm.use_records(records)
         return dm
+
+    def use_records(self, records: pd.DataFrame) -> None:
+        """Train on ``records`` (a recipe's own reader) instead of reading ``source``; split as configured."""
+        self.source = "<records>"
+        self._records = self._prepare(records)
 
     def _prepare(self, records: pd.DataFrame) -> pd.DataFrame:
         from deepfeat.finetune.data.contract import validate_records
@@ -132,6 +171,11 @@ class RetrievalDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         train = self.split_records("train")
         self._class_to_idx = {c: i for i, c in enumerate(sorted(train["label"].astype(str).unique()))}
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        fit_to_classes = getattr(module, "fit_to_classes", None)
+        if stage == "fit" and callable(fit_to_classes):
+            # before the callbacks' setup (EMA copies the module there): a loss with class weights gets its shape
+            fit_to_classes(len(self._class_to_idx))
 
     def dataset(self, split: str, *, train: bool = False) -> RecordDataset:
         """A dataset over one split, with training augmentation or the eval pipeline."""
@@ -147,7 +191,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
         ds = self.dataset("train", train=True)
         hp = self.hparams
-        sampler = PKSampler(ds.labels, p=hp["p"], k=hp["k"], batches_per_epoch=hp["batches_per_epoch"], seed=hp["seed"])
+        sampler = PKSampler(ds.labels, p=self._batch_classes(), k=hp["k"], batches_per_epoch=hp["batches_per_epoch"],
+                            seed=hp["seed"])
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
             if self.trainer.world_size > 1:
@@ -156,6 +201,17 @@ class RetrievalDataModule(pl.LightningDataModule):
             sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
             self._resume = {}
         return make_loader(ds, batch_sampler=sampler, num_workers=hp["num_workers"])
+
+    def _batch_classes(self) -> int:
+        """``p``, or fewer when fewer training classes have the 2+ images a positive pair needs."""
+        p = int(self.hparams["p"])
+        counts = self.split_records("train")["label"].value_counts()
+        usable = int((counts >= 2).sum())
+        if 2 <= usable < p:
+            log.info("only %d training classes have 2+ images: batches take p=%d classes instead of %d", usable,
+                     usable, p)
+            return usable
+        return p
 
     @override
     def state_dict(self) -> dict[str, Any]:

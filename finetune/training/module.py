@@ -53,8 +53,9 @@ class MetricLearningModule(pl.LightningModule):
             close to the one of the frozen pretrained features (Park et al., "Relational Knowledge
             Distillation", CVPR 2019): it fights the collapse onto the training classes that hurts
             retrieval of unseen classes; 0 disables it (and the teacher's extra forward pass).
-        max_minutes: a wall-clock training budget; the cosine schedule then follows whichever of
-            steps or time runs out first, so a time-limited run still ends at a low learning rate.
+        max_minutes: a wall-clock training budget, counted from the first training batch: training stops when
+            it is spent, and the cosine schedule follows whichever of steps or time runs out first, so a
+            time-limited run still ends at a low learning rate.
         frozen_stages: keep the first stages of the backbone (the stem counts as one; see
             ``Backbone.freeze_stages``) at their pretrained values for the whole run: fewer steps to learn,
             and a cheaper backward pass, so more steps in a time budget.
@@ -125,13 +126,18 @@ class MetricLearningModule(pl.LightningModule):
 
     def _check_loss_dims(self) -> None:
         size = getattr(self.loss_fn, "embedding_size", None)
-        if size is None:
-            w = getattr(self.loss_fn, "W", None)
-            size = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
-        if size is not None and int(size) != self.model.embedding_dim:
+        shape = _class_weight_shape(self.loss_fn)
+        if shape is not None:
+            size = shape[1]
+        if size is not None and int(size) not in (0, self.model.embedding_dim):
             raise ModelError(f"the loss {type(self.loss_fn).__name__} was built for embedding_size={size}, but "
                              f"the model outputs {self.model.embedding_dim} dims; set the loss's init_args."
-                             f"embedding_size to {self.model.embedding_dim} (or the model's embedding_dim to {size})")
+                             f"embedding_size to {self.model.embedding_dim} (or 0 to take it from the model)")
+
+    def fit_to_classes(self, n_classes: int) -> None:
+        """Size a classification loss (ArcFace, ProxyAnchor, ...) to the training split's classes (see
+        :func:`fit_class_loss`); the data module calls it at setup, before any callback copies the module."""
+        fit_class_loss(self.loss_fn, n_classes, self.model.embedding_dim)
 
     def _check_progressive(self, size: int | None, fraction: float) -> tuple[int, int] | None:
         """The (height, width) of the progressive-resizing phase, after checking the settings."""
@@ -179,6 +185,15 @@ class MetricLearningModule(pl.LightningModule):
     @override
     def on_fit_start(self) -> None:
         tune_cpu_allocator()
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # ``max_minutes`` ends the run as well as shaping the schedule: the time budget counts from the first
+        # training batch (not data loading or the baseline's evaluation)
+        if self._started is None:
+            self._started = time.perf_counter()
+        elif self.hparams.get("max_minutes") and self._elapsed_share() >= 1.0:
+            self.trainer.should_stop = True
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -288,8 +303,6 @@ class MetricLearningModule(pl.LightningModule):
         warmup = int(hp["warmup_steps"])
         floor = float(hp["min_lr_ratio"])
 
-        self._started = time.perf_counter()
-
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
@@ -298,3 +311,53 @@ class MetricLearningModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _class_weight_shape(loss: nn.Module) -> tuple[int, int] | None:
+    """(classes, embedding size) of a classification loss's weights (ArcFace ``W``, ProxyAnchor ``proxies``)."""
+    w = getattr(loss, "W", None)
+    if isinstance(w, torch.Tensor) and w.ndim == 2:
+        per_class = int(getattr(loss, "sub_centers", 1) or 1)  # SubCenterArcFace keeps several centres a class
+        return int(w.shape[1]) // per_class, int(w.shape[0])
+    proxies = getattr(loss, "proxies", None)
+    if isinstance(proxies, torch.Tensor) and proxies.ndim == 2:
+        return int(proxies.shape[0]), int(proxies.shape[1])
+    return None
+
+
+def fit_class_loss(loss: nn.Module, n_classes: int, embedding_dim: int) -> None:
+    """Give a classification loss (ArcFace, CosFace, ProxyAnchor, ...) the data's class count and the model's size.
+
+    A YAML may write ``num_classes: 0`` and ``embedding_size: 0`` to take them from the training split and the
+    model; the weights are then created here, before the optimizer sees them. A value that disagrees with the data
+    is refused in one line (otherwise a label past ``num_classes`` fails deep inside the loss).
+
+    Raises:
+        ModelError: ``num_classes`` or ``embedding_size`` is set and wrong.
+    """
+    shape = _class_weight_shape(loss)
+    if shape is None:
+        return
+    classes, size = shape
+    name = type(loss).__name__
+    if classes not in (0, n_classes):
+        raise ModelError(f"the loss {name} was built for num_classes={classes}, but the training split has "
+                         f"{n_classes} classes; set model.loss.init_args.num_classes to {n_classes} (or 0 to take it "
+                         f"from the data)")
+    if classes and size:
+        return
+    rows_are_classes = not isinstance(getattr(loss, "W", None), torch.Tensor)
+    per_class = int(getattr(loss, "sub_centers", 1) or 1)
+    weights = torch.empty((n_classes, embedding_dim) if rows_are_classes else (embedding_dim, n_classes * per_class))
+    init = getattr(loss, "weight_init_func", None)
+    if callable(init):
+        init(weights)
+    else:
+        nn.init.kaiming_normal_(weights, mode="fan_out")
+    setattr(loss, "proxies" if rows_are_classes else "W", nn.Parameter(weights))
+    for attr, value in (("num_classes", n_classes), ("embedding_size", embedding_dim)):
+        if hasattr(loss, attr):
+            setattr(loss, attr, value)
+    log.info("%s: num_classes=%d and embedding_size=%d taken from the data and the model", name, n_classes,
+             embedding_dim)
+
