@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deepfeat.finetune.errors import ConnectorError
+from deepfeat.finetune.redaction import mask_uri, redact
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def resolve_token(token: str | None = None, token_file: str | os.PathLike[str] |
 
 
 def redact_uri(uri: str) -> str:
-    """``uri`` with any ``user:password@`` and query string removed, safe for logs and errors."""
-    uri = re.sub(r"//[^/@]*@", "//***@", uri)
-    return uri.split("?", 1)[0]
+    """``uri`` safe for logs and errors: :func:`deepfeat.finetune.redaction.mask_uri` (the whole
+    userinfo up to the last ``@``, the query string and the token values hidden)."""
+    return mask_uri(uri)
 
 
 def is_local_uri(uri: str) -> bool:
@@ -269,7 +270,7 @@ class MilvusConnector:
             except Exception as exc:
                 if not _is_transient(exc) and "fail connecting" not in str(exc).lower():
                     raise ConnectorError(
-                        f"cannot connect to Milvus at {self.display_uri}: {_clean(exc)}; check "
+                        f"cannot connect to Milvus at {self.display_uri}: {_clean(exc, (self.token,))}; check "
                         f"the URI, the token (${TOKEN_ENV_VARS[0]}) and TLS options"
                     ) from exc
                 last = exc
@@ -277,8 +278,8 @@ class MilvusConnector:
                     self._sleep(attempt, "connect")
         raise ConnectorError(
             f"Milvus at {self.display_uri} is unreachable after {self.retries} attempts "
-            f"({_clean(last)}); nothing was written through this connection. Start the server or fix the "
-            f"URI, then re-run the same command"
+            f"({_clean(last, (self.token,))}); nothing was written through this connection. Start the server or "
+            f"fix the URI, then re-run the same command"
         ) from last
 
     def _sleep(self, attempt: int, what: str) -> None:
@@ -314,7 +315,7 @@ class MilvusConnector:
                 if not _is_transient(exc):
                     if isinstance(exc, MilvusException):
                         raise ConnectorError(
-                            f"Milvus refused {what} at {self.display_uri}: {_clean(exc)}"
+                            f"Milvus refused {what} at {self.display_uri}: {_clean(exc, (self.token,))}"
                             + (f". {on_give_up}" if on_give_up else "")
                         ) from exc
                     raise
@@ -323,7 +324,7 @@ class MilvusConnector:
                     self._sleep(attempt, what)
         raise ConnectorError(
             f"{what} failed: Milvus at {self.display_uri} is unreachable after {self.retries} "
-            f"attempts ({_clean(last)})" + (f". {on_give_up}" if on_give_up else "")
+            f"attempts ({_clean(last, (self.token,))})" + (f". {on_give_up}" if on_give_up else "")
         ) from last
 
     def close(self) -> None:
@@ -524,12 +525,12 @@ def _forget_cached_schemas() -> None:
                 region._cache.clear()
 
 
-def _clean(exc: BaseException | None) -> str:
+def _clean(exc: BaseException | None, secrets: tuple[str | None, ...] = ()) -> str:
     """A one-line description of a pymilvus error (its message, not its repr)."""
     if exc is None:
         return "no error recorded"
     message = getattr(exc, "message", None) or str(exc)
-    return " ".join(str(message).split())[:500]
+    return redact(" ".join(str(message).split())[:500], secrets)
 
 
 def connect(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from deepfeat.finetune.errors import MismatchError, ModelError
-from deepfeat.finetune.models.bundle import ModelBundle, check_compatible, export_bundle
+from deepfeat.finetune.models.bundle import ModelBundle, card_digest, check_compatible, export_bundle, read_card
 from deepfeat.finetune.models.model import EmbeddingModel, build_embedding_model
 
 
@@ -102,3 +104,77 @@ def test_flip_tta_mirror_invariant_and_changes_the_bundle_id(tmp_path: Path, mod
     np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], both.numpy(), atol=1e-4)
     ts = torch.jit.load(str(b / "model.ts"))
     np.testing.assert_allclose(ts(x).detach().numpy(), both.numpy(), atol=1e-5)
+
+
+def _edit_card(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    card = json.loads((path / "card.json").read_text())
+    edit(card)
+    (path / "card.json").write_text(json.dumps(card))
+
+
+@pytest.fixture()
+def plain_bundle(tmp_path: Path, model: EmbeddingModel) -> Path:
+    return export_bundle(model, tmp_path / "b", onnx=False, torchscript=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(embedding_dim=64), "embedding_dim is 64"),
+        (lambda c: c["preprocessing"].update(mean=[0.1, 0.2, 0.3]), r"preprocessing \['mean'\]"),
+        (lambda c: c["preprocessing"].update(std=[1.0, 1.0, 1.0]), r"preprocessing \['std'\]"),
+        (lambda c: c.update(metric="L2"), "metric 'L2'"),
+        # both copies edited alike: only the card hash can tell
+        (lambda c: [p.update(mean=[0.4, 0.4, 0.4]) for p in (c["preprocessing"],
+                                                              c["model_config"]["backbone"]["preprocessing"])],
+         "card_sha256"),
+        (lambda c: c.update(bundle_id="other@000000000000"), "card_sha256"),
+    ],
+    ids=["dim", "mean", "std", "metric", "both-preprocessings", "bundle-id"],
+)
+def test_edited_card_is_refused_at_load_naming_the_field(
+    plain_bundle: Path, edit: Callable[[dict[str, Any]], None], match: str
+) -> None:
+    ModelBundle.load(plain_bundle)  # the untouched bundle loads
+    _edit_card(plain_bundle, edit)
+    with pytest.raises(ModelError, match=match) as info:
+        ModelBundle.load(plain_bundle)
+    assert "Re-export the bundle" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ModelError, match=match):  # the connectors read cards through read_card
+        read_card(plain_bundle)
+
+
+def test_config_and_weights_that_disagree_are_refused(plain_bundle: Path) -> None:
+    # a consistent card (hash recomputed) whose model_config asks for another head size than the weights hold
+    def edit(c: dict[str, Any]) -> None:
+        c["embedding_dim"] = c["model_config"]["embedding_dim"] = 16
+        c["card_sha256"] = card_digest(c)
+
+    _edit_card(plain_bundle, edit)
+    with pytest.raises(ModelError, match="weights do not fit model_config"):
+        ModelBundle.load(plain_bundle)
+
+
+def test_card_lacking_keys_names_them(plain_bundle: Path) -> None:
+    _edit_card(plain_bundle, lambda c: [c.pop(k) for k in ("metric", "preprocessing")])
+    with pytest.raises(ModelError, match=r"lacks the key\(s\) \['metric', 'preprocessing'\]"):
+        ModelBundle.load(plain_bundle)
+    (plain_bundle / "card.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="not an object"):
+        read_card(plain_bundle)
+    (plain_bundle / "card.json").write_text('{"format_version": 1}')
+    with pytest.raises(ModelError, match="format_version 1; this deepfeat reads 2"):
+        read_card(plain_bundle)
+
+
+def test_card_never_holds_a_password(tmp_path: Path, model: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPFEAT_MILVUS_TOKEN", "root:tok3n-value")
+    uris = ["http://root:pa@SECRETPART@127.0.0.1:1", "https://u:p:a/ss@host:19530/db?token=abcdef"]
+    path = export_bundle(model, tmp_path / "s", onnx=False, torchscript=False,
+                         training={"uri": uris[0], "args": [f"--uri={uris[1]}"], "note": "token root:tok3n-value"})
+    text = (path / "card.json").read_text()
+    for fragment in ("SECRETPART", "pa@", "p:a/ss", "abcdef", "tok3n"):
+        assert fragment not in text, fragment
+    card = json.loads(text)
+    assert card["training"]["uri"] == "http://***@127.0.0.1:1"
+    ModelBundle.load(path)  # sanitising happens before the hash: the card still verifies

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -28,10 +27,11 @@ import torch
 from deepfeat.finetune.errors import MismatchError, ModelError
 from deepfeat.finetune.models.backbones import Preprocessing
 from deepfeat.finetune.models.model import EmbeddingModel
+from deepfeat.finetune.redaction import MASK, redact
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: card_sha256 covers the fields a query depends on
 CARD = "card.json"
 WEIGHTS = "model.pt"
 TORCHSCRIPT = "model.ts"
@@ -51,6 +51,7 @@ class BundleCard:
     model_config: dict[str, Any]
     weights_sha256: str
     backbone: str
+    card_sha256: str = ""
     format_version: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +70,19 @@ class BundleCard:
                 "metric": self.metric, "preprocessing": self.preprocessing}
 
 
+#: The card fields that :attr:`BundleCard.card_sha256` covers: everything a collection or a query depends on.
+HASHED_FIELDS: tuple[str, ...] = ("name", "bundle_id", "embedding_dim", "metric", "normalized", "preprocessing",
+                                  "model_config", "weights_sha256", "backbone", "format_version")
+#: Keys a card must have (the rest have defaults).
+REQUIRED_FIELDS: tuple[str, ...] = (*HASHED_FIELDS, "card_sha256")
+
+
+def card_digest(data: dict[str, Any]) -> str:
+    """SHA-256 of the :data:`HASHED_FIELDS` of a card (as JSON, sorted keys), stored as ``card_sha256``."""
+    covered = {k: data.get(k) for k in HASHED_FIELDS}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -85,28 +99,20 @@ def _state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-#: Environment variables that hold the Milvus token: their values never reach a card.
-_SECRET_ENV_VARS = ("DEEPFEAT_MILVUS_TOKEN", "MILVUS_TOKEN")
-
-
 def _sanitize(obj: Any) -> Any:
     """Drop anything that looks like a credential before it reaches a card on disk.
 
-    Values under keys naming a token, password or secret; ``user:password@`` in URLs (a server URI passed
-    along in a config); and the value of the token environment variables wherever it appears.
+    Values under keys naming a token, password or secret; and in every string, what
+    :func:`deepfeat.finetune.redaction.redact` hides (URI userinfo up to the last ``@``, ``token=``
+    query values, the token environment variables' values).
     """
     if isinstance(obj, dict):
-        return {k: ("***" if any(s in str(k).lower() for s in ("token", "password", "secret")) else _sanitize(v))
+        return {k: (MASK if any(s in str(k).lower() for s in ("token", "password", "secret")) else _sanitize(v))
                 for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_sanitize(v) for v in obj]
     if isinstance(obj, str):
-        text = re.sub(r"//[^/@\s]*@", "//***@", obj)
-        for name in _SECRET_ENV_VARS:
-            secret = os.environ.get(name)
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return redact(obj)
     return obj
 
 
@@ -158,7 +164,9 @@ def export_bundle(model: EmbeddingModel, path: str | Path, *, name: str | None =
             backbone=model.backbone.name, training=_sanitize(training or {}), metrics=_sanitize(metrics or {}),
             extra=_sanitize(extra or {}), files=files,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        (tmp / CARD).write_text(json.dumps(asdict(card), indent=2, sort_keys=True))
+        data = json.loads(json.dumps(asdict(card)))  # the JSON form, which is what a reader hashes
+        data["card_sha256"] = card.card_sha256 = card_digest(data)
+        (tmp / CARD).write_text(json.dumps(data, indent=2, sort_keys=True))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -179,8 +187,18 @@ def _export_onnx(model: EmbeddingModel, example: torch.Tensor, out: Path) -> Non
         torch.onnx.export(model, (example,), str(out), **kwargs)
 
 
-def read_card(path: str | Path) -> BundleCard:
-    """Read and check the card of the bundle at ``path``."""
+def read_card(path: str | Path, *, verify: bool = True) -> BundleCard:
+    """Read and check the card of the bundle at ``path``.
+
+    Args:
+        verify: also check that the card agrees with itself (``embedding_dim`` and ``preprocessing``
+            with the ``model_config`` they were exported with, ``metric`` with ``normalized``) and that
+            ``card_sha256`` still matches the fields it covers (:data:`HASHED_FIELDS`).
+
+    Raises:
+        ModelError: no card, not JSON, another format version, missing keys, or a card edited after
+            export; each names the field and says to re-export the bundle.
+    """
     root = Path(path)
     card_path = root / CARD
     if not card_path.is_file():
@@ -188,14 +206,81 @@ def read_card(path: str | Path) -> BundleCard:
                          f"'deepfeat export' or deepfeat.finetune.export_bundle()")
     try:
         data = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"the card {str(card_path)!r} is not valid JSON ({exc}); re-export the bundle") from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read the card {str(card_path)!r} ({exc.strerror or exc}); check its "
+                         f"permissions or re-export the bundle") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"the card {str(card_path)!r} holds a JSON {type(data).__name__}, not an object; "
+                         f"re-export the bundle")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelError(f"bundle {str(root)!r} has format_version {version!r}; this deepfeat reads "
                          f"{FORMAT_VERSION}. Re-export it with this version")
+    missing = [k for k in REQUIRED_FIELDS if k not in data]
+    if missing:
+        raise ModelError(f"the card {str(card_path)!r} lacks the key(s) {missing}; it is incomplete or was "
+                         f"edited by hand: re-export the bundle ('deepfeat export')")
     known = set(BundleCard.__dataclass_fields__)
-    return BundleCard(**{k: v for k, v in data.items() if k in known})
+    card = BundleCard(**{k: v for k, v in data.items() if k in known})
+    if verify:
+        _check_card(card, data, card_path)
+    return card
+
+
+def _edited(card_path: Path, what: str) -> ModelError:
+    return ModelError(f"the card {str(card_path)!r} was edited after export: {what}. Re-export the bundle "
+                      f"('deepfeat export') instead of editing {CARD}")
+
+
+def _check_card(card: BundleCard, data: dict[str, Any], card_path: Path) -> None:
+    """The card agrees with its own model_config, and its hash with its fields (see :func:`read_card`)."""
+    config = card.model_config if isinstance(card.model_config, dict) else {}
+    backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
+    if card.embedding_dim != config.get("embedding_dim"):
+        raise _edited(card_path, f"embedding_dim is {card.embedding_dim!r} but the model it was exported from "
+                                 f"gives {config.get('embedding_dim')!r}")
+    if backbone and card.preprocessing != backbone.get("preprocessing"):
+        changed = sorted(k for k in set(card.preprocessing) | set(backbone.get("preprocessing") or {})
+                         if card.preprocessing.get(k) != (backbone.get("preprocessing") or {}).get(k))
+        raise _edited(card_path, f"preprocessing {changed} differs from the preprocessing the model was "
+                                 f"exported with")
+    if card.metric != ("COSINE" if card.normalized else "L2") or card.normalized != config.get("normalize", True):
+        raise _edited(card_path, f"metric {card.metric!r} / normalized {card.normalized!r} disagree with the "
+                                 f"model (normalize={config.get('normalize', True)!r})")
+    if card_digest(data) != card.card_sha256:
+        raise _edited(card_path, f"card_sha256 {str(card.card_sha256)[:12]!r} does not match the fields it covers "
+                                 f"({', '.join(HASHED_FIELDS)})")
+
+
+def _build_model(root: Path, card: BundleCard, state: dict[str, torch.Tensor]) -> EmbeddingModel:
+    """The model of ``card.model_config`` with ``state`` loaded; a config the weights do not fit is refused."""
+    try:
+        model = EmbeddingModel.from_config(card.model_config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"bundle {str(root)!r}: model_config in {CARD} cannot be rebuilt ({type(exc).__name__}: "
+                         f"{exc}); re-export the bundle") from exc
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatch: the config was edited (e.g. embedding_dim)
+        first = " ".join(str(exc).split())[:300]
+        raise ModelError(f"bundle {str(root)!r}: the weights do not fit model_config in {CARD} ({first}); "
+                         f"re-export the bundle") from exc
+    if missing or unexpected:
+        raise ModelError(f"bundle {str(root)!r} weights do not fit its own config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}; re-export the bundle")
+    return model
+
+
+@torch.no_grad()
+def _check_output_dim(root: Path, card: BundleCard, model: EmbeddingModel) -> None:
+    """One forward pass of a blank image: the weights must give vectors of ``card.embedding_dim``."""
+    h, w = model.preprocessing.input_size
+    out = model.eval()(torch.zeros(1, 3, h, w))
+    if out.ndim != 2 or int(out.shape[-1]) != card.embedding_dim:
+        raise ModelError(f"bundle {str(root)!r}: {CARD} says embedding_dim={card.embedding_dim} but its weights "
+                         f"give vectors of shape {tuple(out.shape[1:])}; re-export the bundle")
 
 
 class ModelBundle:
@@ -212,9 +297,17 @@ class ModelBundle:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> ModelBundle:
-        """Load a bundle directory; ``verify`` checks the weights hash against the card."""
+        """Load a bundle directory.
+
+        ``verify`` checks the card (see :func:`read_card`), the weights hash against the card, and that
+        the model the weights build gives vectors of the card's ``embedding_dim``.
+
+        Raises:
+            ModelError: a missing, damaged or edited card or weights file, naming the field and the fix
+                (re-export the bundle).
+        """
         root = Path(path)
-        card = read_card(root)
+        card = read_card(root, verify=verify)
         weights = root / WEIGHTS
         if not weights.is_file():
             raise ModelError(f"bundle {str(root)!r} has no {WEIGHTS}; it is incomplete, re-export it")
@@ -223,17 +316,18 @@ class ModelBundle:
         except Exception as exc:
             raise ModelError(f"cannot load {str(weights)!r} safely ({type(exc).__name__}); the file is damaged "
                              f"or not a state dict: re-export the bundle") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"{str(weights)!r} holds a {type(state).__name__}, not a state dict of tensors; "
+                             f"re-export the bundle")
         if verify:
             digest = _state_sha256(state)
             if digest != card.weights_sha256:
                 raise ModelError(f"bundle {str(root)!r}: weights hash {digest[:12]} differs from the card's "
                                  f"{card.weights_sha256[:12]}; the weights were changed after export. "
                                  f"Re-export the bundle")
-        model = EmbeddingModel.from_config(card.model_config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ModelError(f"bundle {str(root)!r} weights do not fit its own config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+        model = _build_model(root, card, state)
+        if verify:
+            _check_output_dim(root, card, model)
         model.eval().to(device)
         return cls(root, card, model)
 
