@@ -183,3 +183,82 @@ def test_plugin_has_the_pymilvus_model_shape(
     client.insert("plain", [{"id": i, "vector": v} for i, v in enumerate(docs)])
     hits = client.search("plain", data=ef.encode_queries([paths[3]]), limit=1)
     assert hits[0][0]["id"] == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("HNSW:M=0", r"M=0 is invalid: it must be an integer of at least 2 and at most 2048"),
+        ("HNSW:M=-3", r"M=-3 is invalid"),
+        ("HNSW:M=16.5", r"M=16.5 is invalid"),
+        ("HNSW:efConstruction=abc", r"efConstruction='abc' is invalid: it must be an integer"),
+        ("IVF_FLAT:nlist=0", r"nlist=0 is invalid: it must be an integer of at least 1 and at most 65536"),
+        ("IVF_SQ8:nlist=70000", r"nlist=70000 is invalid"),
+        ("HNSW_SQ:sq_type=SQ5", r"sq_type='SQ5' is invalid: it must be one of SQ6, SQ8, BF16, FP16"),
+        ("HNSW_SQ:refine=maybe", r"refine='maybe' is invalid: it must be true or false"),
+        ("HNSW:m=16", r"no build parameter 'm' \(did you mean 'M'\?\)"),
+        ("HNSW:efConstructon=64", r"no build parameter 'efConstructon' \(did you mean 'efConstruction'\?\)"),
+        ("IVF_FLAT:nlists=64", r"did you mean 'nlist'"),
+        ("FLAT:nlist=64", r"FLAT has no build parameter 'nlist'; it takes none"),
+        ("HNSWX", r"unknown index type"),
+    ],
+)
+def test_invalid_index_parameters_are_refused_before_anything_is_created(text: str, match: str) -> None:
+    with pytest.raises(ConnectorError, match=match) as info:
+        IndexSpec.parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_index_parameters_in_their_canonical_types_and_search_params_checked() -> None:
+    spec = IndexSpec.parse("HNSW_SQ:M=8.0,efConstruction=64,sq_type=sq6,refine=true,refine_type=fp32")
+    assert spec.build_params() == {"M": 8, "efConstruction": 64, "sq_type": "SQ6", "refine": True,
+                                   "refine_type": "FP32"}
+    assert IndexSpec("HNSW_SQ").search_defaults(top_k=100)["ef"] == 100
+    assert IndexSpec("IVF_FLAT", {"nlist": 8}, {"nprobe": 8}).search_defaults(5) == {"nprobe": 8}
+    with pytest.raises(ConnectorError, match="nprobe=16 is more than nlist=8"):
+        IndexSpec("IVF_FLAT", {"nlist": 8}, {"nprobe": 16})
+    with pytest.raises(ConnectorError, match=r"search parameter ef=0 is invalid"):
+        IndexSpec("HNSW", search_params={"ef": 0})
+    with pytest.raises(ConnectorError, match=r"no search parameter 'nprobe'"):
+        IndexSpec("HNSW", search_params={"nprobe": 4})
+    # a spec stored in a collection's properties goes through the same checks
+    with pytest.raises(ConnectorError, match="M=1 is invalid"):
+        IndexSpec.from_dict({"index_type": "HNSW", "params": {"M": 1}})
+
+
+def test_hnsw_sq_collection_is_created_and_searchable(conn: MilvusConnector, bundle_dir: Path) -> None:
+    spec = create_collection(conn, CollectionSpec.from_bundle("sq", bundle_dir, index="HNSW_SQ:M=8,sq_type=SQ8"))
+    assert spec.index.index_type == "HNSW_SQ"
+    conn.client.insert("sq", spec.encode(pd.DataFrame({"id": ["a", "b"]}), np.eye(2, DIM)))
+    hits = conn.client.search("sq", data=[np.eye(1, DIM)[0].tolist()], limit=1, anns_field="vector",
+                              search_params={"params": spec.index.search_defaults(1)})
+    assert hits[0][0]["pk"] == primary_key("a")
+
+
+@pytest.mark.parametrize(
+    "password", ["pa@SECRETPART", "p:a/ss@w@rd", "s3cr3t/x?y#z", "plain"]
+)
+def test_the_whole_userinfo_is_masked_whatever_the_password(password: str) -> None:
+    from deepfeat.finetune.redaction import mask_uri, redact
+
+    uri = f"http://root:{password}@127.0.0.1:1"
+    assert mask_uri(uri) == "http://***@127.0.0.1:1" == redact_uri(uri)
+    text = redact(f"Milvus at {uri} is unreachable; also 'https://u:{password}@h:443/db?token=abc&x=1'")
+    assert password not in text and "SECRET" not in text and "abc" not in text
+    assert text.startswith("Milvus at http://***@127.0.0.1:1 is unreachable")
+    assert mask_uri("/tmp/x.db") == "/tmp/x.db"
+
+
+def test_unreachable_server_message_and_logs_hold_no_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("DEEPFEAT_MILVUS_TOKEN", raising=False)
+    monkeypatch.delenv("MILVUS_TOKEN", raising=False)
+    caplog.set_level(logging.DEBUG)
+    c = connect("http://root:pa@SECRETPART@127.0.0.1:1", token="root:t0ken/with@at", retries=2, backoff=0.01,
+                timeout=1)
+    with pytest.raises(ConnectorError) as info:
+        c.client  # noqa: B018
+    assert "http://***@127.0.0.1:1" in str(info.value)
+    for shown in (str(info.value), caplog.text, repr(c), c.display_uri):
+        assert "SECRETPART" not in shown and "pa@" not in shown and "t0ken" not in shown
