@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -248,7 +249,8 @@ class MilvusConnector:
                     raise locked
             try:
                 _forget_cached_schemas()
-                return MilvusClient(str(path))
+                with _QUIET:
+                    return MilvusClient(str(path))
             except MilvusException as exc:
                 locked = _lite_lock_error(path)
                 if locked is not None:
@@ -264,9 +266,10 @@ class MilvusConnector:
         last: BaseException | None = None
         for attempt in range(self.retries):
             try:
-                return MilvusClient(
-                    self.uri, token=self.token or "", db_name=self.db_name, timeout=self.timeout, **kwargs
-                )
+                with _QUIET:
+                    return MilvusClient(
+                        self.uri, token=self.token or "", db_name=self.db_name, timeout=self.timeout, **kwargs
+                    )
             except Exception as exc:
                 if not _is_transient(exc) and "fail connecting" not in str(exc).lower():
                     raise ConnectorError(
@@ -310,7 +313,8 @@ class MilvusConnector:
         last: BaseException | None = None
         for attempt in range(max(1, self.retries)):
             try:
-                return fn(*args, **kwargs)
+                with _QUIET:
+                    return fn(*args, **kwargs)
             except Exception as exc:
                 if not _is_transient(exc):
                     if isinstance(exc, MilvusException):
@@ -507,6 +511,50 @@ class _DropLogRecord(logging.Filter):
 
     def __exit__(self, *exc: object) -> None:
         self.logger.removeFilter(self)
+
+
+#: Loggers whose error records accompany an exception that deepfeat converts into its own one-line error:
+#: pymilvus' ``_log_rpc_error`` (a traceback per failed RPC) and Milvus Lite's in-process servicer
+#: (``logger.exception`` for a corrupt .db, a bad filter, ...).
+_CONVERTED_LOGGERS = ("pymilvus.decorators", "milvus_lite.adapter.grpc.servicer")
+
+
+class _QuietConvertedErrors(logging.Filter):
+    """While any deepfeat call is in flight, demote the error records of :data:`_CONVERTED_LOGGERS` to one
+    DEBUG line of deepfeat's logger (seen with ``-v``/``--debug``); the user gets deepfeat's error instead.
+
+    Reentrant and process-wide: Milvus Lite's servicer logs from gRPC threads, not the calling one. Outside
+    deepfeat's calls pymilvus logs as it always does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._depth = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        first = record.getMessage().strip().splitlines()[0] if record.getMessage().strip() else ""
+        log.debug("quieted %s %s: %s", record.name, record.levelname, redact(first[:300]))
+        return False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                for name in _CONVERTED_LOGGERS:
+                    logging.getLogger(name).addFilter(self)
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for name in _CONVERTED_LOGGERS:
+                    logging.getLogger(name).removeFilter(self)
+
+
+_QUIET = _QuietConvertedErrors()
 
 
 def _forget_cached_schemas() -> None:

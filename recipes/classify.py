@@ -93,6 +93,11 @@ def classify_vectors(
         raise DataError(f"k must be >= 1, got {k}")
     metric = _metric(conn, collection)
     hits = search_vectors(conn, collection, vectors, top_k=k, filter=filter, output_fields=["record_id", label_field])
+    if len(hits) and not any(len(h) for h in hits):  # no neighbour for any query: nothing to vote with
+        where = f"no row of collection {collection!r} matches the filter {filter!r}" if filter else \
+            f"collection {collection!r} has no rows"
+        raise DataError(f"cannot classify: {where}, so every prediction would be empty; load labelled "
+                        f"images into it first ('deepfeat load'){' or loosen --filter' if filter else ''}")
     return [vote(h, metric=metric, weighting=weighting, label_field=label_field) for h in hits]
 
 
