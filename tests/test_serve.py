@@ -8,15 +8,21 @@ import json
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
+from imagegen import class_image
 from PIL import Image
 from test_serve_support import MEMORY_ID, N_FILES, TRICKY_LABEL, ServeData
 
+from deepfeat.connectors import connect, load_embeddings
 from deepfeat.finetune.errors import DataError, MismatchError
+from deepfeat.finetune.inference.embed import iter_embeddings
+from deepfeat.finetune.models.bundle import ModelBundle
 from deepfeat.recipes.cli import main
 from deepfeat.recipes.serve import (
     Condition,
@@ -305,21 +311,117 @@ def test_an_in_memory_record_has_no_image_url_but_a_reason(client: TestClient) -
     assert res.status_code == 404 and "no image file" in res.json()["detail"]
 
 
-def test_relative_paths_stay_inside_the_image_root(tmp_path: Path) -> None:
+def test_only_files_inside_the_image_root_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
     (root / "a" / "x.png").write_bytes(b"png")
-    (tmp_path / "secret.png").write_bytes(b"png")
-    (root / "link.png").symlink_to(tmp_path / "secret.png")
-    assert resolve_image_path("a/x.png", root) == (root / "a" / "x.png").resolve()
-    assert resolve_image_path(str(tmp_path / "secret.png"), root) == tmp_path / "secret.png"  # stored absolute
-    for stored in ("../secret.png", "a/../../secret.png", "link.png"):
-        with pytest.raises(DataError, match="leaves the image root"):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"png")
+    (root / "link.png").symlink_to(secret)
+    (root / "inner.png").symlink_to(root / "a" / "x.png")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    inside = (root / "a" / "x.png").resolve()
+    assert resolve_image_path("a/x.png", root) == inside
+    assert resolve_image_path(str(root / "a" / "x.png"), root) == inside  # stored absolute, inside the root
+    assert resolve_image_path("inner.png", root) == inside  # a link that stays inside
+    assert resolve_image_path("b/../a/x.png", root) == inside
+    escaping = (str(secret), "../secret.png", "a/../../secret.png", "link.png", "/etc/passwd", "loop.png", "a\0b")
+    for stored in escaping:
+        with pytest.raises(DataError, match="outside the image root") as err:
             resolve_image_path(stored, root)
-    with pytest.raises(DataError, match="is not there"):
+        assert str(tmp_path) not in str(err.value) and "secret" not in str(err.value) and "passwd" not in str(err.value)
+    with pytest.raises(DataError, match=r"'a/gone\.png' is not in the image root") as err:
         resolve_image_path("a/gone.png", root)
+    assert str(root) not in str(err.value)
     with pytest.raises(DataError, match="no image file"):
         resolve_image_path("", root)
+    monkeypatch.chdir(root)  # no --image-root: the working directory is the root
+    assert resolve_image_path(str(root / "a" / "x.png"), None) == inside
+    with pytest.raises(DataError, match="outside the image root"):
+        resolve_image_path(str(secret), None)
+
+
+@dataclass(frozen=True)
+class EscapeData:
+    """A collection whose stored paths try to leave its image root (see :func:`escape_data`)."""
+
+    root: Path
+    outside: Path
+    panel: PanelConfig
+
+
+#: The first bytes of a file the page must never echo (an /etc/passwd look-alike inside the root).
+SECRET_BYTES = b"root:x:0:0:SECRET-FIRST-BYTES:/root:/bin/sh\n"
+
+
+@pytest.fixture(scope="module")
+def escape_data(serve_data: ServeData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EscapeData]:
+    """Records stored as: a relative path inside the root, an absolute path outside it, a ``..`` path out
+    of it, a symlink in the root pointing out of it, and a file inside the root that was an image when it
+    was embedded and holds text now."""
+    base = tmp_path_factory.mktemp("escape")
+    root, outside = base / "root", base / "outside"
+    (root / "cat").mkdir(parents=True)
+    outside.mkdir()
+    files = {
+        "in": (root / "cat" / "in.png", "cat/in.png"),
+        "fake": (root / "cat" / "fake.png", "cat/fake.png"),
+        "absolute": (outside / "absolute.png", str(outside / "absolute.png")),
+        "dotdot": (outside / "dotdot.png", "../outside/dotdot.png"),
+        "link": (outside / "linked.png", "link.png"),
+    }
+    for i, (file, _) in enumerate(files.values()):
+        Image.fromarray(class_image(i % 4, i, size=48)).save(file)
+    (root / "link.png").symlink_to(outside / "linked.png")
+    records = pd.DataFrame(
+        {
+            "id": list(files),
+            "path": [stored for _, stored in files.values()],
+            "label": ["cat"] * len(files),
+            "split": ["train"] * len(files),
+            "is_query": [False] * len(files),
+            "is_gallery": [False] * len(files),
+            "group": list(files),
+        }
+    )
+    db = base / "escape.db"
+    bundle = ModelBundle.load(serve_data.base_bundle)
+    conn = connect(str(db))
+    try:
+        rows = iter_embeddings(bundle, records, batch_size=8, root=root, on_error="fail")
+        report = load_embeddings(conn, "escape", rows, bundle=bundle, progress=False)
+        assert report.final_count == len(files)
+    finally:
+        conn.release_lite()
+    files["fake"][0].write_bytes(SECRET_BYTES)
+    yield EscapeData(root, outside, PanelConfig("escape", str(db), "escape", serve_data.base_bundle, root))
+
+
+def test_images_outside_the_root_are_neither_shown_nor_served(escape_data: EscapeData) -> None:
+    with TestClient(create_app([escape_data.panel]), base_url=BASE) as c:
+        res = by_id(c, "in", top_k=5, include_self=True)
+        assert res.status_code == 200
+        hits = {h["record_id"]: h for h in res.json()["panels"][0]["hits"]}
+        assert set(hits) == {"in", "fake", "absolute", "dotdot", "link"}
+        assert hits["in"]["path"] == "cat/in.png" and hits["in"]["image"] is not None
+        assert c.get(hits["in"]["image"]).status_code == 200
+        for rid in ("absolute", "dotdot", "link"):
+            assert hits[rid]["image"] is None and hits[rid]["path"] == "", rid
+            bad = c.get(f"/api/image/0/{hits[rid]['pk']}")
+            assert bad.status_code == 404 and "outside the image root" in bad.json()["detail"], rid
+            assert str(escape_data.outside) not in bad.text and "outside/" not in bad.text, rid
+        assert str(escape_data.outside) not in res.text and "linked" not in res.text
+        examples = c.get("/api/examples", params={"n": 5}).text
+        assert str(escape_data.outside) not in examples
+
+
+def test_a_stored_file_that_is_not_an_image_is_refused_without_its_bytes(escape_data: EscapeData) -> None:
+    with TestClient(create_app([escape_data.panel]), base_url=BASE) as c:
+        hit = by_id(c, "fake", top_k=1, include_self=True).json()["panels"][0]["hits"][0]
+        assert hit["record_id"] == "fake" and hit["image"] is not None  # inside the root: offered
+        res = c.get(hit["image"])
+        assert res.status_code == 404 and "does not decode" in res.json()["detail"]
+        assert b"SECRET" not in res.content and b"root:x" not in res.content
 
 
 # --------------------------------------------------------------------------------------------------
