@@ -295,8 +295,8 @@ def test_images_are_served_for_stored_keys_only(client: TestClient, serve_data: 
         "/api/image/0/..%2F..%2F..%2Fetc%2Fpasswd",
         "/api/image/0/../../etc/passwd",
         "/api/image/0/%2e%2e/%2e%2e/etc/passwd",
-        "/static/../serve.py",
-        "/static/%2e%2e/serve.py",
+        "/static/../app.py",
+        "/static/%2e%2e/app.py",
     ):
         res = client.get(url)
         assert res.status_code in (400, 404), url
