@@ -177,16 +177,16 @@ def test_device_decode_on_the_reliability_corpus_skips_the_same_files_and_agrees
 def test_device_decode_fail_mode_names_the_bad_jpeg(tmp_path: Path, rel_bundle: ModelBundle) -> None:
     good = tmp_path / "good.jpg"
     good.write_bytes(_jpeg(_photo(32, 32)))
-    # a complete JPEG whose Huffman table is garbage: Pillow reads its header (so it goes to the device
-    # decoder), both decoders then reject the pixel data
+    # a complete JPEG whose Huffman table is garbage: the marker walk sees that the table runs past its
+    # segment, so it never reaches the device decoder; the CPU path names the file and the damage
     data = bytearray(_jpeg(_photo(32, 32, seed=9)))
     start = data.index(b"\xff\xc4") + 5
     data[start : start + 16] = b"\xff" * 16
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(bytes(data))
-    assert jpeg_for_device(bytes(data), max_pixels=None) == 1
+    assert jpeg_for_device(bytes(data), max_pixels=None) is None
     records = pd.DataFrame({"id": ["good", "bad"], "path": [str(good), str(bad)], "label": ["x", "x"]})
-    with pytest.raises(ImageDecodeError, match=r"bad\.jpg.*broken data stream"):
+    with pytest.raises(ImageDecodeError, match=r"bad\.jpg.*damaged JPEG: a Huffman table is cut short"):
         list(iter_embeddings(rel_bundle, records, decode="device", device="cpu", on_error="fail"))
     result = embed_to_parquet(rel_bundle, records, tmp_path / "out", decode="device", device="cpu", progress=False)
     rows, vectors, _ = read_shards(tmp_path / "out")

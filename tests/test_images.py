@@ -417,3 +417,89 @@ def test_content_hash(tmp_path: Path) -> None:
 def test_image_extensions() -> None:
     assert {".jpg", ".jpeg", ".png", ".dcm"} <= IMAGE_EXTENSIONS
     assert all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------------------------------
+# damaged files that decoders accept silently
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth content plus noise: a few kB of scan data per 64 px, like a photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([128 + 90 * np.sin(x / 7 + y / 11), 128 + 70 * np.cos(y / 5), (x * 3 + y) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def _encoders(pixels: np.ndarray) -> dict[str, bytes]:
+    import cv2
+
+    def pil(**kw: object) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90, **kw)
+        return buf.getvalue()
+
+    gray = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0]).save(gray, format="JPEG")
+    bgr = np.ascontiguousarray(pixels[:, :, ::-1])  # OpenCV encodes BGR
+    return {
+        "pil-420": pil(),
+        "pil-444-optimized": pil(subsampling=0, optimize=True),
+        "pil-progressive": pil(progressive=True),
+        "pil-gray": gray.getvalue(),
+        "opencv": cv2.imencode(".jpg", bgr)[1].tobytes(),
+        "opencv-progressive": cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+        "opencv-restart": cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_RST_INTERVAL, 2])[1].tobytes(),
+    }
+
+
+@pytest.mark.parametrize("size", [(96, 128), (67, 101), (7, 9)])
+def test_complete_jpegs_from_every_encoder_pass(tmp_path: Path, size: tuple[int, int]) -> None:
+    pixels = _photo(*size)
+    for name, data in _encoders(pixels).items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        out = load_image(path)
+        assert out.shape == (*size, 3), name
+        ref = np.repeat(pixels[:, :, :1], 3, axis=2) if "gray" in name else pixels
+        assert np.abs(out.astype(int) - ref.astype(int)).mean() < 12, name
+
+
+def test_flat_grey_jpeg_that_is_complete_passes(tmp_path: Path) -> None:
+    # ends in exactly the grey that libjpeg fills cut data with: the scan walk runs and clears it
+    pixels = _photo(64, 64)
+    pixels[32:] = 128
+    for name, data in _encoders(pixels).items():
+        (tmp_path / "g.jpg").write_bytes(data)
+        assert load_image(tmp_path / "g.jpg").shape == (64, 64, 3), name
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.8])
+def test_jpeg_cut_short_with_its_end_marker_is_refused(tmp_path: Path, keep: float) -> None:
+    for name, data in _encoders(_photo(96, 128)).items():
+        if name in ("pil-progressive", "opencv-progressive") and keep > 0.5:
+            continue  # a cut inside the last progressive scan is the documented gap
+        cut = data[: int(len(data) * keep)] + b"\xff\xd9"
+        with Image.open(io.BytesIO(cut)) as image:  # the problem: Pillow decodes it without a word
+            image.load()
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(cut)
+        with pytest.raises(ImageDecodeError, match=r"damaged JPEG: .*truncated.*re-export or re-download") as info:
+            load_image(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value), name
+        with pytest.raises(ImageDecodeError):
+            load_image(cut)  # bytes go the same way
+
+
+def test_float_tiff_with_nan_or_inf_is_refused(tmp_path: Path) -> None:
+    values = np.linspace(0, 1, 48, dtype=np.float32).reshape(6, 8)
+    ok = tmp_path / "ok.tif"
+    Image.fromarray(values, mode="F").save(ok)
+    assert load_image(ok)[:, :, 0].max() == 255
+    for bad_value in (np.nan, np.inf, -np.inf):
+        bad = values.copy()
+        bad[4, 5] = bad_value
+        path = tmp_path / "bad.tif"
+        Image.fromarray(bad, mode="F").save(path)
+        with pytest.raises(ImageDecodeError, match=r"1 of 48 pixel values are NaN or infinite \(the first at index"):
+            load_image(path)

@@ -24,7 +24,10 @@ Conversions (the contract in ``docs/contracts.md``):
 
 Every failure raises :class:`~deepfeat.finetune.errors.ImageDecodeError`; a broken file never turns
 into a black image. Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left untouched (``False``): a
-truncated file is an error, not a half-grey picture.
+truncated file is an error, not a half-grey picture. That flag only covers files that end early; a JPEG
+cut short that still ends with its end-of-image marker decodes silently in every libjpeg-based decoder,
+so its structure and scan data are checked here (:mod:`deepfeat.finetune.data.jpeg`). Float images
+(``F`` TIFFs, float DICOM) with a NaN or infinite pixel are refused too.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, TypeAlias
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from deepfeat.finetune.data.jpeg import baseline_scan_problem, ends_in_zero_fill, jpeg_structure_problem
 from deepfeat.finetune.errors import ImageDecodeError
 
 __all__ = [
@@ -266,6 +270,10 @@ def _decode_pil(data: bytes, name: str, *, max_pixels: int | None) -> np.ndarray
                 f"decompression bomb guard: {width} x {height} = {width * height} pixels is more than "
                 f"max_pixels={max_pixels}; if the image is trusted, pass a larger max_pixels",
             )
+        if image.format == "JPEG":
+            problem = jpeg_structure_problem(data)
+            if problem is not None:
+                raise ImageDecodeError(name, f"damaged JPEG: {problem}; re-export or re-download it")
         if getattr(image, "is_animated", False):
             logger.debug(
                 "%s is animated (%s frames); using the first frame", name, getattr(image, "n_frames", "?")
@@ -285,7 +293,19 @@ def _decode_pil(data: bytes, name: str, *, max_pixels: int | None) -> np.ndarray
                 reason = (f"cannot decode the pixel data of this {image.format or 'image'} file{unsupported} "
                           f"({type(exc).__name__}: {reason})")
             raise ImageDecodeError(name, reason) from exc
+        if image.format == "JPEG":
+            _check_jpeg_scan(data, image, name)
         return _pil_to_rgb(_exif_upright(image, name), name)
+
+
+def _check_jpeg_scan(data: bytes, image: Image.Image, name: str) -> None:
+    """Refuse a JPEG whose scan data was cut short although its end marker is there (libjpeg fills the
+    rest with flat grey and only warns): walked exactly when the decoded image ends in that grey."""
+    if image.mode not in ("L", "RGB") or not ends_in_zero_fill(np.asarray(image)):
+        return
+    problem = baseline_scan_problem(data)
+    if problem is not None:
+        raise ImageDecodeError(name, f"damaged JPEG: {problem}; re-export or re-download it")
 
 
 def _exif_upright(image: Image.Image, name: str) -> Image.Image:
@@ -308,7 +328,7 @@ def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
     if mode == "I":
         return _gray_to_rgb(_int_to_uint8(np.asarray(image), name))
     if mode == "F":
-        return _gray_to_rgb(_min_max(np.asarray(image, dtype=np.float64)))
+        return _gray_to_rgb(_min_max(np.asarray(image, dtype=np.float64), name))
     if mode in ("P", "PA", "RGBA", "LA", "La", "RGBa"):
         rgba = np.asarray(image.convert("RGBA"), dtype=np.uint8)
         return _composite_on_white(rgba[:, :, :3], rgba[:, :, 3])
@@ -326,18 +346,33 @@ def _int_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
     if low >= 0 and high <= 0xFFFF:
         return _scale_uint16(values.astype(np.uint16))
     logger.debug("%s: 32-bit values %d..%d outside 16-bit range; stretching min-max", name, low, high)
-    return _min_max(values.astype(np.float64))
+    return _min_max(values.astype(np.float64), name)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    """Stretch to 0..255; a constant image maps to 0 (its content, not a failure)."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return np.zeros(values.shape, dtype=np.uint8)
-    low, high = float(finite.min()), float(finite.max())
+def _require_finite(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` when every one is finite; NaN or infinite pixels (a damaged float TIFF or DICOM, or
+    no-data markers) are refused rather than painted as some grey level."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ImageDecodeError(
+            name,
+            f"{int(bad.sum())} of {values.size} pixel values are NaN or infinite (the first at index {where}); "
+            f"the file is damaged or marks missing data with NaN/inf: replace them and re-export it",
+        )
+    return values
+
+
+def _min_max(values: np.ndarray, name: str) -> np.ndarray:
+    """Stretch to 0..255; a constant image maps to 0 (its content, not a failure).
+
+    Raises:
+        ImageDecodeError: a value is NaN or infinite.
+    """
+    values = _require_finite(values, name)
+    low, high = float(values.min()), float(values.max())
     scale = 255.0 / (high - low) if high > low else 0.0
-    clean = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
-    return np.clip(np.rint((clean - low) * scale), 0, 255).astype(np.uint8)
+    return np.clip(np.rint((values - low) * scale), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,8 +437,9 @@ def _decode_dicom(data: bytes, name: str, *, max_pixels: int | None, frame: int 
         values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
     except Exception as exc:
         raise ImageDecodeError(name, f"cannot apply the DICOM rescale / modality LUT ({exc})") from exc
+    values = _require_finite(values, name)
     unit = _dicom_window(values, ds, index, name)
-    gray = _min_max(values) if unit is None else np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    gray = _min_max(values, name) if unit is None else np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     return _gray_to_rgb(gray)
@@ -416,7 +452,7 @@ def _color_to_uint8(pixels: np.ndarray, name: str) -> np.ndarray:
         return np.ascontiguousarray(pixels)
     if pixels.dtype == np.uint16:
         return _scale_uint16(pixels)
-    return np.stack([_min_max(pixels[:, :, c].astype(np.float64)) for c in range(3)], axis=2)
+    return np.stack([_min_max(pixels[:, :, c].astype(np.float64), name) for c in range(3)], axis=2)
 
 
 def _first_number(value: Any) -> float | None:

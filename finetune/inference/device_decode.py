@@ -8,10 +8,12 @@ resized, centre-cropped and normalised there with torch ops that follow the bund
 
 What stays on the CPU path, per image, decided in the worker from the header alone: anything that
 is not a baseline/progressive JPEG in RGB or grayscale (PNG, WebP, DICOM, CMYK JPEGs, in-memory
-arrays), files without an end-of-image marker (truncated: the CPU decoder refuses them, the device
-decoder might not), and images above the decompression-bomb limit (the CPU path raises the clear
-error). An image the device decoder rejects is retried on the CPU; one that fails there too is
-reported like any other bad image, never zero-filled.
+arrays), files whose marker structure is damaged or cut short
+(:func:`deepfeat.finetune.data.jpeg.jpeg_structure_problem`: no end-of-image marker, restart intervals
+or progressive scans missing), and images above the decompression-bomb limit (the CPU path raises the
+clear error). An image the device decoder rejects, or whose decoded pixels end in the flat grey that a
+decoder leaves for cut scan data, is retried on the CPU, which refuses a cut file; one that fails there
+is reported like any other bad image, never zero-filled.
 
 The device resize is antialiased bilinear/bicubic in torch, the worker path OpenCV's area filter
 for downscaling: the two agree closely (mean cosine of the embeddings about 0.99+; the embedding
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from deepfeat.finetune.data.jpeg import jpeg_structure_problem
 from deepfeat.finetune.models.backbones import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ def jpeg_for_device(data: bytes, max_pixels: int | None) -> int | None:
     which decodes it or says what is wrong.
     """
     if not data.startswith(JPEG_START) or not data.rstrip(b"\x00").endswith(JPEG_END):
+        return None
+    if jpeg_structure_problem(data) is not None:  # damaged or cut short: the CPU path says what is wrong
         return None
     orientation, i, n = 1, 2, len(data)
     while i + 4 <= n:
@@ -163,9 +168,28 @@ def decode_on_device(
                 out.append(decode_jpeg(tensor, **kw))
             except RuntimeError:
                 out.append(None)
+    out = _drop_zero_filled(out)
     if orientations is not None:
         out = [None if im is None else orient(im, o) for im, o in zip(out, orientations, strict=True)]
     return out
+
+
+def _drop_zero_filled(images: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``None`` for each decoded image whose last 8 x 8 pixels are the flat mid-grey that a JPEG decoder
+    leaves where the scan data was cut short (its end marker still there): the CPU path then walks that
+    file's scan data exactly (:func:`deepfeat.finetune.data.jpeg.baseline_scan_problem`) and refuses it
+    or decodes it. One batched check, one device-to-host copy per batch; images under 8 px go there too."""
+    present = [(k, im) for k, im in enumerate(images) if im is not None]
+    suspects = {k for k, im in present if min(int(im.shape[-2]), int(im.shape[-1])) < 8}
+    sized = [(k, im) for k, im in present if k not in suspects]
+    if sized:
+        corners = torch.stack([im[:3, -8:, -8:] for _, im in sized]).to(torch.int32)
+        luma = (299 * corners[:, 0] + 587 * corners[:, 1] + 114 * corners[:, 2]) // 1000
+        flags = ((luma - 128).abs() <= 2).flatten(1).all(dim=1).tolist()
+        suspects |= {k for (k, _), flag in zip(sized, flags, strict=True) if flag}
+    if suspects:
+        log.debug("%d device-decoded JPEG(s) end in flat mid-grey; checking them on the CPU", len(suspects))
+    return [None if k in suspects else im for k, im in enumerate(images)]
 
 
 def _weights(n_in: int, n_out: int, kind: str) -> torch.Tensor:
