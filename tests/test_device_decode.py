@@ -286,3 +286,32 @@ def test_cli_refuses_a_negative_worker_count(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         main(["embed", "--bundle", "b", "--data", "d", "--out", "o", "--num-workers", "-1"])
     assert "cannot be negative" in capsys.readouterr().err
+
+
+def test_device_path_refuses_a_jpeg_cut_short_with_its_end_marker(tmp_path: Path, rel_bundle: ModelBundle) -> None:
+    good, grey = tmp_path / "good.jpg", tmp_path / "grey.jpg"
+    good.write_bytes(_jpeg(_photo(64, 64)))
+    half_grey = _photo(64, 64, seed=3)
+    half_grey[32:] = 128  # complete, but ends in the zero-fill grey: checked on the CPU and kept
+    grey.write_bytes(_jpeg(half_grey))
+    data = _jpeg(_photo(64, 64, seed=5))
+    cut = data[: len(data) // 2] + b"\xff\xd9"
+    assert jpeg_for_device(cut, max_pixels=None) == 1  # its markers look complete: it reaches the device
+    (tmp_path / "cut.jpg").write_bytes(cut)
+    records = pd.DataFrame({"id": ["good", "cut", "grey"], "path": [str(good), str(tmp_path / "cut.jpg"), str(grey)],
+                            "label": "x"})
+    with pytest.raises(ImageDecodeError, match=r"cut\.jpg.*damaged JPEG: its image data stops after"):
+        list(iter_embeddings(rel_bundle, records, decode="device", device="cpu", on_error="fail"))
+    result = embed_to_parquet(rel_bundle, records, tmp_path / "out", decode="device", device="cpu", progress=False)
+    rows, vectors, _ = read_shards(tmp_path / "out")
+    assert result.n_skipped == 1 and sorted(rows["id"]) == ["good", "grey"] and np.isfinite(vectors).all()
+    kept = records.iloc[[0, 2]].reset_index(drop=True)
+    ((_, cpu),) = list(iter_embeddings(rel_bundle, kept, decode="cpu", device="cpu"))
+    ((_, dev),) = list(iter_embeddings(rel_bundle, kept, decode="device", device="cpu"))
+    assert (np.sum(cpu * dev, axis=1) > 0.99).all()  # the grey one took the CPU fallback: the CPU path's pixels
+    # a restart-interval JPEG cut short is already caught from its markers, before any decoder
+    import cv2
+
+    rst = cv2.imencode(".jpg", _photo(64, 64), [cv2.IMWRITE_JPEG_RST_INTERVAL, 1])[1].tobytes()
+    assert jpeg_for_device(rst, max_pixels=None) == 1
+    assert jpeg_for_device(rst[: len(rst) // 2] + b"\xff\xd9", max_pixels=None) is None
