@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deepfeat.finetune.errors import ConnectorError
-from deepfeat.finetune.redaction import mask_uri, redact
+from deepfeat.finetune.redaction import mask_uri, redact, uri_secrets
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,11 @@ class MilvusConnector:
         return is_local_uri(self.uri)
 
     @property
+    def _secrets(self) -> tuple[str | None, ...]:
+        """What an error message must never echo: the token and the URI's password, in every piece."""
+        return (self.token, *uri_secrets(self.uri))
+
+    @property
     def display_uri(self) -> str:
         """The URI without credentials, for messages."""
         return redact_uri(self.uri)
@@ -273,7 +278,7 @@ class MilvusConnector:
             except Exception as exc:
                 if not _is_transient(exc) and "fail connecting" not in str(exc).lower():
                     raise ConnectorError(
-                        f"cannot connect to Milvus at {self.display_uri}: {_clean(exc, (self.token,))}; check "
+                        f"cannot connect to Milvus at {self.display_uri}: {_clean(exc, self._secrets)}; check "
                         f"the URI, the token (${TOKEN_ENV_VARS[0]}) and TLS options"
                     ) from exc
                 last = exc
@@ -281,7 +286,7 @@ class MilvusConnector:
                     self._sleep(attempt, "connect")
         raise ConnectorError(
             f"Milvus at {self.display_uri} is unreachable after {self.retries} attempts "
-            f"({_clean(last, (self.token,))}); nothing was written through this connection. Start the server or "
+            f"({_clean(last, self._secrets)}); nothing was written through this connection. Start the server or "
             f"fix the URI, then re-run the same command"
         ) from last
 
@@ -319,7 +324,7 @@ class MilvusConnector:
                 if not _is_transient(exc):
                     if isinstance(exc, MilvusException):
                         raise ConnectorError(
-                            f"Milvus refused {what} at {self.display_uri}: {_clean(exc, (self.token,))}"
+                            f"Milvus refused {what} at {self.display_uri}: {_clean(exc, self._secrets)}"
                             + (f". {on_give_up}" if on_give_up else "")
                         ) from exc
                     raise
@@ -328,7 +333,7 @@ class MilvusConnector:
                     self._sleep(attempt, what)
         raise ConnectorError(
             f"{what} failed: Milvus at {self.display_uri} is unreachable after {self.retries} "
-            f"attempts ({_clean(last, (self.token,))})" + (f". {on_give_up}" if on_give_up else "")
+            f"attempts ({_clean(last, self._secrets)})" + (f". {on_give_up}" if on_give_up else "")
         ) from last
 
     def close(self) -> None:

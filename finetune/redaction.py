@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable
 
-__all__ = ["MASK", "SECRET_ENV_VARS", "mask_uri", "redact"]
+__all__ = ["MASK", "SECRET_ENV_VARS", "mask_uri", "redact", "uri_secrets"]
 
 #: What a hidden credential is replaced by.
 MASK = "***"
@@ -61,3 +61,18 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
             if len(password) >= 4:
                 text = text.replace(password, MASK)
     return text
+
+
+def uri_secrets(uri: str) -> tuple[str, ...]:
+    """The password of ``uri``'s userinfo and every run of it between delimiters (``:/@?#``), at least 3
+    characters long: what a URI parser that splits at the wrong place may echo in its own error message
+    (``Port could not be cast to integer value as 'pa:SECRET'``). Pass them to :func:`redact`."""
+    _, sep, rest = uri.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return ()
+    userinfo = rest[:at]
+    password = userinfo.split(":", 1)[1] if ":" in userinfo else userinfo
+    pieces = [piece for piece in re.split(r"([:/@?#])", password) if piece]
+    runs = {"".join(pieces[i:j]) for i in range(len(pieces)) for j in range(i + 1, len(pieces) + 1)}
+    return tuple(sorted((r for r in runs | {userinfo} if len(r) >= 3), key=len, reverse=True))
