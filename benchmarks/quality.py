@@ -1,15 +1,35 @@
 """Retrieval quality: off-the-shelf vs fine-tuned EfficientNet-Lite0 on Fashion-MNIST, two protocols.
 
-* ``same``: train on the official train split (a validation split is carved from it by the pipeline),
+* ``same``: train on the official train split (a validation split is carved from it),
   query/gallery = the official test split, all-vs-all (leave-one-out).
 * ``disjoint``: train on classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat), evaluate on the
   unseen classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) of the official test split.
 
-Prints one table per protocol with the mean and spread over seeds, and the wall time. The
-``off-the-shelf`` row is the issue's baseline, the pretrained backbone's pooled penultimate layer at the
-same input size; with ``--layers`` a second baseline row shows the selected layers untrained.
+Two kinds of rows, each marked in the table:
 
-The settings measured for benchmarks/README.md (2 CPU cores, each run under 20 minutes):
+* ``shipped recipe`` (``--recipe recipes/configs/fashion.yaml``, or a shipped recipe's name): the YAML a user
+  runs, unchanged except the data (the protocol's records, ``data.split_mode=as_is`` so its train/test split is
+  kept; the YAML's own ``data.limit_per_class`` and validation carving apply to the training images, the
+  protocol's test split is kept whole) and the seed (``seed_everything``, ``data.seed``). The figures are the
+  recipe's own before/after on the held-out test split (the ``ExportBundle`` callback's test measurement).
+* ``tuned protocol`` (no ``--recipe``): the settings of the command line (loss, input size, flip TTA,
+  whitening, layers, distillation, ...) written over ``recipes/configs/fashion.yaml`` into a YAML of each run
+  (``OUT/PROTOCOL-seedN/config.yaml``: the loss section spelt out whole), parsed by the same LightningCLI parser
+  and fitted through the same guarded pipeline. The ``off-the-shelf`` row is the issue's baseline, the
+  pretrained backbone's pooled penultimate layer at the same input size; with ``--layers`` a second baseline
+  row shows the selected layers untrained, with ``--flip-tta``/``--whiten`` the fine-tuned model is also shown
+  without them.
+
+Prints one table per protocol with the mean and spread over seeds, and the wall time.
+
+Full-size commands (2 CPU cores). The shipped recipe, both protocols, within its own budget
+(``model.max_minutes: 10``):
+
+    python benchmarks/quality.py --recipe recipes/configs/fashion.yaml --protocol same disjoint --seeds 0 1 2 \
+        --json runs/quality-recipe.json
+
+The tuned protocol rows measured for benchmarks/README.md (each run under 20 minutes; measured with the
+pipeline before the config port, not yet re-run on it):
 
     # same classes: CosFace (margin 0.2, proxies at 10 x lr) + Multi-Similarity, 64 px, backbone trained with
     # its BatchNorm, flip-only augmentation, no frozen epoch, 17 min of training; flip test-time augmentation
@@ -21,12 +41,25 @@ The settings measured for benchmarks/README.md (2 CPU cores, each run under 20 m
     # unseen classes: mid-level layers (picked on held-out training classes), relational distillation
     python benchmarks/quality.py --protocol disjoint --seeds 0 1 2 --loss ms --image-size 48 --minutes 4 \
         --layers 4 5 --distill 10 --lr 1e-4 --num-workers 2
+
+Smoke runs (a minute each; they prove the paths run, their figures mean nothing):
+
+    python benchmarks/quality.py --recipe fashion --protocol same disjoint --seeds 0 --limit-per-class 20 \
+        --minutes 0.2 --out /tmp/quality-smoke
+    python benchmarks/quality.py --protocol same disjoint --seeds 0 --limit-per-class 20 --minutes 0.2 \
+        --loss cosface+ms --image-size 32 --flip-tta --whiten --layers 4 5 --distill 1 --out /tmp/quality-smoke
+
+API gap: ``MetricLearningModule(loss=...)`` is typed ``BaseMetricLossFunction``, which PML's ``MultipleLosses``
+and ``CrossBatchMemory`` are not, so the parser refuses ``cosface+ms``/``cosface+xbm`` in a YAML. For those two,
+the YAML spells out the CosFace part whole and this script wraps it with the pair loss after parsing
+(:func:`combine_loss`), before anything copies the module.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import logging
 import statistics
@@ -35,121 +68,233 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+import yaml
 from pytorch_metric_learning import losses, miners
 
 from deepfeat.finetune.data.readers import FASHION_MNIST_CLASSES, read_fashion_mnist
 from deepfeat.finetune.data.splits import sample_per_class
+from deepfeat.finetune.inference.embed import auto_num_workers
 from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
 from deepfeat.finetune.metrics import format_metrics_table
 from deepfeat.finetune.models.bundle import ModelBundle
 from deepfeat.finetune.models.model import EmbeddingModel, build_embedding_model
-from deepfeat.finetune.training.pipeline import (
-    FinetuneResult,
-    FinetuneSettings,
-    evaluation_device,
-    finetune,
-    make_datamodule,
-    training_workers,
-)
+from deepfeat.finetune.training import FinetuneResult, MetricLearningModule, RetrievalDataModule
 from deepfeat.finetune.training.whiten import whiten_model
+from deepfeat.recipes.config import CONFIG_DIR, RecipeConfig, load_recipe, resolve_config
 
 KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
+RECIPE_MARK = "shipped recipe"
+TUNED_MARK = "tuned protocol"
+#: The YAML the tuned protocol's settings are written over (its callbacks, recipe section, defaults).
+TUNED_BASE = CONFIG_DIR / "fashion.yaml"
+#: Parser arguments of every run: no progress bars or model summaries in a benchmark's log.
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+Spec = dict[str, Any]
 
 
-def make_loss(name: str, n_classes: int, dim: int, margin: float | None = None,
-              memory: int = 1200) -> tuple[Any, Any]:
-    """The loss (and miner) named on the command line, spelt out whole; ``margin`` overrides the
-    ArcFace (degrees) or CosFace (cosine) margin, ``memory`` is the cross-batch memory's size (``+xbm``)."""
+def spec(class_path: str, **init_args: Any) -> Spec:
+    """A ``class_path``/``init_args`` mapping, as a YAML spells an object out."""
+    return {"class_path": class_path, "init_args": init_args}
+
+
+def loss_specs(name: str, n_classes: int, dim: int, margin: float | None = None) -> tuple[Spec, Spec | None]:
+    """The YAML ``model.loss`` and ``model.miner`` sections of the loss named on the command line, spelt out whole.
+
+    ``margin`` overrides the ArcFace (degrees) or CosFace (cosine) margin. For ``cosface+ms``/``cosface+xbm``
+    it is the CosFace part; :func:`combine_loss` adds the pair loss after parsing (see the module's API gap).
+    """
+    pml = "pytorch_metric_learning"
     if name == "ms":
-        return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+        return (spec(f"{pml}.losses.MultiSimilarityLoss", alpha=2.0, beta=50.0, base=0.5),
+                spec(f"{pml}.miners.MultiSimilarityMiner", epsilon=0.1))
     if name == "arcface":
-        return losses.ArcFaceLoss(num_classes=n_classes, embedding_size=dim, margin=margin or 28.6, scale=30), None
-    if name == "cosface":
-        return losses.CosFaceLoss(num_classes=n_classes, embedding_size=dim, margin=margin or 0.35, scale=30), None
+        return spec(f"{pml}.losses.ArcFaceLoss", num_classes=n_classes, embedding_size=dim,
+                    margin=margin or 28.6, scale=30.0), None
+    if name in ("cosface", "cosface+ms", "cosface+xbm"):
+        return spec(f"{pml}.losses.CosFaceLoss", num_classes=n_classes, embedding_size=dim,
+                    margin=margin or 0.35, scale=30.0), None
     if name == "proxyanchor":
-        return losses.ProxyAnchorLoss(num_classes=n_classes, embedding_size=dim, margin=0.1, alpha=32), None
-    if name in ("cosface+ms", "cosface+xbm"):
-        # class proxies for the coarse layout, pairs in the batch for the neighbourhoods; +xbm: the pairs
-        # are also mined against the last `memory` embeddings (cross-batch memory, Wang et al. 2020)
-        cosface, _ = make_loss("cosface", n_classes, dim, margin)
-        ms, miner = make_loss("ms", n_classes, dim)
-        if name == "cosface+ms":
-            return losses.MultipleLosses({"cosface": cosface, "ms": ms}, miners={"ms": miner}), None
-        xbm = losses.CrossBatchMemory(ms, embedding_size=dim, memory_size=memory, miner=miner)
-        return losses.MultipleLosses({"cosface": cosface, "xbm": xbm}), None
+        return spec(f"{pml}.losses.ProxyAnchorLoss", num_classes=n_classes, embedding_size=dim,
+                    margin=0.1, alpha=32.0), None
     if name == "supcon":
-        return losses.SupConLoss(temperature=0.1), None
+        return spec(f"{pml}.losses.SupConLoss", temperature=0.1), None
     raise SystemExit(f"unknown loss {name!r}")
 
 
-def run_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """One protocol, one seed: off-the-shelf and fine-tuned metrics on the test queries/gallery."""
+def combine_loss(module: MetricLearningModule, name: str, dim: int, memory: int = 1200) -> None:
+    """``cosface+ms``/``+xbm``: the parsed CosFace loss plus Multi-Similarity pairs, as the module's loss.
+
+    Class proxies for the coarse layout, pairs in the batch for the neighbourhoods; ``+xbm``: the pairs are also
+    mined against the last ``memory`` embeddings (cross-batch memory, Wang et al. 2020). Called before fit, so
+    the optimizer and the EMA copy see the combined loss.
+    """
+    if name not in ("cosface+ms", "cosface+xbm"):
+        return
+    cosface = module.loss_fn
+    ms, miner = losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+    combined: Any
+    if name == "cosface+ms":
+        combined = losses.MultipleLosses({"cosface": cosface, "ms": ms}, miners={"ms": miner})
+    else:
+        xbm = losses.CrossBatchMemory(ms, embedding_size=dim, memory_size=memory, miner=miner)
+        combined = losses.MultipleLosses({"cosface": cosface, "xbm": xbm})
+    module.loss_fn = combined
+
+
+def protocol_records(protocol: str, args: argparse.Namespace, seed: int, *, tuned: bool) -> pd.DataFrame:
+    """The protocol's records: official train/test (``disjoint``: classes 0-4 train, 5-9 test).
+
+    ``tuned``: with ``--disjoint-val classes`` two of the five training classes become the validation split
+    (model selection on classes the model never trains on); the shipped recipe validates as its YAML says.
+    """
     records = read_fashion_mnist(args.data, limit_per_class=args.limit_per_class)
     if args.test_limit_per_class:
         test = records[records["split"] == "test"]
         keep = sample_per_class(test, args.test_limit_per_class, seed=0)
         records = pd.concat([records[records["split"] != "test"], keep])
-    val_fraction = args.val_fraction
-    if protocol == "disjoint":
-        train_classes = set(FASHION_MNIST_CLASSES[:5])
-        is_train = records["split"] == "train"
-        records = records[(is_train & records["label"].isin(train_classes))
-                          | (~is_train & ~records["label"].isin(train_classes))].copy()
-        if args.disjoint_val == "classes":
-            # Model selection on classes the model never trains on: the closest proxy, on seen data,
-            # for retrieval of unseen classes. Two of the five training classes become validation.
-            val_classes = set(FASHION_MNIST_CLASSES[3:5])
-            moved = (records["split"] == "train") & records["label"].isin(val_classes)
-            records.loc[moved, "split"] = "val"
-            val_rows = records[records["split"] == "val"]
-            drop = val_rows.index.difference(sample_per_class(val_rows, args.val_per_class, seed=seed).index)
-            records = records.drop(index=drop)
-            val_fraction = 0.0
-    settings = FinetuneSettings(image_size=args.image_size, embedding_dim=args.dim, layers=args.layers,
-                                max_epochs=args.epochs,
-                                max_minutes=args.minutes, batches_per_epoch=args.batches_per_epoch,
-                                lr=args.lr, head_lr=args.head_lr, l2sp=args.l2sp, seed=seed, distill=args.distill,
-                                num_workers=args.num_workers, ema_decay=args.ema or None,
-                                freeze_epochs=args.freeze_epochs, frozen_stages=args.frozen_stages,
-                                drop_path_rate=args.drop_path, p=args.p, k=args.k,
-                                progressive_size=args.progressive_size,
-                                progressive_fraction=args.progressive_fraction,
-                                freeze_bn=not args.train_bn, preset=args.preset, erasing=args.erasing,
-                                loss_lr=args.loss_lr,
-                                warmup_steps=args.warmup_steps, precision=args.precision,
-                                backbone=args.backbone, flip_tta=args.flip_tta, whiten=args.whiten)
-    dm = make_datamodule(records, settings, val_fraction=val_fraction)
-    out = Path(args.out) / f"{protocol}-seed{seed}"
+    if protocol != "disjoint":
+        return records
+    train_classes = set(FASHION_MNIST_CLASSES[:5])
+    is_train = records["split"] == "train"
+    records = records[(is_train & records["label"].isin(train_classes))
+                      | (~is_train & ~records["label"].isin(train_classes))].copy()
+    if tuned and args.disjoint_val == "classes":
+        val_classes = set(FASHION_MNIST_CLASSES[3:5])
+        moved = (records["split"] == "train") & records["label"].isin(val_classes)
+        records.loc[moved, "split"] = "val"
+        val_rows = records[records["split"] == "val"]
+        drop = val_rows.index.difference(sample_per_class(val_rows, args.val_per_class, seed=seed).index)
+        records = records.drop(index=drop)
+    return records
+
+
+def eval_device() -> str:
+    """Where the benchmark's own test embeddings are computed (the trainer's ``accelerator: auto`` picks alike)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def workers(value: int | str) -> int:
+    """``--num-workers``, ``auto`` resolved as the embed engine resolves it (none on 2 cores or fewer)."""
+    return auto_num_workers(eval_device()) if value == "auto" else int(value)
+
+
+def run_recipe_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``--recipe``: the shipped YAML unchanged but for the protocol's data and the seed; its own test table."""
+    path = resolve_config(args.recipe)
+    data_yaml = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    out = Path(args.out) / f"recipe-{path.stem}-{protocol}-seed{seed}"
+    # the data module keeps the protocol's split (as_is) and no longer subsamples it: the YAML's limit is applied
+    # below, to the training images only, so that every row is measured on the same whole test split
+    budget = [] if args.minutes is None else [f"model.max_minutes={args.minutes}"]  # smoke runs only
+    config = load_recipe(path, [f"seed_everything={seed}", f"data.seed={seed}", "data.split_mode=as_is",
+                                "data.limit_per_class=null", *budget],
+                         args=[*QUIET, f"--trainer.default_root_dir={out}"])
+    training = config.training
+    training.set_out_dir(out)
+    records = protocol_records(protocol, args, seed, tuned=False)
+    accepted = set(inspect.signature(RetrievalDataModule.__init__).parameters) - {"self", "source"}
+    hp = {k: v for k, v in training.datamodule.hparams.items() if k in accepted}  # not the parser's own keys
+    hp["limit_per_class"] = data_yaml.get("limit_per_class")
+    # train and val exactly as the YAML's data section makes them from these training images (val carving,
+    # its limit per class and split), then the protocol's test split beside them
+    fit_part = RetrievalDataModule.from_records(records[records["split"] != "test"], **hp).records
+    # without query/gallery columns, so that the data module assigns them to val and test as the YAML's query_mode says
+    both = pd.concat([fit_part, records[records["split"] == "test"]], ignore_index=True)
+    training.datamodule.use_records(both.drop(columns=["is_query", "is_gallery"], errors="ignore"))
     start = time.perf_counter()
-    if args.from_bundles:
-        result = from_bundle(out, dm, settings)
-    else:
-        n_classes = dm.split_records("train")["label"].nunique()
-        loss, miner = make_loss(args.loss, n_classes, args.dim, args.margin, args.memory)
-        result = finetune(dm, settings, out, loss=loss, miner=miner)
+    result = training.fit()
+    wall = time.perf_counter() - start
+    if not result.test:
+        raise SystemExit(f"{path}: no held-out test figures ({result.test_message}); the recipe's ExportBundle "
+                         f"needs test: true")
+    rows = {f"{RECIPE_MARK}: {name}": dict(metrics) for name, metrics in result.test.items()}
+    logging.getLogger("quality").info("%s seed %d: %s; %s", protocol, seed, result.message, result.test_message)
+    return {"rows": rows, "meta": meta(result, wall, config, out)}
+
+
+def meta(result: FinetuneResult, wall: float, config: RecipeConfig | None, out: Path) -> dict[str, Any]:
+    """What a run did besides its figures: the model kept and why, steps, times, whitening, the config."""
+    return {"chosen": result.chosen, "message": result.message, "test_message": result.test_message,
+            "steps": result.steps, "epochs": result.epochs, "finetune_seconds": result.seconds,
+            "wall_seconds": wall, "whitening": result.whitening,
+            "config": str(config.path) if config is not None else None, "out": str(out)}
+
+
+def tuned_yaml(args: argparse.Namespace, seed: int, n_classes: int) -> dict[str, Any]:
+    """The tuned protocol's settings written over :data:`TUNED_BASE` (a whole YAML, loss spelt out)."""
+    cfg = yaml.safe_load(TUNED_BASE.read_text())
+    cfg["seed_everything"] = seed
+    trainer = cfg["trainer"]
+    trainer.update(precision=args.precision, max_epochs=args.epochs)
+    callbacks = []
+    for cb in trainer["callbacks"]:
+        kind = cb["class_path"].rsplit(".", 1)[-1]
+        init = cb.setdefault("init_args", {})
+        if kind == "FreezeBackbone":
+            if args.freeze_epochs <= 0:
+                continue
+            init["epochs"] = args.freeze_epochs
+        elif kind == "EMA":
+            if not args.ema:
+                continue
+            init["decay"] = args.ema
+        elif kind == "ExportBundle":
+            # the benchmark measures every row on the test split itself (the callback's own test pass would
+            # embed it twice more)
+            init.update(flip_tta=args.flip_tta, whiten=args.whiten, test=False, onnx=False)
+        callbacks.append(cb)
+    trainer["callbacks"] = callbacks
+    loss, miner = loss_specs(args.loss, n_classes, args.dim, args.margin)
+    cfg["model"].update(
+        backbone=args.backbone, embedding_dim=args.dim, image_size=args.image_size, layers=args.layers, lr=args.lr,
+        head_lr=args.head_lr, loss_lr=args.loss_lr, warmup_steps=args.warmup_steps, l2sp=args.l2sp,
+        freeze_bn=not args.train_bn, distill=args.distill, max_minutes=6.0 if args.minutes is None else args.minutes,
+        frozen_stages=args.frozen_stages,
+        drop_path_rate=args.drop_path, progressive_size=args.progressive_size,
+        progressive_fraction=args.progressive_fraction, loss=loss, miner=miner)
+    cfg["data"].update(split_mode="as_is", limit_per_class=None, val_fraction=args.val_fraction, preset=args.preset,
+                       erasing=args.erasing, p=args.p, k=args.k, batches_per_epoch=args.batches_per_epoch,
+                       num_workers=workers(args.num_workers), seed=seed, query_mode="all_vs_all")
+    return cfg  # type: ignore[no-any-return]
+
+
+def run_tuned_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One protocol, one seed of the tuned settings: every row on the test queries/gallery."""
+    records = protocol_records(protocol, args, seed, tuned=True)
+    val_fraction = 0.0 if (records["split"] == "val").any() else args.val_fraction
+    out = Path(args.out) / f"{protocol}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    n_classes = int(records.loc[records["split"] == "train", "label"].nunique())
+    cfg = tuned_yaml(args, seed, n_classes)
+    cfg["data"]["val_fraction"] = val_fraction
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config = load_recipe(config_path, args=[*QUIET, f"--trainer.default_root_dir={out}"])
+    training = config.training
+    training.set_out_dir(out)
+    combine_loss(training.module, args.loss, args.dim, args.memory)
+    training.datamodule.use_records(records)
+    dm = training.datamodule
+    start = time.perf_counter()
+    result = from_bundle(out, dm, args, seed) if args.from_bundles else training.fit()
     test = dm.split_records("test")
     models = {"off-the-shelf": penultimate(result.model)}
     if args.layers:  # the stricter baseline too: the very layers the fine-tuned model reads, untrained
         models[f"off-the-shelf, layers {','.join(map(str, args.layers))}"] = off_the_shelf(result.model)
     if args.flip_tta:  # the issue's baseline as is, and with the same averaging of the mirrored view
         models["off-the-shelf + flip TTA"] = penultimate(result.model, flip_tta=True)
-    models.update(ablations(result.model, settings.flip_tta, settings.whiten))
+    models.update(ablations(result.model, args.flip_tta, args.whiten))
     models["fine-tuned"] = result.model
-    rows = evaluate_models(models, test, batch_size=256, num_workers=training_workers(settings),
-                           device=evaluation_device(settings.accelerator))
-    _, plain_name = ablation_names(settings.flip_tta, settings.whiten)
+    rows = evaluate_models(models, test, batch_size=int(dm.hparams["eval_batch_size"]),
+                           num_workers=int(dm.hparams["num_workers"]), device=eval_device())
+    _, plain_name = ablation_names(args.flip_tta, args.whiten)
     if plain_name and plain_name not in rows:  # no whitening chosen: the exported model is the plain one
         rows = {**{k: v for k, v in rows.items() if k != "fine-tuned"}, plain_name: dict(rows["fine-tuned"]),
                 "fine-tuned": rows["fine-tuned"]}
-    rows["fine-tuned"]["chosen"] = result.chosen  # type: ignore[assignment]
-    rows["fine-tuned"]["wall_seconds"] = time.perf_counter() - start
-    rows["fine-tuned"]["steps"] = result.steps  # type: ignore[assignment]
-    rows["fine-tuned"]["finetune_seconds"] = result.seconds
-    if args.from_bundles:
-        rows["fine-tuned"]["wall_seconds"] += result.seconds
-    rows["fine-tuned"]["whitening"] = result.whitening  # type: ignore[assignment]
+    wall = time.perf_counter() - start + (result.seconds if args.from_bundles else 0.0)
     logging.getLogger("quality").info("%s seed %d: %s", protocol, seed, result.message)
-    return rows
+    return {"rows": {f"{TUNED_MARK}: {k}": v for k, v in rows.items()}, "meta": meta(result, wall, config, out)}
 
 
 def ablation_names(flip_tta: bool, whiten: bool) -> tuple[str | None, str | None]:
@@ -183,24 +328,23 @@ def ablations(model: EmbeddingModel, flip_tta: bool, whiten: bool) -> dict[str, 
     return rows
 
 
-def from_bundle(out: Path, dm: Any, settings: FinetuneSettings) -> FinetuneResult:
+def from_bundle(out: Path, dm: RetrievalDataModule, args: argparse.Namespace, seed: int) -> FinetuneResult:
     """``--from-bundles``: the model a previous run of the same command exported to ``out``, no training.
 
-    Its flip TTA is set as the settings say, and a learned whitening is fitted again when they ask for
-    one (``whiten_model``, as ``finetune`` does), so one trained model can be evaluated several ways.
+    Its flip TTA is set as ``--flip-tta`` says, and a learned whitening is fitted again with ``--whiten``
+    (``whiten_model``, as the ExportBundle callback does), so one trained model can be evaluated several ways.
     """
     bundle = ModelBundle.load(out / "bundle")
     model, training = bundle.model, bundle.card.training
-    model.set_flip_tta(settings.flip_tta)
+    model.set_flip_tta(args.flip_tta)
     model.set_whitening(None, None)
     whitening = None
-    if settings.whiten:
-        choice = whiten_model(model, dm.split_records("train"), dm.split_records("val"),
-                              regs=settings.whiten_regs, per_class=settings.whiten_per_class, seed=settings.seed,
-                              batch_size=settings.eval_batch_size, num_workers=training_workers(settings),
-                              device=evaluation_device(settings.accelerator))
+    if args.whiten:
+        choice = whiten_model(model, dm.split_records("train"), dm.split_records("val"), seed=seed,
+                              batch_size=int(dm.hparams["eval_batch_size"]),
+                              num_workers=int(dm.hparams["num_workers"]), device=eval_device())
         model.cpu()
-        whitening = {"reg": choice.reg}
+        whitening = choice.summary()
     return FinetuneResult(model=model, chosen=training["chosen"], val={}, seconds=float(training["seconds"]),
                           epochs=int(training["epochs"]), steps=int(training["steps"]), best_checkpoint=None,
                           message=f"from {out / 'bundle'}; whitening {whitening}", whitening=whitening)
@@ -219,22 +363,25 @@ def parse_layer(text: str) -> int | str:
     return text if text == "head" else int(text)
 
 
-def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean and population std over seeds for each model and metric."""
     table: dict[str, dict[str, float]] = {}
-    for model in runs[0]:
+    for model in runs[0]["rows"]:
         row: dict[str, float] = {}
         for key in KEYS:
-            values = [float(r[model][key]) for r in runs]
+            values = [float(r["rows"][model][key]) for r in runs]
             row[key] = statistics.fmean(values)
             row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
         table[model] = row
     return table
 
 
-def main() -> None:
-    """Command-line entry point."""
+def parse_args() -> argparse.Namespace:
+    """The command line (the tuned protocol's flags are ignored with ``--recipe``, but for the data's)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=None,
+                        help="a shipped recipe's name or YAML (recipes/configs/fashion.yaml): run it unchanged but for "
+                             "the protocol's data and the seed; without it, the tuned protocol's settings below")
     parser.add_argument("--protocol", nargs="+", default=["same", "disjoint"], choices=["same", "disjoint"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
@@ -250,7 +397,9 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", type=parse_layer, default=None,
                         help="read the globally pooled features of these layers (ints, 'head'), as 'deepfeat "
                              "layers' picks them; the table then also shows these layers untrained")
-    parser.add_argument("--minutes", type=float, default=6.0, help="training budget per run")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget per run (model.max_minutes); tuned rows: default 6; with --recipe "
+                             "the YAML's own unless given (smoke runs)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batches-per-epoch", type=int, default=100)
     parser.add_argument("--p", type=int, default=10)
@@ -265,16 +414,16 @@ def main() -> None:
     parser.add_argument("--progressive-fraction", type=float, default=0.5)
     parser.add_argument("--l2sp", type=float, default=0.0)
     parser.add_argument("--distill", type=float, default=0.0)
-    parser.add_argument("--ema", type=float, default=0.99)
+    parser.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights; 0: no EMA callback")
     parser.add_argument("--preset", default="fashion", choices=["fashion", "flip", "shift", "none"],
-                        help="training augmentation (finetune.transforms)")
+                        help="training augmentation (finetune.data.transforms)")
     parser.add_argument("--erasing", type=float, default=0.0, help="random erasing probability in training")
     parser.add_argument("--flip-tta", action="store_true",
-                        help="the fine-tuned model embeds each image and its mirror (EmbeddingModel flip_tta); "
+                        help="the fine-tuned model embeds each image and its mirror (ExportBundle flip_tta); "
                              "the table adds the single-view model and the baseline with the same averaging")
     parser.add_argument("--whiten", action="store_true",
                         help="fit a learned whitening on the training images, kept when it helps on validation "
-                             "(finetune.whiten); the table adds the model without it")
+                             "(ExportBundle whiten); the table adds the model without it")
     parser.add_argument("--from-bundles", action="store_true",
                         help="no training: evaluate the bundles a previous run of the same command exported "
                              "under --out (with this run's --flip-tta and --whiten); wall time is then the "
@@ -288,41 +437,51 @@ def main() -> None:
                         help="backbone stages (the stem counts as one) kept at their pretrained values")
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--disjoint-val", choices=["classes", "images"], default="classes",
-                        help="disjoint protocol: validate on held-out training classes, or held-out images")
+                        help="disjoint protocol, tuned rows: validate on held-out training classes, or images")
     parser.add_argument("--val-per-class", type=int, default=600)
-    parser.add_argument("--limit-per-class", type=int, default=None, help="subsample train and test")
+    parser.add_argument("--limit-per-class", type=int, default=None,
+                        help="subsample train and test when reading (both kinds of rows; for smoke runs)")
     parser.add_argument("--test-limit-per-class", type=int, default=None)
     parser.add_argument("--num-workers", type=lambda v: v if v == "auto" else int(v), default="auto",
-                        help="DataLoader workers; auto: none on 2 cores or fewer (they take the model's cores)")
+                        help="DataLoader workers of the tuned rows; auto: none on 2 cores or fewer")
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Command-line entry point."""
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    report: dict[str, Any] = {"args": vars(args), "protocols": {}}
+    mark = f"{RECIPE_MARK} {resolve_config(args.recipe)}" if args.recipe else TUNED_MARK
+    report: dict[str, Any] = {"args": vars(args), "rows": mark, "protocols": {}}
 
     def save() -> None:  # after every seed: a run of an hour keeps what it measured if a later part fails
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 
+    run_one = run_recipe_one if args.recipe else run_tuned_one
     for protocol in args.protocol:
-        runs: list[dict[str, dict[str, Any]]] = []
+        runs: list[dict[str, Any]] = []
         report["protocols"][protocol] = {"runs": runs}
         for seed in args.seeds:
             runs.append(run_one(protocol, seed, args))
             save()
         table = summarise(runs)
         report["protocols"][protocol]["summary"] = table
-        walls = [r["fine-tuned"]["wall_seconds"] for r in runs]
-        steps = [r["fine-tuned"]["steps"] for r in runs]
-        tuning = [r["fine-tuned"]["finetune_seconds"] for r in runs]
-        print(f"\n== {protocol} ({args.backbone}; seeds {args.seeds}; loss {args.loss}; {args.image_size}px; "
-              f"steps per run {steps}; "
+        walls = [r["meta"]["wall_seconds"] for r in runs]
+        steps = [r["meta"]["steps"] for r in runs]
+        tuning = [r["meta"]["finetune_seconds"] for r in runs]
+        what = "" if args.recipe else f"loss {args.loss}; {args.image_size}px; "
+        print(f"\n== {protocol}, {mark} ({what}seeds {args.seeds}; steps per run {steps}; "
               f"fine-tuning (training, validation, guard, whitening) per run {statistics.fmean(tuning) / 60:.1f} min; "
               f"wall per run with the test evaluation {statistics.fmean(walls) / 60:.1f} min)")
         print(format_metrics_table(table, [k for key in KEYS for k in (key, f"{key}_std")], delta=False))
-        print("chosen per seed:", [r["fine-tuned"]["chosen"] for r in runs])
+        print("chosen per seed:", [r["meta"]["chosen"] for r in runs])
+        if args.recipe:
+            print("held-out test per seed:", [r["meta"]["test_message"] for r in runs])
         save()
 
 
