@@ -106,7 +106,7 @@ def test_flip_tta_mirror_invariant_and_changes_the_bundle_id(tmp_path: Path, mod
     np.testing.assert_allclose(ts(x).detach().numpy(), both.numpy(), atol=1e-5)
 
 
-def _edit_card(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+def _edit_card(path: Path, edit: Callable[[dict[str, Any]], object]) -> None:
     card = json.loads((path / "card.json").read_text())
     edit(card)
     (path / "card.json").write_text(json.dumps(card))
@@ -133,7 +133,7 @@ def plain_bundle(tmp_path: Path, model: EmbeddingModel) -> Path:
     ids=["dim", "mean", "std", "metric", "both-preprocessings", "bundle-id"],
 )
 def test_edited_card_is_refused_at_load_naming_the_field(
-    plain_bundle: Path, edit: Callable[[dict[str, Any]], None], match: str
+    plain_bundle: Path, edit: Callable[[dict[str, Any]], object], match: str
 ) -> None:
     ModelBundle.load(plain_bundle)  # the untouched bundle loads
     _edit_card(plain_bundle, edit)

@@ -37,7 +37,7 @@ def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth random image (blocks upsampled): resampling differences show on it, unlike on flat fills."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR)).copy()
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)).copy()
 
 
 def _jpeg(pixels: np.ndarray, **save: object) -> bytes:
@@ -217,7 +217,11 @@ def test_run_ahead_keeps_order_raises_the_workers_error_and_stops_when_closed() 
             got.append(item)
     assert got == [0, 1, 2]
     seen: list[int] = []
-    gen = _run_ahead(iter(range(1000)), lambda b: seen.append(b) or b, threaded=True, depth=2)
+    def stage(b: int) -> int:
+        seen.append(b)
+        return b
+
+    gen = _run_ahead(iter(range(1000)), stage, threaded=True, depth=2)
     assert next(gen) == 0
     gen.close()  # the thread stops instead of staging all 1000
     assert not any(t.name == "deepfeat-embed-stage" for t in threading.enumerate())
