@@ -138,7 +138,7 @@ def _parse(data: bytes) -> _Jpeg:
             scan.rst_markers = _check_restarts(data, end, stop)
             out.scans.append(scan)
             if found is None:
-                raise _Damaged("the file ends inside scan data, without an end-of-image marker (truncated)")
+                raise _Damaged("the file is truncated: it ends inside scan data, without an end-of-image marker")
             end = stop
         i = end
     if out.frame is None or not out.scans:
