@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from deepfeat.recipes import layers
+from deepfeat.recipes.cli import layers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ forward pass, and every row of the table is computed from them.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Sequence
@@ -32,7 +31,6 @@ from deepfeat.finetune.models.fne import (
     build_fne_model,
     fne_head,
     fne_storage_report,
-    format_storage_report,
     layer_features,
 )
 
@@ -411,144 +409,81 @@ def select_records(
 
 
 # ----------------------------------------------------------------------------------------------------
-# the command
+# the report: sweep, table, picture and the optional FNE bundle (``deepfeat layers`` prints it)
 # ----------------------------------------------------------------------------------------------------
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+@dataclass
+class LayerReport:
+    """What :func:`layer_report` measured and wrote.
+
+    Attributes:
+        result: the sweep (table, fitted FNE model, reference statistics, timings).
+        title: one line naming the backbone, input size, data, split, queries and protocol.
+        n_vectors: evaluated images (the storage report's vector count).
+        csv: the table as CSV.
+        picture: the PNG of the table.
+        fne_bundle: the exported full-network embedding bundle, when asked for.
+        seconds: wall time of the whole report.
+    """
+
+    result: LayerSweepResult
+    title: str
+    n_vectors: int
+    csv: Path
+    picture: Path
+    fne_bundle: Path | None = None
+    seconds: float = 0.0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``deepfeat layers``."""
+def layer_report(
+    data: str,
+    out: str | Path,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    split: str | None = None,
+    limit_per_class: int | None = 200,
+    reference: ReferenceChoice = "auto",
+    mode: Literal["all_vs_all", "holdout"] = "all_vs_all",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    bundle: str | Path | None = None,
+    save_fne: str | Path | None = None,
+    overwrite: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> LayerReport:
+    """Select the records of ``data`` (:func:`select_records`), sweep the layers (:func:`layer_sweep`) and write
+    ``out/layers.csv``, ``out/layers.png`` and, with ``save_fne``, the fitted FNE as a model bundle.
+
+    Raises:
+        DataError: no such split, no reference split, no decodable image; ModelError: an existing ``save_fne``
+            bundle without ``overwrite``.
+    """
     started = time.perf_counter()
-    evaluation, reference, split = select_records(
-        args.data,
-        split=args.split,
-        limit_per_class=args.limit_per_class,
-        reference=args.reference,
-        mode=args.mode,
-        seed=args.seed,
-    )
-    result = layer_sweep(
-        evaluation,
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        reference=reference,
-        thresholds=tuple(args.thresholds),
-        bundle=args.bundle,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=_resolve_device(args.device),
-    )
-    out = Path(args.out)
+    evaluation, ref, split = select_records(data, split=split, limit_per_class=limit_per_class, reference=reference,
+                                            mode=mode, seed=seed)
+    result = layer_sweep(evaluation, backbone=backbone, weights=weights, image_size=image_size, reference=ref,
+                         thresholds=tuple(thresholds), bundle=bundle, batch_size=batch_size,
+                         num_workers=num_workers, device=device)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "layers.csv"
     result.table.to_csv(csv_path, index=False)
     n_q = int(result.table["n_queries"].iloc[0])
-    title = (
-        f"{args.backbone} @ {result.fne_model.preprocessing.input_size[0]} px, {args.data} {split} "
-        f"({n_q} queries, {args.mode})"
-    )
+    title = (f"{backbone} @ {result.fne_model.preprocessing.input_size[0]} px, {data} {split} "
+             f"({n_q} queries, {mode})")
     png_path = plot_sweep(result.table, out / "layers.png", title=title)
-    print(title)
-    print(
-        f"FNE statistics from {result.reference['n_images']} images of split {result.reference['split']} "
-        f"({result.reference['n_zero_variance']} features without variance); thresholds "
-        f"{tuple(args.thresholds)}"
-    )
-    print(format_table(result.table))
-    print("* best single layer (chosen on this split)")
-    fne_dim = int(result.fne_model.embedding_dim)
-    print(f"\nStorage of the {fne_dim}-d full-network embedding for {len(evaluation)} vectors:")
-    print(format_storage_report(fne_dim, len(evaluation)))
-    if args.save_fne:
+    fne_path = None
+    if save_fne:
         from deepfeat.finetune.models.bundle import export_bundle
 
         fne_rows = result.table[result.table["kind"] == "fne"]
-        metrics = {
-            str(r["representation"]): {k: float(r[k]) for k in ("recall_at_1", "map_at_r")}
-            for _, r in fne_rows.iterrows()
-        }
-        path = export_bundle(
-            result.fne_model,
-            args.save_fne,
-            overwrite=args.overwrite,
-            onnx=False,
-            training={"fne_reference": result.reference, "data": str(args.data)},
-            metrics=metrics,
-        )
-        print(f"FNE bundle (statistics included) written to {path}")
-    seconds = time.perf_counter() - started
-    print(
-        f"wrote {csv_path} and {png_path} in {seconds:.1f} s "
-        f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items())})"
-    )
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``deepfeat layers``."""
-    p = sub.add_parser(
-        "layers",
-        help="retrieval quality of each layer and of the full-network embedding (off the shelf)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-    )
-    p.add_argument(
-        "--data",
-        default="fashion-mnist",
-        help="image folder, CSV/Parquet manifest, HF dataset dir or fashion-mnist (default)",
-    )
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name (default %(default)s)")
-    p.add_argument("--weights", default="imagenet", help="imagenet (installed), a local state dict, or none")
-    p.add_argument(
-        "--image-size", type=int, default=None, help="input size override, e.g. 64 for 28 px images"
-    )
-    p.add_argument(
-        "--limit-per-class",
-        type=int,
-        default=200,
-        help="at most N images per class and split (default %(default)s; 0 = all)",
-    )
-    p.add_argument(
-        "--split",
-        default=None,
-        choices=["train", "val", "test"],
-        help="split to evaluate (default: test, else val, else train)",
-    )
-    p.add_argument(
-        "--mode",
-        default="all_vs_all",
-        choices=["all_vs_all", "holdout"],
-        help="query/gallery protocol (default %(default)s)",
-    )
-    p.add_argument(
-        "--reference",
-        default="auto",
-        choices=["auto", "train", "eval"],
-        help="images for the FNE statistics: the train split (auto, when it is not the evaluated "
-        "split) or the evaluated images",
-    )
-    p.add_argument(
-        "--thresholds",
-        type=float,
-        nargs=2,
-        default=list(DEFAULT_THRESHOLDS),
-        metavar=("T_NEG", "T_POS"),
-        help="FNE discretisation thresholds (default -0.25 0.15)",
-    )
-    p.add_argument("--bundle", default=None, help="a fine-tuned model bundle to add as a row")
-    p.add_argument("--out", default="layers-report", help="folder for layers.csv and layers.png")
-    p.add_argument(
-        "--save-fne",
-        default=None,
-        metavar="DIR",
-        help="also export the fitted full-network embedding as a model bundle",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --save-fne bundle")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0, help="seed of the holdout query choice")
-    p.set_defaults(handler=run)
+        metrics = {str(r["representation"]): {k: float(r[k]) for k in ("recall_at_1", "map_at_r")}
+                   for _, r in fne_rows.iterrows()}
+        fne_path = Path(export_bundle(result.fne_model, save_fne, overwrite=overwrite, onnx=False,
+                                      training={"fne_reference": result.reference, "data": str(data)},
+                                      metrics=metrics))
+    return LayerReport(result=result, title=title, n_vectors=len(evaluation), csv=csv_path, picture=png_path,
+                       fne_bundle=fne_path, seconds=time.perf_counter() - started)

@@ -12,7 +12,6 @@ Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, or any im
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -158,38 +157,3 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
                                                                "picture": str(out.picture)}, indent=2, default=str))
     return out
 
-
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    kw: dict[str, Any] = {"data": args.data, "out": args.out, "progress": not args.quiet, "seed": args.seed,
-                          "num_workers": args.num_workers}
-    if args.minutes is not None:
-        kw["minutes"] = args.minutes
-    opts = QuickstartOptions.full(**kw) if args.full else QuickstartOptions(**kw)
-    if args.tiny:
-        opts.train_per_class, opts.test_per_class, opts.image_size = 24, 12, 32
-        opts.max_epochs, opts.batches_per_epoch, opts.num_workers = 2, 4, 0
-    print(f"deepfeat quickstart: data={opts.data or 'fashion-mnist'} out={opts.out} "
-          f"(training budget {opts.minutes:g} min; --full for a longer run)")
-    res = run_quickstart(opts)
-    print("\nRetrieval on the test split (queries vs gallery, leave-one-out):")
-    print(res.table)
-    print(f"\n{res.guard_message}")
-    print(f"bundle:     {res.bundle}")
-    print(f"milvus:     {res.milvus_uri} collection {res.collection!r} ({res.n_loaded} vectors)")
-    print(f"picture:    {res.picture}")
-    print("time (s):   " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()))
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``deepfeat quickstart``."""
-    p = sub.add_parser("quickstart", help="off-the-shelf vs fine-tuned, load into Milvus Lite, search, picture")
-    p.add_argument("--data", default=None, help="an image folder (one sub-folder per class); default Fashion-MNIST")
-    p.add_argument("--out", default="deepfeat-quickstart", help="output folder (bundle, Milvus Lite db, picture)")
-    p.add_argument("--minutes", type=float, default=None, help="training budget in minutes")
-    p.add_argument("--full", action="store_true", help="all of Fashion-MNIST at 64 px, 20 minutes of training")
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=_cmd_quickstart)

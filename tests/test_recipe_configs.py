@@ -10,8 +10,8 @@ import pytest
 
 from deepfeat.connectors.schema import IndexSpec
 from deepfeat.finetune.errors import DataError
-from deepfeat.recipes.cli import main
 from deepfeat.finetune.training import EMA, ExportBundle, MetricLearningModule, RetrievalDataModule
+from deepfeat.recipes.cli import main
 from deepfeat.recipes.config import RECIPES, RecipeConfig, list_recipes, load_recipe, resolve_config
 from deepfeat.recipes.recipes import build_filter, milvus_literal, pick_queries
 

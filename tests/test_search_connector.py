@@ -17,10 +17,10 @@ from deepfeat.connectors import (
     search_vectors,
     sync_records,
 )
-from deepfeat.connectors.cli import main
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.finetune.errors import DataError, MismatchError
 from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.recipes.cli import main
 
 N = 60
 

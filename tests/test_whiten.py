@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -93,11 +93,10 @@ def test_whitened_model_round_trips_through_its_bundle(tmp_path: Path) -> None:
 
 
 def test_finetune_with_whitening_exports_what_it_chose(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
     from imagegen import make_image_folder
 
     from deepfeat.finetune.data.readers import read_image_folder
-    import lightning.pytorch as pl
-
     from deepfeat.finetune.training import ExportBundle, MetricLearningModule, RetrievalDataModule
     from deepfeat.finetune.training.pipeline import guarded_fit
 
@@ -127,8 +126,8 @@ def test_export_callback_of_deepfeat_fit_applies_flip_tta_and_whitening(tmp_path
 
     from deepfeat.finetune.data.readers import read_image_folder
     from deepfeat.finetune.training.callbacks import ExportBundle
-    from deepfeat.finetune.training.module import MetricLearningModule
     from deepfeat.finetune.training.datamodule import RetrievalDataModule
+    from deepfeat.finetune.training.module import MetricLearningModule
 
     records = read_image_folder(make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32))
     kw: dict[str, Any] = {"split_mode": "by_group", "p": 4, "k": 2, "batches_per_epoch": 2}

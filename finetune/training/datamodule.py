@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import pandas as pd
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from typing_extensions import override
 
 from deepfeat.finetune.data.contract import check_retrievable
@@ -241,8 +241,16 @@ class RetrievalDataModule(pl.LightningDataModule):
         if not (self.records["split"] == split).any():
             raise DataError(f"there is no {split!r} split in the data (splits: {sorted(set(self.records['split']))}); "
                             f"choose split_mode 'by_class' or 'by_group', or give val_fraction > 0")
-        return make_loader(self.dataset(split), batch_size=self.hparams["eval_batch_size"],
-                           num_workers=self.hparams["num_workers"])
+        ds = self.dataset(split)
+        batch_size, workers = int(self.hparams["eval_batch_size"]), int(self.hparams["num_workers"])
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:
+            # Under DDP each rank embeds its own share of the split (use_distributed_sampler is off, so Lightning
+            # does not shard it); the module gathers the shares and scores the whole split. DistributedSampler
+            # pads the last share with repeated images, which the module drops by index.
+            shard = DistributedSampler(ds, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+            return make_loader(ds, batch_sampler=BatchSampler(shard, batch_size, drop_last=False), num_workers=workers)
+        return make_loader(ds, batch_size=batch_size, num_workers=workers)
 
     @override
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:

@@ -260,8 +260,7 @@ class MetricLearningModule(pl.LightningModule):
         emb = torch.cat([o[0] for o in outputs])
         idx = torch.cat([o[1] for o in outputs])
         if self.trainer.world_size > 1:
-            emb = self.all_gather(emb).flatten(0, 1)  # type: ignore[union-attr]
-            idx = self.all_gather(idx).flatten(0, 1)  # type: ignore[union-attr]
+            emb, idx = _gather_shares(emb, idx)
         order = np.argsort(idx.numpy(), kind="stable")
         idx_np, emb_np = idx.numpy()[order], emb.numpy()[order]
         _, first = np.unique(idx_np, return_index=True)  # DDP pads with repeated samples
@@ -311,6 +310,17 @@ class MetricLearningModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _gather_shares(emb: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (embeddings, indices) of an evaluation split, concatenated in rank order.
+
+    Gathered as objects, not tensors: the shares may differ in length (an image that failed to decode on one
+    rank), which a tensor all-gather cannot take.
+    """
+    shares: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shares, (emb, idx))
+    return torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
 
 
 def _class_weight_shape(loss: nn.Module) -> tuple[int, int] | None:

@@ -19,7 +19,7 @@ from torch.utils.data import Sampler
 
 from deepfeat.finetune.errors import DataError
 
-__all__ = ["PKSampler"]
+__all__ = ["EpochForwarder", "PKSampler"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,20 @@ def _factorize(labels: Any) -> tuple[np.ndarray, list[Any]]:
     return np.asarray(codes, dtype=np.int64), list(uniques)
 
 
+class EpochForwarder:
+    """Passes ``set_epoch`` on to a batch sampler (see :attr:`PKSampler.sampler`)."""
+
+    def __init__(self, owner: PKSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the owner's epoch."""
+        self.owner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.owner.num_samples
+
+
 class PKSampler(Sampler[list[int]]):
     """Yield batches of ``p`` classes x ``k`` indices, for ``DataLoader(batch_sampler=...)``.
 
@@ -49,8 +63,10 @@ class PKSampler(Sampler[list[int]]):
       drawn from a shuffled cycle, so every image is used before any is repeated; a class with
       fewer than ``k`` images gives all of them plus random repeats (sampling with replacement).
     * Classes with fewer than 2 images cannot form a positive pair and are skipped (warned once).
-    * The order depends only on ``seed`` and the epoch given to :meth:`set_epoch` (Lightning calls
-      it on a loader's batch sampler every epoch), never on global random state.
+    * The order depends only on ``seed`` and the epoch given to :meth:`set_epoch`, never on global
+      random state. Lightning calls ``set_epoch`` every epoch on ``loader.sampler`` and on
+      ``loader.batch_sampler.sampler``, not on the batch sampler itself, so :attr:`sampler` forwards it
+      here (without it every epoch would repeat the first epoch's batches).
     * Distributed: all ranks draw the same global sequence of ``batches_per_epoch * num_replicas``
       batches and rank ``r`` takes batches ``r, r + num_replicas, ...``: disjoint batches, the same
       count on every rank. With Lightning, pass ``Trainer(use_distributed_sampler=False)`` so that it
@@ -162,6 +178,11 @@ class PKSampler(Sampler[list[int]]):
         if epoch < 0:
             raise DataError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
+
+    @property
+    def sampler(self) -> EpochForwarder:
+        """What Lightning's per-epoch hook finds as ``batch_sampler.sampler``: its ``set_epoch`` reaches this one."""
+        return EpochForwarder(self)
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
         """Make the next iteration over ``epoch`` start after its first ``batches_done`` batches (once).
