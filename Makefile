@@ -6,14 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.deepfeat-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: demo test test-all lint typecheck check data venv clean
+.PHONY: demo test test-server test-all lint typecheck check data venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q -e ".[dev,serve,bulk]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,6 +35,20 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q --timeout=900
 
+# The server tests (-m server): a real standalone Milvus from PyPI 'milvus' (its own server binary), in a venv of
+# its own so that its pins never meet deepfeat's; the test session starts and stops it (tests/test_connector_server.py).
+MILVUS_VENV := .venv-milvus
+MILVUS_SERVER := milvus==2.3.5
+MILVUS_STAMP := $(MILVUS_VENV)/.milvus-installed
+
+$(MILVUS_STAMP):
+	$(PY) -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/pip install -q $(MILVUS_SERVER)
+	touch $(MILVUS_STAMP)
+
+test-server: $(STAMP) $(MILVUS_STAMP)
+	DEEPFEAT_MILVUS_SERVER_PYTHON=$(MILVUS_VENV)/bin/python $(BIN)/python -m pytest -q -m server --timeout=900
+
 test-all: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "" --timeout=3600
 
@@ -48,4 +62,4 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) *.egg-info build dist
+	rm -rf $(VENV) $(MILVUS_VENV) *.egg-info build dist

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_connector_support import fingerprint_of, make_images, record_ids, synthetic_vectors, write_shards
+from test_connector_support import (
+    all_rows,
+    fingerprint_of,
+    make_images,
+    record_ids,
+    synthetic_vectors,
+    write_image,
+    write_shards,
+)
 
 from deepfeat.connectors import (
     BulkStaging,
@@ -30,6 +38,7 @@ from deepfeat.connectors import (
     reindex,
     search_ids,
     search_vectors,
+    sync_records,
 )
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.finetune.errors import ConnectorError, MismatchError
@@ -68,26 +77,27 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             )
         python = sys.executable
     base = tmp_path_factory.mktemp("milvus-server")
-    proc = subprocess.Popen(
-        [python, "-c", _SERVER, str(base)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = base / "wrapper.log"  # the wrapper's stderr in a file: a pipe nobody reads could fill and block it
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [python, "-c", _SERVER, str(base)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+        )
     assert proc.stdout is not None and proc.stdin is not None
-    line = proc.stdout.readline().strip()
+    line = proc.stdout.readline().strip()  # the port, once the server answers its health check
     if not line.isdigit():
         proc.kill()
-        pytest.fail(f"the embedded Milvus server did not start: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        proc.wait(timeout=30)
+        logs = "\n".join(f.read_text(errors="replace")[-1500:] for f in [log, *sorted(base.glob("logs/*.log"))])
+        pytest.fail(f"the embedded Milvus server ({python}) did not start:\n{logs}")
     try:
         yield f"http://127.0.0.1:{line}", base / "data"
     finally:
-        proc.stdin.close()
+        proc.stdin.close()  # the wrapper stops the server at EOF
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -147,6 +157,32 @@ def test_server_reindex_switches_alias(
     assert v2.final_count == 6
     with pytest.raises(MismatchError):
         search_vectors(sconn, alias, np.ones(bundle.dim, dtype=np.float32), bundle=bundle)
+
+
+def test_server_sync_upserts_changes_without_duplicates(
+    sconn: MilvusConnector, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    # a real server keeps a second row for a re-inserted key (Milvus Lite overwrites): sync must upsert and delete
+    root = make_images(tmp_path / "images", n_per_class=3)
+    name = _name("synced")
+    first = sync_records(sconn, name, root, bundle, progress=False)
+    assert (first.added, first.updated, first.deleted, first.final_count) == (9, 0, 0, 9)
+    before = all_rows(sconn, name)
+    rng = np.random.default_rng(7)
+    write_image(root / "red" / "01.png", (250, 250, 0), rng)  # changed content
+    (root / "green" / "02.png").unlink()  # gone
+    write_image(root / "blue" / "03.png", (10, 10, 10), rng)  # new
+    second = sync_records(sconn, name, root, bundle, progress=False)
+    assert (second.added, second.updated, second.deleted, second.unchanged) == (1, 1, 1, 7)
+    after = all_rows(sconn, name)  # fails on a duplicated record id
+    assert second.final_count == 9 == len(after) == sconn.count(name)
+    assert "green/02.png" not in after and "blue/03.png" in after
+    assert after["red/01.png"]["content_hash"] != before["red/01.png"]["content_hash"]
+    np.testing.assert_allclose(after["red/01.png"]["vector"], bundle.embed([root / "red" / "01.png"])[0], atol=1e-5)
+    hits = search_vectors(sconn, name, np.asarray(after["blue/03.png"]["vector"]), top_k=3, filter='label == "blue"')
+    assert hits[0][0]["record_id"] == "blue/03.png" and all(h["label"] == "blue" for h in hits[0])
+    third = sync_records(sconn, name, root, bundle, progress=False)
+    assert (third.added, third.updated, third.deleted, third.unchanged) == (0, 0, 0, 9)
 
 
 def test_server_bulk_import_polls_jobs_to_completion(
