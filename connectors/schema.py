@@ -326,7 +326,12 @@ class ScalarField:
         )
 
 
-def _fingerprint_of(bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | Path) -> dict[str, Any]:
+def fingerprint_of(bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """The bundle fingerprint of a bundle, a card, a bundle directory or a fingerprint mapping (checked).
+
+    Raises:
+        MismatchError: a mapping without ``bundle_id``, ``embedding_dim`` or ``metric``.
+    """
     if isinstance(bundle, ModelBundle | BundleCard):
         return dict(bundle.fingerprint())
     if isinstance(bundle, str | Path):
@@ -339,6 +344,9 @@ def _fingerprint_of(bundle: ModelBundle | BundleCard | Mapping[str, Any] | str |
             f"bundle directory, a ModelBundle, or shards written by 'deepfeat embed'"
         )
     return fp
+
+
+_fingerprint_of = fingerprint_of  # the old private name, until every caller is committed
 
 
 def _user_type_arrow(t: pa.DataType) -> ScalarType | None:
@@ -491,7 +499,7 @@ class CollectionSpec:
             key: derive the primary key from the ``record_id`` (one row per record) or the
                 ``content_hash`` (identical images collapse into one row).
         """
-        fp = _fingerprint_of(bundle)
+        fp = fingerprint_of(bundle)
         idx = IndexSpec.parse(index) if isinstance(index, str) else (index or IndexSpec())
         fields = [ScalarField(n, "VARCHAR", length) for n, length in FIXED_FIELDS.items()]
         fields.extend(user_fields(metadata, columns=columns, exclude=exclude))
@@ -570,7 +578,7 @@ class CollectionSpec:
         Raises:
             MismatchError: dim, metric, preprocessing or bundle id differ (each named, with the fix).
         """
-        check_compatible(dict(self.fingerprint), _fingerprint_of(bundle), what=f"{what} collection {self.name!r}")
+        check_compatible(dict(self.fingerprint), fingerprint_of(bundle), what=f"{what} collection {self.name!r}")
 
     def check_fields(self, columns: Sequence[str]) -> None:
         """Log metadata columns that the collection has no field for (they are not stored)."""
