@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,serve,bulk]"
+	$(BIN)/pip install -q -e ".[dev,serve,bulk,ray]"
 	touch $(STAMP)
 
 venv: $(STAMP)

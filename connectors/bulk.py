@@ -25,18 +25,10 @@ import pyarrow.parquet as pq
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.collection import BundleLike, create_collection, create_index
-from deepfeat.connectors.load import (
-    LoadReport,
-    LoadState,
-    _progress,
-    _source_keys,
-    _verify,
-    batch_vectors,
-    list_shards,
-    shard_fingerprint,
-)
-from deepfeat.connectors.schema import VECTOR_FIELD, CollectionSpec, IndexSpec, KeyMode, _fingerprint_of
+from deepfeat.connectors.load import LoadReport, LoadState, batch_vectors, progress_bar, source_keys, verify_load
+from deepfeat.connectors.schema import VECTOR_FIELD, CollectionSpec, IndexSpec, KeyMode, fingerprint_of
 from deepfeat.finetune.errors import ConnectorError, MissingExtraError
+from deepfeat.finetune.inference.shards import check_ids, common_fingerprint, list_shards, read_schema
 from deepfeat.finetune.models.bundle import check_compatible
 
 log = logging.getLogger(__name__)
@@ -179,11 +171,12 @@ def bulk_import_shards(
         )
     start = time.perf_counter()
     files = list_shards(shards)
-    fp = shard_fingerprint(files[0])
+    fp = common_fingerprint(files)
+    check_ids(files)  # an import appends: a repeated id would be two rows, a null one a row without a record
     if bundle is not None:
-        check_compatible(_fingerprint_of(bundle), fp, what=f"shards {str(files[0].parent)!r}")
+        check_compatible(fingerprint_of(bundle), fp, what=f"shards {str(files[0].parent)!r}")
     existed = conn.has_collection(collection)
-    spec = CollectionSpec.from_bundle(collection, fp, metadata=pq.read_schema(files[0]), index=index, key=key)
+    spec = CollectionSpec.from_bundle(collection, fp, metadata=read_schema(files[0]), index=index, key=key)
     spec = create_collection(conn, spec, index=False, load=False)
     if state_path is None:
         state_path = files[0].parent / f"_import_state.{collection}.json"
@@ -219,7 +212,7 @@ def bulk_import_shards(
         log.info("submitted import job %s for %s (%d files)", job_id, f.name, len(paths))
     done = sum(int(j.get("rows", 0)) for j in jobs.values() if j.get("status") == "completed")
     t_write = time.perf_counter()
-    bar = _progress(total, done, f"import {collection}", progress)
+    bar = progress_bar(total, done, f"import {collection}", progress)
     written = 0
     try:
         for f in files:
@@ -249,7 +242,7 @@ def bulk_import_shards(
     expected: int | None = None
     verified = False
     if verify:
-        expected, verified = _verify(conn, collection, _source_keys(files, spec), 0, final)
+        expected, verified = verify_load(conn, collection, source_keys(files, spec), 0, final)
     state.data["complete"] = True
     state.save(sync=True)
     return LoadReport(

@@ -34,9 +34,11 @@ from deepfeat.connectors.schema import (
     CollectionSpec,
     IndexSpec,
     KeyMode,
+    fingerprint_of,
     primary_keys,
 )
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
+from deepfeat.finetune.inference.shards import check_ids, common_fingerprint, list_shards, read_schema
 from deepfeat.finetune.models.bundle import check_compatible
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,6 @@ log = logging.getLogger(__name__)
 #: gRPC messages are limited to 64 MB; batches are split to stay under this estimate of their size.
 DEFAULT_MAX_BATCH_BYTES = 48 << 20
 DEFAULT_BATCH_ROWS = 2000
-BUNDLE_METADATA_KEY = b"deepfeat.bundle"
-SHARD_GLOB = "part-*.parquet"
 STATE_FORMAT = 1
 FSYNC_SECONDS = 5.0
 
@@ -216,46 +216,6 @@ class LoadState:
         )
 
 
-def list_shards(shards: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Shard files: a directory's ``part-*.parquet`` (sorted), one file, or a list of files.
-
-    Raises:
-        DataError: nothing to load.
-    """
-    if isinstance(shards, str | Path):
-        root = Path(shards)
-        if root.is_dir():
-            files = sorted(root.glob(SHARD_GLOB))
-        elif root.is_file():
-            files = [root]
-        else:
-            raise DataError(f"shards {str(root)!r} do not exist; pass the --out directory of 'deepfeat embed'")
-    else:
-        files = [Path(p) for p in shards]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise DataError(f"shard files not found: {missing[:5]}")
-    if not files:
-        raise DataError(f"no shards ({SHARD_GLOB}) in {str(shards)!r}; create them with 'deepfeat embed'")
-    return files
-
-
-def shard_fingerprint(path: Path) -> dict[str, Any]:
-    """The bundle fingerprint stored in a shard's schema metadata.
-
-    Raises:
-        DataError: the shard has none (not written by ``deepfeat embed``).
-    """
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(BUNDLE_METADATA_KEY)
-    if not raw:
-        raise DataError(
-            f"shard {str(path)!r} records no model bundle (schema metadata {BUNDLE_METADATA_KEY!r}); "
-            f"write shards with 'deepfeat embed', or pass bundle= for foreign Parquet files"
-        )
-    return dict(json.loads(raw))
-
-
 def batch_vectors(batch: pa.RecordBatch | pa.Table, dim: int, where: str) -> np.ndarray:
     """The ``vector`` column of a batch as float32 (n, dim) without copying where possible.
 
@@ -335,7 +295,8 @@ class BatchWriter:
         return [r[PK_FIELD] for r in rows]
 
 
-def _progress(total: int | None, initial: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> Any:
+    """A vectors/s progress bar (tqdm), disabled unless ``enabled``."""
     return tqdm(
         total=total,
         initial=initial,
@@ -352,11 +313,16 @@ def _key_column(spec: CollectionSpec) -> str:
     return "content_hash" if spec.key == "content_hash" else "id"
 
 
-def _source_keys(files: Sequence[Path], spec: CollectionSpec) -> list[str]:
+def source_keys(files: Sequence[Path], spec: CollectionSpec) -> list[str]:
+    """The distinct primary keys of shard files under ``spec``'s key mode (record id or content hash), sorted.
+
+    Raises:
+        DataError: a shard lacks the column the key is made from.
+    """
     col = _key_column(spec)
     values: list[Any] = []
     for f in files:
-        names = pq.read_schema(f).names
+        names = read_schema(f).names
         use = col if col in names else (RECORD_ID_FIELD if RECORD_ID_FIELD in names and col == "id" else None)
         if use is None:
             raise DataError(f"shard {str(f)!r} has no {col!r} column; it is needed for the {spec.key} key")
@@ -376,10 +342,17 @@ def missing_keys(conn: MilvusConnector, collection: str, keys: Sequence[str], *,
     return missing
 
 
-def _verify(
+def verify_load(
     conn: MilvusConnector, collection: str, keys: Sequence[str], count_before: int | None, final: int
 ) -> tuple[int | None, bool]:
-    """(expected count or None, verified) for a load whose source keys are ``keys``."""
+    """(expected count or None, verified) for a load whose source keys are ``keys``.
+
+    Into a collection that was empty, the count must equal the number of keys; into one that held rows,
+    every key must be there.
+
+    Raises:
+        ConnectorError: rows are missing (named by key).
+    """
     if count_before == 0:
         ok = final == len(keys)
         if not ok:
@@ -433,30 +406,22 @@ def load_shards(
 
     Raises:
         MismatchError: shards of several bundles, or of another bundle than the collection's.
-        DataError: a shard is unusable (no vectors, NaN/Inf vectors, no ids).
+        DataError: a shard is unusable (not Parquet, a damaged bundle record, no vectors, NaN/Inf vectors, no ids,
+            null or repeated ids: refused before anything is sent).
         ConnectorError: Milvus refused or stayed unreachable; the message says what is in and how to resume.
     """
     start = time.perf_counter()
     files = list_shards(shards)
-    fp = shard_fingerprint(files[0])
-    for f in files[1:]:
-        other = shard_fingerprint(f)
-        if other.get("bundle_id") != fp.get("bundle_id"):
-            raise MismatchError(
-                f"shards of different model bundles: {files[0].name} has {fp.get('bundle_id')!r}, "
-                f"{f.name} has {other.get('bundle_id')!r}; load each bundle's shards into its own "
-                f"collection"
-            )
+    fp = common_fingerprint(files)
+    check_ids(files)  # before anything is sent: null or repeated ids would silently collapse into fewer rows
     if bundle is not None:
-        from deepfeat.connectors.schema import _fingerprint_of
-
-        check_compatible(_fingerprint_of(bundle), fp, what=f"shards {str(files[0].parent)!r}")
+        check_compatible(fingerprint_of(bundle), fp, what=f"shards {str(files[0].parent)!r}")
     spec = CollectionSpec.from_bundle(
-        collection, fp, metadata=pq.read_schema(files[0]), index=index, key=key, exclude=exclude_columns
+        collection, fp, metadata=read_schema(files[0]), index=index, key=key, exclude=exclude_columns
     )
     existed = conn.has_collection(collection)  # a state for a collection that is gone is stale
     spec = create_collection(conn, spec)
-    spec.check_fields([n for n in pq.read_schema(files[0]).names if n != VECTOR_FIELD])
+    spec.check_fields([n for n in read_schema(files[0]).names if n != VECTOR_FIELD])
     if state_path is None:
         state_path = (
             Path(shards) if isinstance(shards, str | Path) and Path(shards).is_dir() else files[0].parent
@@ -481,7 +446,7 @@ def load_shards(
         log.info("resuming the load into %s: %d of %d rows are already in", collection, resumed, total)
     wanted = set([*spec.field_names, "id", "content_hash", VECTOR_FIELD]) - {"model_version"}
     t_write = time.perf_counter()
-    bar = _progress(total, resumed, f"load {collection}", progress)
+    bar = progress_bar(total, resumed, f"load {collection}", progress)
     writer = BatchWriter(conn, spec, max_batch_bytes=max_batch_bytes, bar=bar)
     try:
         for f, _rows, _size in metas:
@@ -509,7 +474,7 @@ def load_shards(
     expected: int | None = None
     verified = False
     if verify:
-        expected, verified = _verify(conn, collection, _source_keys(files, spec), state.data["count_before"], final)
+        expected, verified = verify_load(conn, collection, source_keys(files, spec), state.data["count_before"], final)
     state.data["complete"] = True
     state.save(sync=True)
     report = LoadReport(
@@ -586,7 +551,7 @@ def load_embeddings(
     skip = int(state.data.get("batches_done", 0))
     resumed = state.rows_done
     t_write = time.perf_counter()
-    bar = _progress(total, resumed, f"load {collection}", progress)
+    bar = progress_bar(total, resumed, f"load {collection}", progress)
     writer = BatchWriter(conn, spec, max_batch_bytes=max_batch_bytes, bar=bar)
     keys: set[str] = set()
     n_source = 0
@@ -608,7 +573,7 @@ def load_embeddings(
     expected: int | None = None
     verified = False
     if verify:
-        expected, verified = _verify(conn, collection, sorted(keys), state.data["count_before"], final)
+        expected, verified = verify_load(conn, collection, sorted(keys), state.data["count_before"], final)
     state.data["complete"] = True
     state.save(sync=True)
     return LoadReport(

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 import weakref
@@ -25,8 +23,6 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,20 +31,17 @@ from deepfeat.finetune.data.dataset import RecordDataset, SkipReport, collate_sk
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
 from deepfeat.finetune.inference.device_decode import DevicePreprocess
 from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference.shards import ShardWriter, read_shards
 from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
-
-BUNDLE_METADATA_KEY = b"deepfeat.bundle"
-SHARD_GLOB = "part-*.parquet"
-_RESERVED = ("vector", "image")
 
 Decode = Literal["auto", "cpu", "device"]
 #: where :func:`iter_embeddings` decodes JPEG files (``--decode`` of ``deepfeat embed``)
 DECODE_CHOICES: tuple[str, ...] = ("auto", "cpu", "device")
 
 
-class _HashingDataset(RecordDataset):
+class HashingDataset(RecordDataset):
     """A :class:`RecordDataset` that also computes each record's ``content_hash`` in the worker.
 
     Hashing used to run in the main process after each forward pass, re-reading every file there: time on
@@ -68,9 +61,9 @@ class _HashingDataset(RecordDataset):
         return item
 
 
-class _EncodedDataset(_HashingDataset):
+class _EncodedDataset(HashingDataset):
     """For ``decode="device"``: JPEG files come back as their bytes (decoded on the device in the main
-    process); every other record is decoded and preprocessed here, as by :class:`_HashingDataset`."""
+    process); every other record is decoded and preprocessed here, as by :class:`HashingDataset`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -246,7 +239,7 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     use_autocast = resolve_autocast(dev, autocast)
     transform = build_transforms(bundle.preprocessing, preset="none", train=False)
     on_device = decode == "device" or (decode == "auto" and cuda)
-    dataset = (_EncodedDataset if on_device else _HashingDataset)(records, transform, class_to_idx={}, root=root)
+    dataset = (_EncodedDataset if on_device else HashingDataset)(records, transform, class_to_idx={}, root=root)
     prep = DevicePreprocess(bundle.preprocessing, dev) if on_device else None
     loader_kw: dict[str, Any] = {}
     if num_workers > 0:
@@ -438,43 +431,6 @@ def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any, er
     return images, fallback
 
 
-def _metadata_columns(records: pd.DataFrame) -> list[str]:
-    return [c for c in records.columns if c not in _RESERVED]
-
-
-def _to_table(rows: pd.DataFrame, vectors: np.ndarray, fingerprint: dict[str, Any]) -> pa.Table:
-    cols: dict[str, pa.Array] = {}
-    for c in _metadata_columns(rows):
-        values = rows[c]
-        if values.dtype == object:
-            # a list, not Series.map: map turns None into NaN, and a NaN among strings fails in pyarrow
-            # (records mixing files and in-memory images); typed string, so all-None shards still concat
-            texts = [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
-            cols[c] = pa.array(texts, type=pa.string())
-        else:
-            cols[c] = pa.array(values.tolist())
-    dim = vectors.shape[1]
-    cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
-    table = pa.table(cols)
-    return table.replace_schema_metadata({BUNDLE_METADATA_KEY: json.dumps(fingerprint).encode()})
-
-
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file to a temporary name, fsync, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise DeepfeatError(f"cannot write shard {str(path)!r}: {exc.strerror or exc}. Shards written before "
-                            f"it are complete; free space (or choose another --out) and re-run: finished "
-                            f"shards are kept") from exc
-
-
 @dataclass
 class EmbedResult:
     """What ``embed_to_parquet`` did."""
@@ -502,73 +458,32 @@ def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | 
     ``compile`` runs the model through ``torch.compile`` and ``autocast`` switches bf16 autocast (see
     :func:`iter_embeddings`).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = bundle.fingerprint()
     records = records.reset_index(drop=True)
     start = time.perf_counter()
-    done_ids: set[str] = set()
-    shards = sorted(out.glob(SHARD_GLOB))
-    for shard in shards:
-        meta = pq.read_schema(shard).metadata or {}
-        got = json.loads(meta.get(BUNDLE_METADATA_KEY, b"{}"))
-        if got.get("bundle_id") != fingerprint["bundle_id"]:
-            raise DataError(f"{str(out)!r} holds shards from another model bundle ({got.get('bundle_id')!r}, this "
-                            f"one is {fingerprint['bundle_id']!r}); use an empty --out directory")
-        done_ids.update(pq.read_table(shard, columns=["id"]).column("id").to_pylist())
-    if done_ids:
-        log.info("resuming: %d records already embedded in %d shards", len(done_ids), len(shards))
-    todo = records[~records["id"].astype(str).isin(done_ids)]
+    writer = ShardWriter(out_dir, bundle.fingerprint(), shard_size=shard_size)
+    todo = records[~records["id"].astype(str).isin(writer.done_ids)]
     report = SkipReport()
-    pending_rows: list[pd.DataFrame] = []
-    pending_vecs: list[np.ndarray] = []
-    n_pending = 0
-    n_done = 0
-    # after the highest shard, never len(shards): with a gap (a shard removed by hand) that would overwrite
-    # a complete shard whose ids were just counted as done, and lose them
-    next_index = 1 + max((int(m.group(1)) for f in shards if (m := re.fullmatch(r"part-(\d+)\.parquet", f.name))),
-                         default=-1)
-
-    def flush() -> None:
-        nonlocal pending_rows, pending_vecs, n_pending, next_index
-        if not n_pending:
-            return
-        table = _to_table(pd.concat(pending_rows), np.concatenate(pending_vecs), fingerprint)
-        path = out / f"part-{next_index:05d}.parquet"
-        write_table_atomic(table, path)
-        shards.append(path)
-        next_index += 1
-        pending_rows, pending_vecs, n_pending = [], [], 0
-
     for rows, vectors in iter_embeddings(bundle, todo, batch_size=batch_size, num_workers=num_workers,
                                          on_error=on_error, report=report, root=root, device=device,
                                          progress=progress, compile=compile, autocast=autocast,
                                          decode=decode):
-        pending_rows.append(rows)
-        pending_vecs.append(vectors)
-        n_pending += len(rows)
-        n_done += len(rows)
-        if n_pending >= shard_size:
-            flush()
-    flush()
-    report.write(out / "_report.json")
+        writer.add(rows, vectors)
+    writer.close(report)
     seconds = time.perf_counter() - start
-    log.info("embedded %d images into %s (%d skipped) in %.1fs", n_done, out, len(report), seconds)
-    return EmbedResult(out, shards, n_done, len(report), seconds)
+    log.info("embedded %d images into %s (%d skipped) in %.1fs", writer.n_written, writer.out, len(report), seconds)
+    return EmbedResult(writer.out, writer.shards, writer.n_written, len(report), seconds)
 
 
-def read_shards(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
-    """Read all shards of a directory: (metadata rows, vectors (N, dim), bundle fingerprint)."""
-    root = Path(path)
-    files = sorted(root.glob(SHARD_GLOB)) if root.is_dir() else [root]
-    if not files:
-        raise DataError(f"no shards ({SHARD_GLOB}) in {str(root)!r}; create them with 'deepfeat embed'")
-    tables = [pq.read_table(f) for f in files]
-    meta = tables[0].schema.metadata or {}
-    fingerprint = json.loads(meta.get(BUNDLE_METADATA_KEY, b"{}"))
-    table = pa.concat_tables(tables)
-    vec = table.column("vector").combine_chunks()
-    dim = vec.type.list_size
-    vectors = vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    rows = table.drop(["vector"]).to_pandas()
-    return rows, vectors, fingerprint
+__all__ = [
+    "DECODE_CHOICES",
+    "PRECISION_AUTOCAST",
+    "Decode",
+    "EmbedResult",
+    "HashingDataset",
+    "auto_num_workers",
+    "cpu_has_native_bf16",
+    "embed_to_parquet",
+    "iter_embeddings",
+    "read_shards",
+    "resolve_autocast",
+]
