@@ -68,7 +68,7 @@ def test_writer_round_trip_metadata_and_resume(bundle_dir: Path, tmp_path: Path)
 
 def test_writer_refuses_shards_of_another_bundle(bundle_dir: Path, other_bundle_dir: Path, tmp_path: Path) -> None:
     _write(tmp_path / "s", fingerprint_of(bundle_dir), ["a", "b"])
-    with pytest.raises(DataError, match="holds shards from another model bundle.*use an empty --out"):
+    with pytest.raises(DataError, match=r"holds shards from another model bundle.*use an empty --out"):
         ShardWriter(tmp_path / "s", fingerprint_of(other_bundle_dir))
 
 
@@ -131,7 +131,9 @@ def test_unreadable_parquet_is_refused_naming_the_file(
     assert not conn.has_collection("items")
 
 
-@pytest.mark.parametrize(("raw", "expected"), [(b"{not json", "is not JSON"), (b"[1, 2]", "a JSON list, not an object")])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(b"{not json", "is not JSON"), (b"[1, 2]", "a JSON list, not an object")]
+)
 def test_damaged_bundle_metadata_is_refused(raw: bytes, expected: str, bundle_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "s"
     writer = _write(out, fingerprint_of(bundle_dir), ["a", "b"])

@@ -59,18 +59,29 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from deepfeat.finetune.inference.embed import PRECISION_AUTOCAST, auto_num_workers, embed_to_parquet
     from deepfeat.finetune.models.bundle import ModelBundle
 
-    dev = resolve_device(args.device)
+    if args.engine == "local" and args.address is not None:
+        raise DataError(f"--address {args.address!r} is for --engine ray; add --engine ray to embed on that cluster")
+    # on Ray the bundle is loaded on the CPU here and moved to each actor's device there
+    dev = "cpu" if args.engine == "ray" else resolve_device(args.device)
     bundle = ModelBundle.load(args.bundle, device=dev)
-    num_workers = auto_num_workers(dev) if args.num_workers == "auto" else args.num_workers
     # skip: a missing file or broken link is one reported skip, not a refusal of the whole source
     records = read_records(args.data, check_files=args.on_error == "fail",
                            **({"root": args.root} if args.root else {}))
     if args.limit is not None:
         records = records.head(args.limit)
-    result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                              num_workers=num_workers, on_error=args.on_error, progress=not args.quiet,
-                              compile=args.compile, autocast=PRECISION_AUTOCAST[args.precision],
-                              decode=args.decode)
+    if args.engine == "ray":
+        from deepfeat.finetune.inference.distributed import embed_with_ray
+
+        result = embed_with_ray(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                                on_error=args.on_error, root=args.root, address=args.address,
+                                concurrency=args.concurrency, autocast=PRECISION_AUTOCAST[args.precision],
+                                progress=not args.quiet)
+    else:
+        num_workers = auto_num_workers(dev) if args.num_workers == "auto" else args.num_workers
+        result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                                  num_workers=num_workers, on_error=args.on_error, progress=not args.quiet,
+                                  compile=args.compile, autocast=PRECISION_AUTOCAST[args.precision],
+                                  decode=args.decode)
     print(f"embedded {result.n_embedded} images ({result.n_skipped} skipped, report {result.out_dir}/_report.json) "
           f"into {len(result.shards)} shards in {result.out_dir} at {result.images_per_second:.1f} img/s")
     return 0
@@ -161,6 +172,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto",
                    help="where JPEGs are decoded and resized: cpu (the workers), device (nvJPEG on the GPU, "
                         "the workers only read bytes); auto: device on CUDA, cpu elsewhere")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process and its DataLoader workers; ray: Ray Data on a cluster (CPU tasks "
+                        "decode, an actor pool embeds, one bundle per actor; same shards; --device, --num-workers, "
+                        '--decode and --compile are the local engine\'s), needs pip install "deepfeat[ray]"')
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: the cluster, auto (the one started by 'ray start') or "
+                        "ray://host:10001; default: start a local one")
+    p.add_argument("--concurrency", type=int_at_least(1), default=None,
+                   help="with --engine ray: actors embedding (default: one per GPU of the cluster, else one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_embed)
 

@@ -1,0 +1,149 @@
+"""Embedding on Ray Data (issue 18): a real local Ray (2 CPUs, started and stopped by this module) gives the
+local path's shards: same ids, vectors (cosine >= 0.9999), content hashes, columns and fingerprint, the
+same ``_report.json`` for a corrupt image, shards that ``deepfeat load`` takes unchanged, and a Ray run
+killed mid-way (a real ``deepfeat embed --engine ray`` process, SIGKILL) that resumes to the clean result."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_reliability_corpus import run_cli
+from test_reliability_faults import deepfeat_process, image_folder, kill_when
+
+from deepfeat.connectors import connect, load_shards
+from deepfeat.finetune.data.readers import read_records
+from deepfeat.finetune.errors import DataError, MissingExtraError
+from deepfeat.finetune.inference.distributed import embed_with_ray, import_ray
+from deepfeat.finetune.inference.embed import embed_to_parquet
+from deepfeat.finetune.inference.shards import read_shards
+from deepfeat.finetune.models.bundle import ModelBundle
+
+pytest_plugins = ("test_reliability_support",)  # rel_bundle_dir, rel_bundle
+
+N_GOOD = 16  # 4 classes x 4 images, plus one corrupt file
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray cluster of 2 CPUs for this module; its address, for ``deepfeat embed --address``."""
+    ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "deepfeat[ray]"')
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 small PNGs in 4 class folders (names with spaces and a quote) and one corrupt file."""
+    root = image_folder(tmp_path_factory.mktemp("ray_images") / "images", n_per_class=4)
+    (root / "c1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image needs")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_out(images: Path, rel_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local path's shards of ``images``."""
+    out = tmp_path_factory.mktemp("ray_local") / "shards"
+    embed_to_parquet(rel_bundle, read_records(images, check_files=False), out, batch_size=4, shard_size=4,
+                     progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_out(ray_address: str, images: Path, rel_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``deepfeat embed --engine ray`` of ``images`` (in this process, on the module's cluster)."""
+    out = tmp_path_factory.mktemp("ray_clean") / "shards"
+    run = run_cli("embed", "--engine", "ray", "--bundle", rel_bundle_dir, "--data", images, "--out", out,
+                  "--batch-size", "4", "--shard-size", "4", "--quiet")
+    assert run.rc == 0, run.err
+    assert f"embedded {N_GOOD} images (1 skipped" in run.out
+    return out
+
+
+def _by_id(out: Path) -> tuple[dict[str, dict[str, object]], dict[str, np.ndarray], dict[str, object]]:
+    rows, vectors, fingerprint = read_shards(out)  # refuses repeated or null ids
+    records = {str(r["id"]): r for r in rows.to_dict("records")}
+    assert len(records) == len(rows)
+    return records, dict(zip(rows["id"], vectors, strict=True)), fingerprint
+
+
+def test_ray_shards_equal_the_local_path(ray_out: Path, local_out: Path, rel_bundle: ModelBundle) -> None:
+    ray_rows, ray_vecs, ray_fp = _by_id(ray_out)
+    loc_rows, loc_vecs, loc_fp = _by_id(local_out)
+    assert sorted(ray_rows) == sorted(loc_rows) and len(ray_rows) == N_GOOD
+    assert ray_fp == loc_fp == rel_bundle.fingerprint()
+    first_ray, first_local = sorted(ray_out.glob("part-*.parquet"))[0], sorted(local_out.glob("part-*.parquet"))[0]
+    assert pq.read_schema(first_ray).equals(pq.read_schema(first_local), check_metadata=True)
+    for rid, row in ray_rows.items():
+        assert row == loc_rows[rid]  # path, label, split, group, content_hash, ...
+        cosine = float(ray_vecs[rid] @ loc_vecs[rid] / np.linalg.norm(ray_vecs[rid]) / np.linalg.norm(loc_vecs[rid]))
+        assert cosine >= 0.9999, (rid, cosine)
+    # and the vectors are the bundle's embedding of each image, not something merely alike on both paths
+    from deepfeat.finetune.data.images import load_image
+
+    some = sorted(ray_rows)[:3]
+    direct = rel_bundle.embed([load_image(str(ray_rows[r]["path"])) for r in some])
+    np.testing.assert_allclose(np.stack([ray_vecs[r] for r in some]), direct, atol=1e-4)
+
+
+def test_corrupt_image_is_reported_and_skipped_as_locally(ray_out: Path, local_out: Path) -> None:
+    ray_report = json.loads((ray_out / "_report.json").read_text())
+    assert ray_report == json.loads((local_out / "_report.json").read_text())
+    assert ray_report["n_skipped"] == 1 and ray_report["skipped"][0]["id"] == "c1/broken.png"
+    assert "c1/broken.png" not in set(read_shards(ray_out)[0]["id"])
+
+
+def test_deepfeat_load_takes_the_ray_shards(ray_out: Path, tmp_path: Path) -> None:
+    conn = connect(str(tmp_path / "milvus.db"))
+    try:
+        report = load_shards(conn, "items", ray_out, progress=False)
+        assert (report.rows_written, report.final_count, report.verified) == (N_GOOD, N_GOOD, True)
+    finally:
+        conn.release_lite()
+
+
+def test_killed_ray_embed_resumes_to_the_clean_result(
+    ray_address: str, ray_out: Path, images: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    args = ["embed", "--engine", "ray", "--address", ray_address, "--bundle", rel_bundle_dir, "--data", images,
+            "--out", out, "--batch-size", "1", "--shard-size", "1", "--quiet"]
+    proc = deepfeat_process(args, tmp_path / "killed.log")
+
+    def shards() -> list[Path]:
+        return sorted(out.glob("part-*.parquet")) if out.exists() else []
+
+    assert kill_when(proc, lambda: len(shards()) >= 3), (tmp_path / "killed.log").read_text()[-2000:]
+    partial = [i for f in shards() for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+    assert len(partial) == len(set(partial)) < N_GOOD  # every shard there is complete; none repeats an id
+
+    result = embed_with_ray(rel_bundle, read_records(images, check_files=False), out, batch_size=4, shard_size=4,
+                            progress=False)
+    assert result.n_embedded == N_GOOD - len(set(partial)) and result.n_skipped == 1
+    rows, vecs, fp = _by_id(out)
+    clean_rows, clean_vecs, clean_fp = _by_id(ray_out)
+    assert sorted(rows) == sorted(clean_rows) and fp == clean_fp  # no gap, no duplicate
+    np.testing.assert_allclose(np.stack([vecs[r] for r in clean_rows]), np.stack(list(clean_vecs.values())),
+                               atol=1e-5)
+    assert json.loads((out / "_report.json").read_text())["n_skipped"] == 1
+    assert [p.name for p in out.iterdir() if not p.name.startswith("part-")] == ["_report.json"]
+
+
+def test_ray_refusals(ray_address: str, images: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle,
+                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = run_cli("embed", "--bundle", rel_bundle_dir, "--data", images, "--out", tmp_path / "o", "--address", "auto")
+    assert run.rc == 2 and "is for --engine ray" in run.err
+    records = read_records(images, check_files=False)
+    with pytest.raises(DataError, match="batch_size must be at least 1"):
+        embed_with_ray(rel_bundle, records, tmp_path / "o", batch_size=0)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where Ray is not installed
+    with pytest.raises(MissingExtraError, match=r'pip install "deepfeat\[ray\]"'):
+        import_ray()
