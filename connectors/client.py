@@ -149,7 +149,7 @@ def _lite_lock_error(path: Path) -> ConnectorError | None:
         os.close(fd)
 
 
-def _lite_served_here(path: Path) -> bool:
+def lite_served_here(path: Path) -> bool:
     """Whether this process already serves ``path`` (a second client then shares that server)."""
     try:
         from milvus_lite.server_manager import server_manager_instance
@@ -248,7 +248,7 @@ class MilvusConnector:
                     f"another path"
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not _lite_served_here(path):
+            if not lite_served_here(path):
                 locked = _lite_lock_error(path)
                 if locked is not None:
                     raise locked

@@ -21,19 +21,47 @@ BundleLike: TypeAlias = ModelBundle | BundleCard | Mapping[str, Any] | str | Pat
 
 
 def open_collection(
-    conn: MilvusConnector, name: str, *, bundle: BundleLike | None = None, what: str = "using"
+    conn: MilvusConnector,
+    name: str,
+    *,
+    bundle: BundleLike | None = None,
+    what: str = "using",
+    foreign_ok: bool = False,
 ) -> CollectionSpec:
     """The spec of an existing collection (an alias resolves to its collection), checked against ``bundle``.
 
+    Args:
+        foreign_ok: also read a collection deepfeat did not create (a plain ``MilvusClient`` one, or one
+            filled through :class:`~deepfeat.connectors.plugin.DeepfeatImageEmbeddingFunction`) from its
+            schema and vector index, for searching it (``spec.managed`` is False); writers leave it False.
+
     Raises:
-        ConnectorError: no such collection, or not a deepfeat collection.
-        MismatchError: ``bundle`` is not the one that filled it.
+        ConnectorError: no such collection, or not a deepfeat collection (and not ``foreign_ok``).
+        MismatchError: ``bundle`` is not the one that filled it (or a foreign collection records none).
     """
     target = conn.resolve_alias(name)
-    spec = CollectionSpec.from_description(conn.describe(target))
+    desc = conn.describe(target)
+    try:
+        spec = CollectionSpec.from_description(desc)
+    except ConnectorError:
+        if not foreign_ok:
+            raise
+        spec = CollectionSpec.from_description(desc, index=_vector_index(conn, target, desc), foreign_ok=True)
     if bundle is not None:
         spec.check_bundle(bundle, what=what)
     return spec
+
+
+def _vector_index(conn: MilvusConnector, name: str, desc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``describe_index`` of a collection's one float vector field (None: no such field or no index)."""
+    fields = [f for f in desc.get("fields") or [] if str(getattr(f.get("type"), "name", "")) == "FLOAT_VECTOR"]
+    if len(fields) != 1:
+        return None
+    for index_name in conn.call("list_indexes", conn.client.list_indexes, name):
+        desc_index = dict(conn.call("describe_index", conn.client.describe_index, name, index_name) or {})
+        if desc_index.get("field_name", index_name) == fields[0]["name"]:
+            return desc_index
+    return None
 
 
 def create_collection(

@@ -10,10 +10,17 @@ so a fine-tuned deepfeat model plugs in where a text model does today::
     client.create_collection("shoes", dimension=ef.dim, metric_type=ef.metric)
     client.insert("shoes", [{"id": i, "vector": v} for i, v in enumerate(ef.encode_documents(paths))])
     client.search("shoes", data=ef.encode_queries(["query.jpg"]), limit=5)
+    ef.record_bundle(client, "shoes")  # lets deepfeat search it by image too (and check the bundle)
+
+Such a collection is searchable by vector with deepfeat as it is (``deepfeat search --vector-file``); a
+search by image needs the bundle recorded on it (:meth:`DeepfeatImageEmbeddingFunction.record_bundle`),
+so that a query embedded by another model or preprocessing is refused instead of compared.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfeat.connectors.client import MilvusConnector
+from deepfeat.connectors.schema import PROP_BUNDLE
 from deepfeat.finetune.models.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
 
 
 def _as_array(image: Any) -> Any:
@@ -69,6 +80,20 @@ class DeepfeatImageEmbeddingFunction:
     def fingerprint(self) -> dict[str, Any]:
         """The bundle fingerprint (name, id, dim, metric, preprocessing) to store beside the vectors."""
         return self.bundle.fingerprint()
+
+    def record_bundle(self, client: Any, collection: str) -> None:
+        """Record this bundle's fingerprint on ``collection`` (a collection property), which this function
+        filled, so that deepfeat searches it by image and refuses queries of any other bundle.
+
+        Args:
+            client: a ``pymilvus.MilvusClient`` or a :class:`~deepfeat.connectors.client.MilvusConnector`.
+            collection: the collection's name.
+        """
+        milvus = client.client if isinstance(client, MilvusConnector) else client
+        milvus.alter_collection_properties(
+            collection, properties={PROP_BUNDLE: json.dumps(self.fingerprint(), sort_keys=True)}
+        )
+        log.info("recorded bundle %s on collection %s", self.fingerprint().get("bundle_id"), collection)
 
     def _encode(self, images: Sequence[Any]) -> list[np.ndarray]:
         if isinstance(images, str | Path | bytes):

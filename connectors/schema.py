@@ -18,7 +18,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -459,6 +459,13 @@ class CollectionSpec:
     fields: tuple[ScalarField, ...] = ()
     index: IndexSpec = field(default_factory=IndexSpec)
     key: KeyMode = "record_id"
+    #: The primary key and vector field names: ``pk`` and ``vector`` in deepfeat's own collections;
+    #: whatever the schema says in a collection deepfeat did not create (see :meth:`from_description`).
+    pk_field: str = PK_FIELD
+    pk_type: ScalarType = "VARCHAR"
+    vector_field: str = VECTOR_FIELD
+    #: False for a collection deepfeat did not create: searchable by vector, never written by deepfeat.
+    managed: bool = True
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -515,12 +522,25 @@ class CollectionSpec:
 
     def with_name(self, name: str) -> CollectionSpec:
         """The same spec for another collection name."""
-        return CollectionSpec(name, self.dim, self.metric, self.fingerprint, self.fields, self.index, self.key)
+        return replace(self, name=name)
 
     @property
     def field_names(self) -> list[str]:
         """Scalar field names (no key, no vector)."""
         return [f.name for f in self.fields]
+
+    def field_type(self, name: str) -> ScalarType:
+        """The type of the scalar field (or the primary key) ``name``.
+
+        Raises:
+            DataError: the collection has no such field (its fields are named).
+        """
+        if name == self.pk_field:
+            return self.pk_type
+        for f in self.fields:
+            if f.name == name:
+                return f.dtype
+        raise DataError(f"collection {self.name!r} has no field {name!r}; its fields are {self.field_names}")
 
     def properties(self) -> dict[str, str]:
         """Collection properties recording the bundle and the spec (JSON strings)."""
@@ -536,31 +556,41 @@ class CollectionSpec:
         }
 
     @classmethod
-    def from_description(cls, desc: Mapping[str, Any]) -> CollectionSpec:
+    def from_description(
+        cls, desc: Mapping[str, Any], *, index: Mapping[str, Any] | None = None, foreign_ok: bool = False
+    ) -> CollectionSpec:
         """Read the spec back from ``describe_collection``'s result.
 
+        A collection deepfeat did not create (made with a plain ``MilvusClient``, or filled through
+        :class:`~deepfeat.connectors.plugin.DeepfeatImageEmbeddingFunction`) is read from its schema when
+        ``foreign_ok``: its one ``FLOAT_VECTOR`` field and primary key, its scalar fields, the metric of its
+        vector index (``index``: ``describe_index``'s result) and the bundle fingerprint if one was recorded
+        (:meth:`DeepfeatImageEmbeddingFunction.record_bundle`); the spec has ``managed=False``.
+
         Raises:
-            ConnectorError: the collection was not created by deepfeat (no bundle recorded).
+            ConnectorError: the collection was not created by deepfeat (and ``foreign_ok`` is False), or,
+                foreign, it has no single float vector field or no vector index.
         """
         name = str(desc.get("collection_name", "?"))
         props = dict(desc.get("properties") or {})
-        if PROP_BUNDLE not in props:
-            raise ConnectorError(
-                f"collection {name!r} records no model bundle (no {PROP_BUNDLE!r} property): it "
-                f"was not created by deepfeat. Load into a new collection name, or drop it first"
-            )
-        try:
-            fp = json.loads(props[PROP_BUNDLE])
-            spec = json.loads(props.get(PROP_SPEC, "{}"))
-        except json.JSONDecodeError as exc:
-            raise ConnectorError(
-                f"collection {name!r} has a damaged {PROP_BUNDLE!r} property ({exc}); re-create "
-                f"it with 'deepfeat sync --reindex-alias'"
-            ) from exc
+        schema_fields = list(desc.get("fields") or [])
+        pk_name = next((str(f["name"]) for f in schema_fields if f.get("is_primary")), PK_FIELD)
+        vectors = [f for f in schema_fields if _type_name(f) == "FLOAT_VECTOR"]
+        ours = PROP_BUNDLE in props and pk_name == PK_FIELD and all(f["name"] == VECTOR_FIELD for f in vectors)
+        if not ours:
+            if not foreign_ok:
+                raise ConnectorError(
+                    f"collection {name!r} records no model bundle (no {PROP_BUNDLE!r} property): it "
+                    f"was not created by deepfeat. Load into a new collection name, or drop it first "
+                    f"(searching it by vector works as it is)"
+                )
+            return cls._foreign(name, props, schema_fields, vectors, pk_name, index)
+        fp = _json_property(name, props, PROP_BUNDLE)
+        spec = _json_property(name, props, PROP_SPEC) if PROP_SPEC in props else {}
         fields = tuple(ScalarField.from_dict(f) for f in spec.get("fields", []))
         if not fields:  # recover the fields from the schema itself
             fields = tuple(
-                _field_from_schema(f) for f in desc.get("fields", []) if f.get("name") not in (PK_FIELD, VECTOR_FIELD)
+                _field_from_schema(f) for f in schema_fields if f.get("name") not in (PK_FIELD, VECTOR_FIELD)
             )
         return cls(
             name=name,
@@ -572,13 +602,77 @@ class CollectionSpec:
             key=cast(KeyMode, spec.get("key", "record_id")),
         )
 
+    @classmethod
+    def _foreign(
+        cls,
+        name: str,
+        props: Mapping[str, Any],
+        schema_fields: Sequence[Mapping[str, Any]],
+        vectors: Sequence[Mapping[str, Any]],
+        pk_name: str,
+        index: Mapping[str, Any] | None,
+    ) -> CollectionSpec:
+        if len(vectors) != 1:
+            kinds = sorted({_type_name(f) for f in schema_fields if "VECTOR" in _type_name(f)})
+            raise ConnectorError(
+                f"collection {name!r} has {len(vectors)} FLOAT_VECTOR fields (vector fields: {kinds or 'none'}); "
+                f"deepfeat searches collections with exactly one float vector field"
+            )
+        vector = vectors[0]
+        metric = str((index or {}).get("metric_type") or "").upper()
+        if not metric:
+            raise ConnectorError(
+                f"collection {name!r} has no index on its vector field {vector['name']!r}, so its metric is "
+                f"unknown; create one (client.create_index) before searching it"
+            )
+        fp = _json_property(name, props, PROP_BUNDLE) if PROP_BUNDLE in props else {}
+        fields = tuple(
+            _field_from_schema(f)
+            for f in schema_fields
+            if f.get("name") not in (pk_name, vector["name"]) and _type_name(f) in _FOREIGN_SCALARS
+        )
+        return cls(
+            name=name,
+            dim=int((vector.get("params") or {})["dim"]),
+            metric=cast(Metric, metric),
+            fingerprint=fp,
+            fields=fields,
+            index=IndexSpec.from_dict({"index_type": str((index or {}).get("index_type") or "AUTOINDEX").upper()}),
+            pk_field=pk_name,
+            pk_type=_FOREIGN_SCALARS.get(
+                next((_type_name(f) for f in schema_fields if f.get("name") == pk_name), "VARCHAR"), "VARCHAR"
+            ),
+            vector_field=str(vector["name"]),
+            managed=False,
+        )
+
     def check_bundle(self, bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | Path, *, what: str) -> None:
         """Refuse a bundle whose fingerprint differs from the one that filled this collection.
 
+        A collection deepfeat did not create, and on which no bundle was recorded, cannot show that
+        ``bundle`` filled it: images embedded by ``bundle`` could be compared with vectors of another model
+        (or another preprocessing), so that is refused too, with the two ways out.
+
         Raises:
-            MismatchError: dim, metric, preprocessing or bundle id differ (each named, with the fix).
+            MismatchError: dim, metric, preprocessing or bundle id differ (each named, with the fix), or
+                the collection records no bundle to compare with.
         """
-        check_compatible(dict(self.fingerprint), fingerprint_of(bundle), what=f"{what} collection {self.name!r}")
+        if self.fingerprint:
+            check_compatible(dict(self.fingerprint), fingerprint_of(bundle), what=f"{what} collection {self.name!r}")
+            return
+        fp = fingerprint_of(bundle)
+        if int(fp["embedding_dim"]) != self.dim or str(fp["metric"]).upper() != self.metric:
+            raise MismatchError(
+                f"{what} collection {self.name!r}: it holds {self.dim}-d {self.metric} vectors, the bundle "
+                f"{fp.get('bundle_id')!r} makes {fp['embedding_dim']}-d {fp['metric']} ones; use the model that "
+                f"filled it"
+            )
+        raise MismatchError(
+            f"{what} collection {self.name!r}: it was not created by deepfeat and records no model bundle, so "
+            f"nothing shows that bundle {fp.get('bundle_id')!r} (and its preprocessing) filled it. If it did, "
+            f"record it once with DeepfeatImageEmbeddingFunction(bundle).record_bundle(client, {self.name!r}); "
+            f"otherwise search it by vector (--vector-file) without --bundle"
+        )
 
     def check_fields(self, columns: Sequence[str]) -> None:
         """Log metadata columns that the collection has no field for (they are not stored)."""
@@ -637,9 +731,32 @@ class CollectionSpec:
         return _encode_rows(self, table, vectors)
 
 
+#: Scalar types of foreign collections, as the type of their filter literals.
+_FOREIGN_SCALARS: dict[str, ScalarType] = {
+    "VARCHAR": "VARCHAR", "BOOL": "BOOL", "INT8": "INT64", "INT16": "INT64", "INT32": "INT64", "INT64": "INT64",
+    "FLOAT": "DOUBLE", "DOUBLE": "DOUBLE",
+}
+
+
+def _type_name(f: Mapping[str, Any]) -> str:
+    return str(getattr(f.get("type"), "name", f.get("type")))
+
+
+def _json_property(name: str, props: Mapping[str, Any], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(props[key])
+    except json.JSONDecodeError as exc:
+        raise ConnectorError(
+            f"collection {name!r} has a damaged {key!r} property ({exc}); re-create "
+            f"it with 'deepfeat sync --reindex-alias'"
+        ) from exc
+    if not isinstance(value, dict):
+        raise ConnectorError(f"collection {name!r} has a damaged {key!r} property (not a JSON object); re-create it")
+    return value
+
+
 def _field_from_schema(f: Mapping[str, Any]) -> ScalarField:
-    dtype = getattr(f.get("type"), "name", str(f.get("type")))
-    kind = cast(ScalarType, dtype if dtype in ("VARCHAR", "INT64", "DOUBLE", "BOOL") else "VARCHAR")
+    kind = _FOREIGN_SCALARS.get(_type_name(f), "VARCHAR")
     return ScalarField(str(f["name"]), kind, (f.get("params") or {}).get("max_length"), bool(f.get("nullable")))
 
 

@@ -16,17 +16,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from deepfeat.connectors.client import MilvusConnector
+from deepfeat.connectors.collection import open_collection
+from deepfeat.connectors.query import build_filter, collection_frame, search_vectors
 from deepfeat.finetune.errors import DataError
-from deepfeat.recipes.recipes import RecipeConfig, RecipeContext, build_filter, collection_frame, read_any
-
-if TYPE_CHECKING:
-    from deepfeat.connectors.client import MilvusConnector
-    from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.recipes.config import RecipeConfig
+from deepfeat.recipes.engine import RecipeContext
+from deepfeat.recipes.recipes import read_any
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,7 @@ def vote(
 
 
 def _metric(conn: MilvusConnector, collection: str) -> str:
-    from deepfeat.connectors.collection import open_collection
-
-    return open_collection(conn, collection).metric
+    return open_collection(conn, collection, foreign_ok=True).metric
 
 
 def classify_vectors(
@@ -87,8 +87,6 @@ def classify_vectors(
     label_field: str = "label",
 ) -> list[Prediction]:
     """kNN predictions for query vectors (n, dim) from the labelled rows of ``collection`` matching ``filter``."""
-    from deepfeat.connectors.search import search_vectors
-
     if k < 1:
         raise DataError(f"k must be >= 1, got {k}")
     metric = _metric(conn, collection)
@@ -118,11 +116,8 @@ def classify_images(
     Raises:
         MismatchError: ``bundle`` is not the bundle that filled the collection.
     """
-    from deepfeat.connectors.collection import open_collection
-    from deepfeat.finetune.models.bundle import ModelBundle
-
     model = bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle)
-    open_collection(conn, collection, bundle=model, what="classifying")
+    open_collection(conn, collection, bundle=model, what="classifying", foreign_ok=True)
     if not len(images):
         return []
     vectors = model.embed(list(images), batch_size=batch_size)
@@ -177,10 +172,10 @@ def knn_accuracy(
         DataError: the split has no records in the collection, or the other splits have none.
     """
     queries, vectors = collection_frame(
-        conn, collection, ("record_id", label_field, "split"), filter=build_filter(equals={"split": split}) or ""
+        conn, collection, ("record_id", label_field, "split"), filter=build_filter(equals={"split": split})
     )
     reference, _ = collection_frame(
-        conn, collection, ("record_id", label_field), filter=build_filter(not_equals={"split": split}) or ""
+        conn, collection, ("record_id", label_field), filter=build_filter(not_equals={"split": split})
     )
     predictions = classify_vectors(
         conn,

@@ -13,16 +13,18 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from deepfeat.connectors.client import MilvusConnector
+from deepfeat.connectors.collection import open_collection
+from deepfeat.connectors.query import collection_frame
 from deepfeat.finetune.errors import DataError
-from deepfeat.recipes.recipes import RecipeConfig, RecipeContext, collection_frame, read_any, record_image
-
-if TYPE_CHECKING:
-    from deepfeat.connectors.client import MilvusConnector
+from deepfeat.recipes.config import RecipeConfig
+from deepfeat.recipes.engine import RecipeContext
+from deepfeat.recipes.recipes import read_any, record_image
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +87,8 @@ def cluster_collection(
     """
     from sklearn.metrics import adjusted_rand_score
 
-    from deepfeat.connectors.collection import open_collection
-
     spec = open_collection(conn, collection)
-    rows, vectors = collection_frame(conn, collection, ("record_id", "label", "path"), filter=filter or "")
+    rows, vectors = collection_frame(conn, collection, ("record_id", "label", "path"), filter=filter)
     if not 2 <= k <= len(rows):
         raise DataError(f"k must be between 2 and the number of rows ({len(rows)}), got {k}")
     labels, distances, inertia = kmeans(vectors, k, seed=seed, normalize=spec.metric != "L2")

@@ -22,8 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from deepfeat.connectors.query import collection_frame
 from deepfeat.finetune.errors import DataError
-from deepfeat.recipes.recipes import RecipeConfig, RecipeContext, collection_frame, read_any, record_image
+from deepfeat.recipes.config import RecipeConfig
+from deepfeat.recipes.engine import RecipeContext
+from deepfeat.recipes.recipes import read_any, record_image
 
 if TYPE_CHECKING:
     from deepfeat.connectors.client import MilvusConnector

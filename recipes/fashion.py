@@ -7,7 +7,7 @@ product) and any metadata (``price``, ``brand``, ...), which become Milvus scala
 
 * :func:`similar_items`: more like a catalogue item, one hit per product, its own product left out;
 * :func:`shop_the_look`: products in a query photo that is not in the catalogue;
-* :func:`price_filter` / :func:`~deepfeat.recipes.recipes.build_filter`: filters with safely quoted values.
+* :func:`price_filter` / :func:`~deepfeat.connectors.query.build_filter`: filters with safely quoted values.
 """
 
 from __future__ import annotations
@@ -16,24 +16,21 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from deepfeat.connectors.client import MilvusConnector
+from deepfeat.connectors.query import build_filter, search_each
+from deepfeat.connectors.search import search_images
+from deepfeat.finetune.data.contract import validate_records
+from deepfeat.finetune.data.readers import read_records
 from deepfeat.finetune.errors import DataError
-from deepfeat.recipes.recipes import (
-    RecipeConfig,
-    RecipeContext,
-    build_filter,
-    pick_queries,
-    record_image,
-    search_each,
-)
-
-if TYPE_CHECKING:
-    from deepfeat.connectors.client import MilvusConnector
-    from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.recipes.config import RecipeConfig
+from deepfeat.recipes.engine import RecipeContext
+from deepfeat.recipes.recipes import pick_queries, record_image
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +43,6 @@ def read_catalogue(source: str, *, group_column: str | None = "product_id") -> p
     Raises:
         DataError: the source cannot be read, or a product's photos were given different splits.
     """
-    from deepfeat.finetune.data.contract import validate_records
-    from deepfeat.finetune.data.readers import read_records
-
     records = read_records(source)
     if group_column and group_column in records.columns:
         records = records.assign(group=records[group_column].astype(str))
@@ -117,8 +111,6 @@ def shop_the_look(
     group_by: str | None = "group",
 ) -> Hits:
     """Catalogue products that look like each query photo (a path, encoded bytes or an array), one per product."""
-    from deepfeat.connectors.search import search_images
-
     return search_images(conn, collection, list(images), bundle, top_k=top_k, filter=filter, group_by=group_by)
 
 

@@ -18,24 +18,22 @@ import csv
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from deepfeat.connectors.client import MilvusConnector
+from deepfeat.connectors.query import build_filter, search_each
+from deepfeat.connectors.search import search_images
+from deepfeat.finetune.data.contract import validate_records
+from deepfeat.finetune.data.images import is_dicom
+from deepfeat.finetune.data.readers import read_records
 from deepfeat.finetune.errors import DataError
-from deepfeat.recipes.recipes import (
-    RecipeConfig,
-    RecipeContext,
-    build_filter,
-    pick_queries,
-    record_image,
-    search_each,
-)
-
-if TYPE_CHECKING:
-    from deepfeat.connectors.client import MilvusConnector
-    from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.recipes.config import RecipeConfig
+from deepfeat.recipes.engine import RecipeContext
+from deepfeat.recipes.recipes import pick_queries, record_image
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +64,6 @@ def dicom_header(path: str | Path) -> dict[str, Any]:
 
 
 def _is_dicom_file(path: Any) -> bool:
-    from deepfeat.finetune.data.images import is_dicom
-
     if not isinstance(path, str) or not path:
         return False
     try:
@@ -93,9 +89,6 @@ def read_scans(source: str, *, patient_column: str = "patient_id") -> pd.DataFra
         DataError: the source cannot be read, a DICOM header is corrupt, or one patient's scans were
             given different splits in a manifest.
     """
-    from deepfeat.finetune.data.contract import validate_records
-    from deepfeat.finetune.data.readers import read_records
-
     records = read_records(source)
     headers = {i: dicom_header(p) for i, p in zip(records.index, records["path"], strict=True) if _is_dicom_file(p)}
     columns: dict[str, list[Any]] = {
@@ -202,8 +195,6 @@ def similar_cases_for_scans(
 ) -> Hits:
     """Cases like new scan files; a DICOM query's own patient (``PatientID``) is left out, and ``same``
     fields are matched where its header gives them."""
-    from deepfeat.connectors.search import search_images
-
     out: Hits = []
     for scan in scans:
         header = dicom_header(scan) if _is_dicom_file(scan) else {}

@@ -124,7 +124,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 )
 def test_classify_recipe_defaults_on_fashion_mnist(tmp_path: Path) -> None:
     """The shipped YAML as it is (real ImageNet EfficientNet-Lite0, SupCon loss, Fashion-MNIST), only made small."""
-    from deepfeat.recipes.recipes import run_recipe
+    from deepfeat.recipes.engine import run_recipe
 
     small = [
         "model.image_size=32",

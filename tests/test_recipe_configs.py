@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
+from deepfeat.connectors.query import build_filter, milvus_literal
 from deepfeat.connectors.schema import IndexSpec
 from deepfeat.finetune.errors import DataError
 from deepfeat.finetune.training import EMA, ExportBundle, MetricLearningModule, RetrievalDataModule
 from deepfeat.recipes.cli import main
 from deepfeat.recipes.config import RECIPES, RecipeConfig, list_recipes, load_recipe, resolve_config
-from deepfeat.recipes.recipes import build_filter, milvus_literal, pick_queries
+from deepfeat.recipes.recipes import pick_queries
 
 NAMES = ["classify", "cluster", "dedup", "fashion", "medical", "quickstart"]
 TINY = ["model.backbone=test_efficientnet", "model.weights=none", "model.image_size=32"]

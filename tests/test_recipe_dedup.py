@@ -115,7 +115,7 @@ def test_dedup_command_on_the_existing_collection(
 
 def test_unlabelled_flat_folder_without_training(dedup_run: tuple[Path, dict], tmp_path: Path) -> None:
     """`recipe.train=false`: a folder of loose images, indexed with the off-the-shelf backbone."""
-    from deepfeat.recipes.recipes import run_recipe
+    from deepfeat.recipes.engine import run_recipe
 
     out, _ = dedup_run
     flat = tmp_path / "flat"

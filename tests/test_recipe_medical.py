@@ -12,13 +12,13 @@ import pytest
 from test_recipe_support import TINY, make_scans, patient_name, phantom, write_dicom
 
 from deepfeat.connectors import connect, load_embeddings
+from deepfeat.connectors.query import collection_frame
 from deepfeat.finetune.data.images import load_image
 from deepfeat.finetune.inference.embed import iter_embeddings
 from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
 from deepfeat.finetune.models.model import build_embedding_model
 from deepfeat.recipes.cli import main
 from deepfeat.recipes.medical import check_cases, dicom_header, patients_by_split, read_scans, similar_cases
-from deepfeat.recipes.recipes import collection_frame
 
 PYDICOM_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
 

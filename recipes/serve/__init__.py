@@ -5,18 +5,14 @@ filter by metadata fields, group by one, and compare two collections (off-the-sh
 side by side. :func:`create_app` builds the FastAPI app; the page is plain HTML and JavaScript served
 from ``static/`` beside this package (nothing from a CDN).
 
-By role: :mod:`.requests` (search parameters and filters, validated and quoted), :mod:`.security`
+By role: :mod:`.requests` (search parameters and filters, validated), :mod:`.security`
 (loopback and Host guards, body limit, security headers, image files from inside the image root
 only), :mod:`.state` (panels over shared connectors and bundles, no HTTP) and :mod:`.app` (the
-routes). The command is :mod:`deepfeat.recipes.cli.serve`.
+routes). Filters become Milvus expressions in the query layer (:mod:`deepfeat.connectors.query`). The
+command is :mod:`deepfeat.recipes.cli.serve`.
 """
 
-import argparse
-import importlib
-import importlib.util
-from pathlib import Path
-
-from deepfeat.connectors.search import quote_string
+from deepfeat.connectors.query import OPS, Condition, Op, build_filter, quote_string
 
 from .app import STATIC_DIR, create_app, status_of
 from .requests import (
@@ -24,13 +20,9 @@ from .requests import (
     MAX_FILTERS,
     MAX_GROUP_SIZE,
     MAX_TOP_K,
-    OPS,
-    Condition,
     NotFoundError,
-    Op,
     PayloadTooLargeError,
     SearchRequest,
-    build_filter,
     check_group_by,
     parse_search_request,
 )
@@ -50,32 +42,6 @@ from .security import (
     shown_path,
 )
 from .state import LRU, THUMBNAIL_SIZE, Panel, PanelConfig, ServeState
-
-_COMMAND_MODULE = "deepfeat.recipes.cli.serve"
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``deepfeat serve`` (its code is in :mod:`deepfeat.recipes.cli.serve`).
-
-    A bridge while ``recipes/cli.py`` is still a module (so ``deepfeat.recipes.cli.serve`` cannot be
-    imported by name) and lists this package among its command modules: the command module is then
-    loaded from its file. Remove it once ``recipes/cli/`` is a package that registers
-    ``deepfeat.recipes.cli.serve`` itself. The import is deferred because the command module imports
-    this package.
-    """
-    try:
-        module = importlib.import_module(_COMMAND_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name not in (_COMMAND_MODULE, "deepfeat.recipes.cli"):
-            raise
-        location = Path(__file__).resolve().parents[1] / "cli" / "serve.py"
-        spec = importlib.util.spec_from_file_location(_COMMAND_MODULE, location)
-        if spec is None or spec.loader is None:
-            raise
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    module.add_cli(sub)
-
 
 __all__ = [
     "DEFAULT_HOST",
@@ -100,7 +66,6 @@ __all__ = [
     "SearchRequest",
     "SecurityHeaders",
     "ServeState",
-    "add_cli",
     "allowed_hosts_for",
     "build_filter",
     "check_group_by",

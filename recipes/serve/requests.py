@@ -1,21 +1,20 @@
 """What the search page may ask for: search parameters and metadata filters, validated here.
 
-Filters are ``(field, op, value)`` triples checked against the collection's schema and quoted here,
-never raw user text; :func:`build_filter` turns them into a Milvus expression.
+Filters are ``(field, op, value)`` :class:`~deepfeat.connectors.query.Condition` triples, never raw user
+text; the query layer's :func:`~deepfeat.connectors.query.build_filter` checks them against the
+collection's schema and turns them into a Milvus expression with typed literals.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import Any, cast
 
-from deepfeat.connectors.search import quote_string
+from deepfeat.connectors.query import OPS, Condition, Op
+from deepfeat.connectors.schema import CollectionSpec
 from deepfeat.finetune.errors import DataError
-
-if TYPE_CHECKING:
-    from deepfeat.connectors.schema import CollectionSpec
 
 #: Largest top-k the page asks for.
 MAX_TOP_K = 100
@@ -23,9 +22,6 @@ MAX_GROUP_SIZE = 10
 MAX_FILTERS = 16
 MAX_FILTER_VALUE = 1024
 
-Op = Literal["==", "!=", "<", "<=", ">", ">="]
-OPS: tuple[str, ...] = get_args(Op)
-ORDERING_OPS = frozenset({"<", "<=", ">", ">="})
 #: Field types Milvus groups search results by.
 GROUPABLE = frozenset({"VARCHAR", "INT64", "BOOL"})
 
@@ -36,15 +32,6 @@ class NotFoundError(DataError):
 
 class PayloadTooLargeError(DataError):
     """An upload above the byte limit (HTTP 413)."""
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One metadata filter: ``field op value``, ANDed with the others."""
-
-    field: str
-    op: Op
-    value: str | int | float | bool
 
 
 @dataclass(frozen=True)
@@ -92,6 +79,8 @@ def _parse_filters(raw_filters: Any) -> tuple[Condition, ...]:
             raise DataError(f"filter value for {field!r} must be finite, got {value!r}")
         if not isinstance(value, str | int | float | bool):
             raise DataError(f"filter value for {field!r} must be a string, number or boolean, got {value!r}")
+        if isinstance(value, str) and len(value) > MAX_FILTER_VALUE:
+            raise DataError(f"filter value for {field!r} is {len(value)} characters; at most {MAX_FILTER_VALUE}")
         filters.append(Condition(field, cast(Op, op), value))
     return tuple(filters)
 
@@ -130,57 +119,6 @@ def parse_search_request(data: Mapping[str, Any]) -> SearchRequest:
         record_id=record_id,
         include_self=include_self,
     )
-
-
-def _literal(spec: CollectionSpec, cond: Condition) -> str:
-    dtype = next(f.dtype for f in spec.fields if f.name == cond.field)
-    value = cond.value
-    if dtype == "VARCHAR":
-        text = value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
-        if len(text) > MAX_FILTER_VALUE:
-            raise DataError(f"filter value for {cond.field!r} is {len(text)} characters; at most {MAX_FILTER_VALUE}")
-        return quote_string(text)
-    if dtype == "BOOL":
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower()
-        raise DataError(f"field {cond.field!r} is true/false; got {value!r}")
-    if isinstance(value, bool):
-        raise DataError(f"field {cond.field!r} is a number ({dtype}); got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise DataError(f"field {cond.field!r} is a number ({dtype}); got {value!r}") from None
-    if not math.isfinite(number):
-        raise DataError(f"filter value for {cond.field!r} must be finite, got {value!r}")
-    if dtype == "INT64":
-        if not number.is_integer():
-            raise DataError(f"field {cond.field!r} holds whole numbers (INT64); got {value!r}")
-        return str(int(number))
-    return repr(number)
-
-
-def build_filter(spec: CollectionSpec, conditions: Sequence[Condition]) -> str | None:
-    """A Milvus boolean expression ANDing ``conditions``, or ``None`` for none.
-
-    Field names must be fields of ``spec`` (so no user text reaches the expression unchecked);
-    values are converted to the field's type and strings quoted by :func:`quote_string`.
-
-    Raises:
-        DataError: an unknown field, an ordering operator on a text/boolean field, or a value that is
-            not of the field's type.
-    """
-    names = spec.field_names
-    parts = []
-    for cond in conditions:
-        if cond.field not in names:
-            raise DataError(f"cannot filter on {cond.field!r}: collection {spec.name!r} has fields {names}")
-        dtype = next(f.dtype for f in spec.fields if f.name == cond.field)
-        if cond.op in ORDERING_OPS and dtype not in ("INT64", "DOUBLE"):
-            raise DataError(f"operator {cond.op} needs a numeric field; {cond.field!r} is {dtype} (use == or !=)")
-        parts.append(f"{cond.field} {cond.op} {_literal(spec, cond)}")
-    return " and ".join(parts) if parts else None
 
 
 def check_group_by(spec: CollectionSpec, field: str | None) -> None:

@@ -22,10 +22,10 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from deepfeat.connectors.client import MilvusConnector, _lite_served_here, connect, is_local_uri
+from deepfeat.connectors.client import MilvusConnector, connect, is_local_uri, lite_served_here
 from deepfeat.connectors.collection import open_collection
-from deepfeat.connectors.schema import PK_FIELD, RECORD_ID_FIELD
-from deepfeat.connectors.search import quote_string, search_ids, search_vectors
+from deepfeat.connectors.query import MAX_LIMIT, build_filter, query_rows, search_ids, search_vectors
+from deepfeat.connectors.schema import RECORD_ID_FIELD
 from deepfeat.finetune.data.images import DEFAULT_MAX_PIXELS, load_image
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
 from deepfeat.finetune.models.bundle import ModelBundle
@@ -37,7 +37,6 @@ from .requests import (
     NotFoundError,
     PayloadTooLargeError,
     SearchRequest,
-    build_filter,
     check_group_by,
 )
 from .security import MAX_UPLOAD_BYTES, image_root_of, locate_image, resolve_image_path, shown_path
@@ -52,7 +51,6 @@ MAX_SUGGESTIONS = 50
 SUGGESTION_ROWS = 2000
 #: Rows sampled from for the "examples" strip (one query at a random offset).
 EXAMPLE_POOL = 200
-_MAX_QUERY_WINDOW = 16384  # Milvus: offset + limit of one query
 _PK = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -129,17 +127,9 @@ class Panel:
         """Whether the collection stores image paths at all."""
         return "path" in self.spec.field_names
 
-    def _query(self, *, filter: str = "", fields: Sequence[str], limit: int, offset: int = 0) -> list[dict[str, Any]]:
-        rows = self.conn.call(
-            "query",
-            self.conn.client.query,
-            self.spec.name,
-            filter=filter,
-            output_fields=[PK_FIELD, *fields],
-            limit=limit,
-            offset=offset,
-        )
-        return [dict(r) for r in rows]
+    def _query(self, *, filter: str | None = None, fields: Sequence[str], limit: int, offset: int = 0
+               ) -> list[dict[str, Any]]:
+        return query_rows(self.conn, self.spec, fields, filter=filter, limit=limit, offset=offset)
 
     def _suggestions(self) -> dict[str, list[Any] | None]:
         """Distinct values of the text/boolean fields in the first rows (None: too many to list)."""
@@ -204,7 +194,8 @@ class Panel:
         Raises:
             NotFoundError: no such record id in this collection.
         """
-        rows = self._query(filter=f"{RECORD_ID_FIELD} == {quote_string(record_id)}", fields=self.output_fields, limit=1)
+        expr = build_filter(equals={RECORD_ID_FIELD: record_id}, spec=self.spec)
+        rows = self._query(filter=expr, fields=self.output_fields, limit=1)
         if not rows:
             raise NotFoundError(
                 f"record id {record_id!r} is not in collection {self.spec.name!r}; pick one of the examples "
@@ -222,7 +213,8 @@ class Panel:
         if stored is None:
             if not self.has_path:
                 raise NotFoundError(f"collection {self.spec.name!r} stores no image paths")
-            got = self.conn.call("get", self.conn.client.get, self.spec.name, ids=[pk], output_fields=["path"])
+            got = self._query(filter=build_filter(equals={self.spec.pk_field: pk}, spec=self.spec), fields=["path"],
+                              limit=1)
             if not got:
                 raise NotFoundError(f"no record with key {pk} in collection {self.spec.name!r}")
             stored = str(got[0].get("path") or "")
@@ -234,7 +226,7 @@ class Panel:
         """``n`` random records (from one window of the collection) to query with."""
         if not self.rows:
             return []
-        window = min(self.rows, _MAX_QUERY_WINDOW)
+        window = min(self.rows, MAX_LIMIT)
         pool = min(window, max(EXAMPLE_POOL, n))
         offset = rng.randrange(0, window - pool + 1)
         fields = [f for f in (RECORD_ID_FIELD, "label", "path") if f in self.spec.field_names]
@@ -331,7 +323,7 @@ class ServeState:
                 conn = given.get(key) or opened.get(key)
                 if conn is None:
                     conn = opened[key] = connect(cfg.uri)
-                    if conn.is_lite and not _lite_served_here(Path(key)):
+                    if conn.is_lite and not lite_served_here(Path(key)):
                         started.append(key)
                     _ = conn.client  # open now: a held lock or a dead server is reported at start
                 bkey = str(Path(cfg.bundle).expanduser().resolve())
@@ -388,7 +380,7 @@ class ServeState:
         exprs = []
         for p in self.panels:
             check_group_by(p.spec, req.group_by)
-            exprs.append(build_filter(p.spec, req.filters))
+            exprs.append(build_filter(conditions=req.filters, spec=p.spec))
         return exprs
 
     def _search_kwargs(self, panel: Panel, req: SearchRequest, expr: str | None) -> dict[str, Any]:
