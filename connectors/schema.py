@@ -346,9 +346,6 @@ def fingerprint_of(bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | 
     return fp
 
 
-_fingerprint_of = fingerprint_of  # the old private name, until every caller is committed
-
-
 def _user_type_arrow(t: pa.DataType) -> ScalarType | None:
     if pa.types.is_boolean(t):
         return "BOOL"
