@@ -38,6 +38,7 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "load_recipe_name",
+    "read_yaml",
     "resolve_config",
 ]
 
@@ -173,14 +174,30 @@ class RecipeInfo:
     path: Path
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
+    """The mapping the YAML file ``path`` holds.
+
+    Raises:
+        DataError: the file cannot be read, is not UTF-8, is not YAML (the line and column named) or is not a
+            mapping; the message names ``what`` (``recipe``, ``config``), the file and the fix.
+    """
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        reason = " ".join(str(exc).split())
-        raise DataError(f"cannot read recipe {str(path)!r}: {reason}; fix the YAML syntax at the line named") from exc
+        with path.open(encoding="utf-8") as stream:  # a stream: YAML's error marks then name the file
+            data = yaml.safe_load(stream)
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}; check the path and its "
+                        f"permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as a UTF-8 YAML "
+                        f"file") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise DataError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}; fix the YAML syntax there") from exc
     if not isinstance(data, dict):
-        raise DataError(f"recipe {str(path)!r} is not a YAML mapping (got {type(data).__name__})")
+        raise DataError(f"{what} {str(path)!r} is not a YAML mapping (got {type(data).__name__}); write its sections "
+                        f"as keys: trainer:, model:, data: (and recipe:), as in 'deepfeat recipe show fashion'")
     return data
 
 
@@ -188,7 +205,7 @@ def list_recipes(config_dir: str | Path = CONFIG_DIR) -> list[RecipeInfo]:
     """The recipes whose YAML has a ``recipe:`` section, sorted by name (reads YAML only: fast)."""
     out = []
     for path in sorted(Path(config_dir).glob("*.yaml")):
-        section = _read_yaml(path).get("recipe")
+        section = read_yaml(path).get("recipe")
         if isinstance(section, dict):
             out.append(RecipeInfo(str(section.get("name", path.stem)), str(section.get("description", "")), path))
     return out
@@ -203,9 +220,11 @@ def resolve_config(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    # "fashion" or "fashion.yaml" (a bare file name that is not in this folder) is the shipped recipe
+    # "fashion", "fashion.yaml" (a bare file name that is not in this folder) or the README's
+    # "recipes/configs/fashion.yaml" outside the checkout is the shipped recipe
     shipped = CONFIG_DIR / f"{path.stem if path.suffix in ('.yaml', '.yml') else name_or_path}.yaml"
-    if shipped.is_file() and (path.suffix not in (".yaml", ".yml") or path.parent == Path(".")):
+    in_configs = path.parent == Path(".") or path.parent.parts[-2:] == ("recipes", "configs")
+    if shipped.is_file() and (path.suffix not in (".yaml", ".yml") or in_configs):
         return shipped
     names = [r.name for r in list_recipes()]
     raise DataError(f"recipe {str(name_or_path)!r} is neither a file nor a shipped recipe; the shipped recipes are "
@@ -314,7 +333,7 @@ def _section(value: Any, path: Path) -> RecipeSection:
 def load_recipe_name(name_or_path: str | Path) -> str:
     """The action's name of a recipe, from its YAML alone (no objects built)."""
     path = resolve_config(name_or_path)
-    section = _read_yaml(path).get("recipe")
+    section = read_yaml(path).get("recipe")
     return str(section.get("name", path.stem)) if isinstance(section, dict) else path.stem
 
 
@@ -328,7 +347,7 @@ def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = (), *, args
     from deepfeat.finetune.training.config import build_training
 
     path = resolve_config(name_or_path)
-    _read_yaml(path)  # a YAML syntax error is named with its line before the parser sees the file
+    read_yaml(path)  # a YAML syntax error is named with its line before the parser sees the file
     training = build_training(path, overrides, args=args, cli_class=_recipe_cli())
     section = _section(training.recipe, path)
     if section.name not in RECIPES:

@@ -199,6 +199,8 @@ def _vector_array(value: Any, path: str) -> np.ndarray:
     fix = "write a list of numbers, or a list of equally long lists of numbers"
     if isinstance(value, np.ndarray) and value.dtype.kind not in "iuf":
         raise DataError(f"vector file {path!r} holds a {value.dtype} array, not numbers; {fix}")
+    if _holds_bool(value):  # JSON true/false would pass as 1.0/0.0
+        raise DataError(f"vector file {path!r} holds true/false values, not numbers; {fix}")
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError) as exc:
@@ -213,6 +215,12 @@ def _vector_array(value: Any, path: str) -> np.ndarray:
     return arr
 
 
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_holds_bool(v) for v in value)
+    return isinstance(value, bool)
+
+
 def read_vector_file(path: str) -> np.ndarray:
     """Query vectors from ``.npy`` (n, dim) or (dim,), or ``.json`` (a list, or a list of lists), as float32.
 
@@ -222,10 +230,19 @@ def read_vector_file(path: str) -> np.ndarray:
     """
     import numpy as np
 
+    from deepfeat.finetune.data.contract import file_kind  # imports pandas: only when a command runs
+
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"vector file {path!r} not found (or not a regular file)")
+        kind = file_kind(p)
+        what = "not found" if kind == "missing" else f"{kind}, not a regular file"
+        raise DataError(f"vector file {path!r} is {what}; pass a .npy or .json file of query vectors")
     if p.suffix == ".npy":
+        with p.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # np.load would take it for a pickle and say so
+            raise DataError(f"vector file {path!r} is not a .npy file (it does not start with numpy's header); "
+                            f"write it with numpy.save(path, vectors.astype('float32'))")
         try:
             loaded: Any = np.load(p, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
