@@ -67,6 +67,16 @@ def test_no_download_for_unknown_pretrained(tmp_path: Path) -> None:
         create_backbone("resnet18", weights="imagenet")
 
 
+@pytest.mark.parametrize("name", ["hf-hub:timm/resnet18.a1_in1k", "hf_hub:timm/resnet18.a1_in1k@main"])
+def test_hub_names_are_refused_at_once_with_the_offline_fix(name: str) -> None:
+    # timm would try the network (and retry for ~25 s) before failing; the refusal names the local-file fix
+    with pytest.raises(ModelError) as exc:
+        create_backbone(name, weights="none")
+    message = str(exc.value)
+    assert "never downloads" in message and "backbone='resnet18.a1_in1k'" in message
+    assert "weights='/path/to/model.safetensors'" in message and "\n" not in message
+
+
 def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     other = create_backbone("test_efficientnet", weights="none")
     path = tmp_path / "other.pth"

@@ -7,9 +7,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+import yaml
 from imagegen import make_image_folder
 
+from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.inference.shards import read_shards
 from deepfeat.finetune.models.bundle import ModelBundle
+from deepfeat.finetune.training.config import build_training, run_lightning_cli
 from deepfeat.recipes.cli import main
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "fashion.yaml"
@@ -32,7 +37,7 @@ def test_print_config_shows_the_loss_spelt_out(capsys: pytest.CaptureFixture[str
         main(["fit", "--config", str(RECIPE), "--print_config"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "pytorch_metric_learning.losses.MultiSimilarityLoss" in out and "init_args" in out
+    assert "class_path: pytorch_metric_learning.losses." in out and "init_args" in out
 
 
 def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -49,7 +54,8 @@ def test_fit_export_embed_evaluate_from_the_cli(tmp_path: Path, capsys: pytest.C
     assert ckpts, f"no best checkpoint under {run}"
     bundle = ModelBundle.load(bundle_dir)
     assert bundle.dim == 16
-    assert bundle.card.training["loss"] == "MultiSimilarityLoss"
+    loss_class = yaml.safe_load(RECIPE.read_text())["model"]["loss"]["class_path"]
+    assert bundle.card.training["loss"] == loss_class.rpartition(".")[2]
 
     exported = tmp_path / "exported"
     assert main(["export", "--ckpt", str(ckpts[0]), "--out", str(exported), "--no-onnx"]) == 0
@@ -96,3 +102,86 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
                  str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deepfeat: error:") and "not a deepfeat model bundle" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("config", ["fashion", "fashion.yaml", "recipes/configs/fashion.yaml"])
+def test_config_names_a_shipped_recipe_from_any_folder(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # outside the checkout: no recipes/configs/ here
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", config, "--print_config"])
+    assert exc.value.code == 0
+    printed, shipped = yaml.safe_load(capsys.readouterr().out), yaml.safe_load(RECIPE.read_text())
+    for section in ("model", "data"):
+        assert {k: printed[section][k] for k in shipped[section] if k not in ("loss", "miner")} == {
+            k: v for k, v in shipped[section].items() if k not in ("loss", "miner")}
+
+
+def test_config_refusals_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", "no-such-recipe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-recipe" in err and "fashion" in err and "\n" not in err  # the shipped names are listed
+    assert main(["fit", "--config", "fashion", "--trainer.max_epoch=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "did you mean 'trainer.max_epochs'" in err and "\n" not in err and "usage" not in err
+
+
+def test_optimizer_and_lr_scheduler_then_predict_writes_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=8, size=32)
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    # no callbacks: no guard or export, only the training loop and Lightning's own last checkpoint
+    small = [*_overrides(data, run), "--trainer.max_epochs=2", "--trainer.callbacks=[]"]
+    cli = run_lightning_cli(["fit", *small, "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.01",
+                             "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"])
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    recipe = yaml.safe_load(RECIPE.read_text())["model"]
+    head_ratio = recipe["head_lr"] / recipe["lr"]
+    # the backbone takes --optimizer.lr, the head keeps its ratio to it; StepLR (gamma 0.1) stepped each epoch
+    assert sorted({round(g["initial_lr"], 8) for g in optimizer.param_groups})[:2] == sorted(
+        {0.01, round(0.01 * head_ratio, 8)})[:2]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.1**2)
+    config = cli.trainer.lr_scheduler_configs[0]
+    assert isinstance(config.scheduler, torch.optim.lr_scheduler.StepLR) and config.interval == "epoch"
+
+    # without --lr_scheduler the time-budget cosine stays the schedule (stepped every batch)
+    default = run_lightning_cli(["fit", *small, "--trainer.max_epochs=1", "--optimizer", "torch.optim.SGD"])
+    assert isinstance(default.trainer.optimizers[0], torch.optim.SGD)
+    assert isinstance(default.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.LambdaLR)
+    assert default.trainer.lr_scheduler_configs[0].interval == "step"
+
+    ckpt = sorted((run / "checkpoints").glob("*.ckpt"))[-1]
+    assert main(["predict", *small, "--ckpt_path", str(ckpt)]) == 0
+    rows, vectors, fingerprint = read_shards(run / "predictions")
+    assert sorted(rows["id"]) == sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    assert rows["content_hash"].str.len().eq(64).all()
+    bundle = ModelBundle.load(run / "predictions" / "bundle")
+    assert fingerprint["bundle_id"] == bundle.card.bundle_id
+    # the shards hold the checkpoint's embeddings: the exported bundle gives the same vectors
+    sample = rows.head(4)
+    again = bundle.embed([str(data / p) for p in sample["id"]])
+    np.testing.assert_allclose(again, vectors[:4], atol=1e-4)
+
+
+def test_class_loss_sizes_left_out_come_from_the_data_and_a_wrong_one_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=8, size=32)
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["model"]["loss"] = {"class_path": "pytorch_metric_learning.losses.ArcFaceLoss",
+                               "init_args": {"margin": 28.6}}  # num_classes and embedding_size left out
+    recipe["model"].pop("miner", None)
+    config = tmp_path / "arcface.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    args = [a.removeprefix("--") for a in _overrides(data, tmp_path / "run", config)[2:]]
+    training = build_training(config, args)
+    training.module.fit_to_classes(4)
+    assert tuple(training.module.loss_fn.W.shape) == (16, 4)
+    assert main(["fit", *_overrides(data, tmp_path / "run", config), "--model.loss.init_args.num_classes=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_classes=7" in err and "4 classes" in err and "\n" not in err
+    with pytest.raises(DataError, match=r"cannot build pytorch_metric_learning\.losses\.ArcFaceLoss"):
+        build_training(config, [*args, "model.loss.init_args.margin=abc"])

@@ -397,6 +397,23 @@ def _torchvision_model(name: str) -> tuple[nn.Module, Preprocessing]:
     return model, pre
 
 
+#: timm's name prefixes that make ``create_model`` fetch from the Hugging Face Hub (with network retries)
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+
+def _refuse_hub_name(name: str) -> None:
+    """Refuse a Hub model name at once: timm would try the network (retrying for ~25 s) even with no weights."""
+    prefix = next((p for p in HUB_PREFIXES if name.startswith(p)), None)
+    if prefix is None:
+        return
+    repo = name[len(prefix):].split("@")[0]
+    arch = repo.rstrip("/").split("/")[-1] or "ARCH"
+    raise ModelError(f"backbone {name!r} is a Hugging Face Hub model, and deepfeat never downloads; fetch the weights "
+                     f"on a machine with network ('hf download {repo} model.safetensors'), copy the file here and "
+                     f"name the timm architecture and the local file: backbone={arch!r}, "
+                     f"weights='/path/to/model.safetensors'")
+
+
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path = "imagenet",
                     *, layers: Sequence[LayerSpec] | None = None,
                     image_size: int | tuple[int, int] | None = None,
@@ -423,6 +440,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path = "imagene
             or asked of a torchvision model.
     """
     name = resolve_name(name)
+    _refuse_hub_name(name)
     if not 0.0 <= drop_path_rate < 1.0:
         raise ModelError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}; 0 disables stochastic "
                          f"depth, 0.1-0.2 is usual for EfficientNets")

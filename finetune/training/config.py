@@ -9,6 +9,7 @@ knob is written once, and a misspelt key is refused by the parser with the neare
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,9 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from deepfeat.finetune.errors import DataError
@@ -27,6 +30,7 @@ from deepfeat.finetune.training.callbacks import FinetuneResult
 from deepfeat.finetune.training.datamodule import RetrievalDataModule
 from deepfeat.finetune.training.module import MetricLearningModule
 from deepfeat.finetune.training.pipeline import exporter_of, guarded_fit
+from deepfeat.finetune.training.predict import EmbeddingWriter
 
 __all__ = ["DeepfeatCLI", "Training", "build_training", "overrides_to_args", "run_lightning_cli"]
 
@@ -44,8 +48,55 @@ class DeepfeatCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+        # LightningCLI's --optimizer / --lr_scheduler, handed to the module (it keeps its parameter groups and,
+        # without --lr_scheduler, the time-budget cosine) instead of replacing its configure_optimizers
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+        parser.link_arguments("optimizer", "model.optimizer", compute_fn=_plain_section)
+        parser.link_arguments("lr_scheduler", "model.lr_scheduler", compute_fn=_plain_section)
         parser.add_argument("--recipe", type=self.recipe_type, default=None,
                             help="deepfeat recipe section, read by 'deepfeat recipe run' (ignored by fit)")
+
+    @override
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as exc:
+            if _is_parser_error(exc):  # the keys the parser knows, for the nearest name (:func:`parser_reason`)
+                exc.valid_keys = valid_keys(parser)  # type: ignore[attr-defined]
+            raise
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        # a classification loss (ArcFace, CosFace, ProxyAnchor, ...) whose YAML leaves num_classes / embedding_size
+        # out gets 0 for them: sized from the training split and the model at setup (fit_class_loss)
+        subcommand = getattr(self, "subcommand", None)
+        config = self.config.get(str(subcommand), self.config) if subcommand else self.config
+        init = config.get("model.loss.init_args") if isinstance(config, Namespace) else None
+        if isinstance(init, Namespace):
+            for key in ("num_classes", "embedding_size"):
+                if key in init and init[key] is None:
+                    init[key] = 0
+
+    def predict(self, **kwargs: Any) -> None:
+        """``deepfeat predict``: embed every record of the data into Parquet shards.
+
+        An :class:`~deepfeat.finetune.training.predict.EmbeddingWriter` (``<default_root_dir>/predictions``) is
+        added unless the config's callbacks hold a ``BasePredictionWriter`` already; predictions are streamed to
+        it, not kept in memory.
+        """
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
+            callbacks.append(EmbeddingWriter())
+        kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
+
+
+def _plain_section(value: Any) -> dict[str, Any] | None:
+    """An ``--optimizer`` / ``--lr_scheduler`` section as the plain dict the module takes (``None`` when unset)."""
+    if value is None:
+        return None
+    return dict(value.as_dict()) if isinstance(value, Namespace) else dict(value)
 
 
 @contextmanager
@@ -59,11 +110,42 @@ def _own_argv() -> Iterator[None]:
 
 
 def run_lightning_cli(args: list[str], cli_class: type[DeepfeatCLI] = DeepfeatCLI) -> DeepfeatCLI:
-    """Run ``fit|validate|test|predict`` with LightningCLI arguments (``--config recipe.yaml``)."""
+    """Run ``fit|validate|test|predict`` with LightningCLI arguments (``--config recipe.yaml``).
+
+    Raises:
+        DataError: the parser refused an argument or the config (one line: the key and the reason, not the usage).
+    """
     with _own_argv():
-        # no abbreviations: `--trainer.max_epoch` must be refused, not taken for max_epochs
-        return cli_class(MetricLearningModule, RetrievalDataModule, args=args, parser_kwargs={"allow_abbrev": False},
-                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+        try:
+            # no abbreviations: `--trainer.max_epoch` must be refused, not taken for max_epochs
+            return cli_class(MetricLearningModule, RetrievalDataModule, args=args,
+                             parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
+                             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+        except Exception as exc:
+            if _is_parser_error(exc):
+                command = args[0] if args and not args[0].startswith("-") else "fit"
+                raise DataError(f"deepfeat {command}: {_class_failure(exc) or parser_reason(exc)}") from exc
+            raise
+
+
+def _is_parser_error(exc: BaseException) -> bool:
+    return (type(exc).__name__ in ("ArgumentError", "NSKeyError") or "jsonargparse" in type(exc).__module__
+            or _class_failure(exc) is not None)
+
+
+def _class_failure(exc: BaseException) -> str | None:
+    """One line for a class of the config (a loss, a callback) that failed to build with its init_args: jsonargparse
+    wraps the class's own error in a ``ValueError`` listing the union's members."""
+    text = str(exc)
+    if not (isinstance(exc, ValueError) and text.startswith("Does not validate against any of the Union")):
+        return None
+    cause: BaseException = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    named = re.search(r"class_path='([\w.]+)'", text)
+    what = named.group(1) if named else "a class of the config"
+    return (f"cannot build {what} with its init_args: {type(cause).__name__}: {' '.join(str(cause).split())}; fix "
+            f"the value it names")
 
 
 @dataclass
@@ -76,8 +158,8 @@ class Training:
     config: Namespace
     recipe: Any = None
 
-    def fit(self) -> FinetuneResult:
-        """Fine-tune, guard, measure on the test split and export (:func:`guarded_fit`)."""
+    def fit(self) -> FinetuneResult | None:
+        """Fine-tune, guard, measure on the test split and export (:func:`guarded_fit`; ``None`` on a DDP rank > 0)."""
         return guarded_fit(self.module, self.datamodule, self.trainer)
 
     @property
@@ -109,20 +191,48 @@ def overrides_to_args(overrides: Sequence[str]) -> list[str]:
     return args
 
 
-def parser_reason(text: str) -> str:
-    """The useful line of a jsonargparse error: the unknown key (with the nearest valid one) or the bad value.
+def valid_keys(parser: Any) -> list[str]:
+    """Every key ``parser`` accepts (``model.image_size``, ``recipe.search.top_k``), its subcommands' included."""
+    keys: list[str] = []
+    for action in parser._actions:
+        dest = str(getattr(action, "dest", ""))
+        if isinstance(getattr(action, "choices", None), dict):  # subcommands: fit, validate, ...
+            keys += [k for sub in action.choices.values() for k in valid_keys(sub)]
+        elif dest and dest not in ("help", "config") and not dest.endswith(".help") and dest != "==SUPPRESS==":
+            keys.append(dest)
+    return sorted(set(keys))
 
-    jsonargparse nests one explanation per union member (``RecipeSection | None``); the first one names the
-    real problem, the rest say the value is not ``None``.
-    """
-    flat = " ".join(text.split())
-    unknown = re.search(r"unrecognized arguments: (--?[\w.]+)", flat)
+
+def _unknown_key(flat: str) -> str | None:
+    """The unknown key a jsonargparse message names (a ``--set`` override or a key of the YAML), or None."""
     keys = re.findall(r'Parser key "([\w.]+)"', flat)
+    unknown = re.search(r"unrecognized arguments: (--?[\w.]+)", flat)
     if unknown:
         key = unknown.group(1).lstrip("-").split("=")[0]
         prefix = ".".join(k for k in keys if k)
-        full = f"{prefix}.{key}" if prefix and not key.startswith(prefix) else key
-        return f"unknown key {full!r}; check its spelling against the section's keys ('deepfeat recipe show NAME')"
+        return f"{prefix}.{key}" if prefix and not key.startswith(prefix) else key
+    group = re.search(r"Group '([\w.]+)' does not accept (?:nested key|option) '([\w.]+)'", flat)
+    if group:
+        return f"{group.group(1)}.{group.group(2)}"
+    found = re.search(r"does not accept option '([\w.]+)'|Option '([\w.]+)' is not accepted", flat)
+    return (found.group(1) or found.group(2)) if found else None
+
+
+def parser_reason(error: str | BaseException) -> str:
+    """The useful line of a jsonargparse error: the unknown key (with the nearest valid one) or the bad value.
+
+    jsonargparse nests one explanation per union member (``RecipeSection | None``); the first one names the
+    real problem, the rest say the value is not ``None``. An exception raised by :class:`DeepfeatCLI`'s parser
+    carries the keys it accepts, so an unknown key comes with the nearest valid name.
+    """
+    flat = " ".join(str(error).split())
+    keys = re.findall(r'Parser key "([\w.]+)"', flat)
+    full = _unknown_key(flat)
+    if full:
+        near = difflib.get_close_matches(full, getattr(error, "valid_keys", ()), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}?" if near else ("check its spelling against the section's keys "
+                                                          "('deepfeat recipe show NAME')")
+        return f"unknown key {full!r}; {hint}"
     reason = re.split(r" - Expected a <class 'NoneType'>| Subtypes: ", flat)[0]
     if keys:
         given = re.search(r"Given value: (.*?)(?: - |$)", flat)
@@ -162,7 +272,7 @@ def build_training(config: str | Path, overrides: Sequence[str] = (), *, args: S
             raise DataError(f"{path}: the config was refused (see the message above); fix the key or value it "
                             f"names") from exc
         except Exception as exc:
-            if type(exc).__name__ in ("ArgumentError", "NSKeyError") or "jsonargparse" in type(exc).__module__:
-                raise DataError(f"{path}: the config was refused: {parser_reason(str(exc))}") from exc
+            if _is_parser_error(exc):
+                raise DataError(f"{path}: the config was refused: {_class_failure(exc) or parser_reason(exc)}") from exc
             raise
     return Training(cli.model, cli.datamodule, cli.trainer, cli.config, cli.config.get("recipe"))  # type: ignore[arg-type]

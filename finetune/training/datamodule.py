@@ -173,8 +173,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._class_to_idx = {c: i for i, c in enumerate(sorted(train["label"].astype(str).unique()))}
         module = self.trainer.lightning_module if self.trainer is not None else None
         fit_to_classes = getattr(module, "fit_to_classes", None)
-        if stage == "fit" and callable(fit_to_classes):
-            # before the callbacks' setup (EMA copies the module there): a loss with class weights gets its shape
+        if callable(fit_to_classes):
+            # before the callbacks' setup (EMA copies the module there): a loss with class weights gets its shape;
+            # at every stage, so that validate/test/predict --ckpt_path find the shapes the checkpoint holds
             fit_to_classes(len(self._class_to_idx))
 
     def dataset(self, split: str, *, train: bool = False) -> RecordDataset:
@@ -259,3 +260,13 @@ class RetrievalDataModule(pl.LightningDataModule):
     @override
     def test_dataloader(self) -> DataLoader[dict[str, Any]]:
         return self._eval_loader("test")
+
+    @override
+    def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Every record of the data (all splits, in order), with the eval pipeline: what ``deepfeat predict``
+        embeds (``EmbeddingWriter`` maps each batch's ``index`` back to :attr:`records`)."""
+        from deepfeat.finetune.data.transforms import build_transforms
+
+        ds = RecordDataset(self.records, build_transforms(self._pre(), preset="none", train=False), root=self.root)
+        return make_loader(ds, batch_size=int(self.hparams["eval_batch_size"]),
+                           num_workers=int(self.hparams["num_workers"]))
