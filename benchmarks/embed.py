@@ -48,7 +48,7 @@ from _common import Clock, Measure, goal_mark, machine, median, spread, table, w
 from deepfeat.finetune.data.transforms import build_eval_transforms
 from deepfeat.finetune.inference.embed import (
     PRECISION_AUTOCAST,
-    _compiled,
+    compiled_model,
     embed_to_parquet,
     read_shards,
     resolve_autocast,
@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace, device: torch.device, gpu_decode: bool, work:
     model = bundle.model.to(device).eval().to(memory_format=torch.channels_last)
     if args.compile:
         # the very object embed_to_parquet(compile=True) uses, so it is compiled once, here
-        model = _compiled(model)
+        model = compiled_model(model)
     batches = preprocess_all(paths, bundle, args.batch_size, device)
     # warm-up (oneDNN primitives, cuDNN autotune, compilation): every batch shape once, not timed
     with torch.inference_mode(), autocast_ctx(device, args.bf16):

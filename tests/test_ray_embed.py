@@ -5,20 +5,23 @@ killed mid-way (a real ``deepfeat embed --engine ray`` process, SIGKILL) that re
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from test_reliability_corpus import run_cli
 from test_reliability_faults import deepfeat_process, image_folder, kill_when
 
 from deepfeat.connectors import connect, load_shards
 from deepfeat.finetune.data.readers import read_records
-from deepfeat.finetune.errors import DataError, MissingExtraError
+from deepfeat.finetune.errors import DataError, ImageDecodeError, MissingExtraError
 from deepfeat.finetune.inference.distributed import embed_with_ray, import_ray
 from deepfeat.finetune.inference.embed import embed_to_parquet
 from deepfeat.finetune.inference.shards import read_shards
@@ -135,6 +138,39 @@ def test_killed_ray_embed_resumes_to_the_clean_result(
                                atol=1e-5)
     assert json.loads((out / "_report.json").read_text())["n_skipped"] == 1
     assert [p.name for p in out.iterdir() if not p.name.startswith("part-")] == ["_report.json"]
+
+
+def test_in_memory_images_and_skips_in_input_order_as_locally(
+    ray_address: str, rel_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    """Arrays and encoded bytes held in the records (no file) reach the CPU tasks exactly; the skips are
+    listed in input order, whatever order Ray returns the batches in."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    Image.fromarray(arrays[3]).save(tmp_path / "file.png")
+    encoded = io.BytesIO()
+    Image.fromarray(arrays[1]).save(encoded, format="PNG")
+    records = pd.DataFrame({
+        "id": [f"r{i}" for i in range(7)],
+        "image": [arrays[0], encoded.getvalue(), b"garbage", None, arrays[2].astype(np.float64), None, None],
+        "path": [None, None, None, str(tmp_path / "file.png"), None, str(tmp_path / "missing.png"), None],
+        "label": list("aabbccd"),
+        "price": [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5],
+    })
+    records.loc[6, "path"] = str(tmp_path / "file.png")  # a second record of the same file
+    ray_res = embed_with_ray(rel_bundle, records, tmp_path / "ray", batch_size=2, shard_size=3, progress=False)
+    local = embed_to_parquet(rel_bundle, records, tmp_path / "local", batch_size=2, shard_size=3, progress=False)
+    assert (ray_res.n_embedded, ray_res.n_skipped) == (local.n_embedded, local.n_skipped) == (4, 3)
+    ray_rows, ray_vecs, _ = _by_id(tmp_path / "ray")
+    loc_rows, loc_vecs, _ = _by_id(tmp_path / "local")
+    assert ray_rows == loc_rows and sorted(ray_rows) == ["r0", "r1", "r3", "r6"]
+    for rid in ray_rows:
+        assert float(ray_vecs[rid] @ loc_vecs[rid]) >= 0.9999
+    ray_report = json.loads((tmp_path / "ray" / "_report.json").read_text())
+    assert ray_report == json.loads((tmp_path / "local" / "_report.json").read_text())
+    assert [s["id"] for s in ray_report["skipped"]] == ["r2", "r4", "r5"]
+    with pytest.raises(ImageDecodeError, match=r"cannot read image .*\(run with --on-error skip"):
+        embed_with_ray(rel_bundle, records, tmp_path / "fail", batch_size=2, on_error="fail", progress=False)
 
 
 def test_ray_refusals(ray_address: str, images: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle,

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import logging
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ from deepfeat.finetune.models.bundle import ModelBundle
 log = logging.getLogger(__name__)
 
 _POS = "_pos"
+_IMAGE = "_image_pickle"
 
 
 def import_ray() -> Any:
@@ -117,6 +119,9 @@ def read_and_preprocess(batch: pd.DataFrame, *, preprocessing: tuple[tuple[str, 
     worker code.
     """
     transform = _transform(preprocessing)
+    if _IMAGE in batch:
+        images: list[Any] = [None if v is None else pickle.loads(v) for v in batch[_IMAGE]]
+        batch = batch.assign(image=pd.Series(images, index=batch.index, dtype=object))
     dataset = HashingDataset(batch, transform, class_to_idx={}, root=root)
     items = [dataset[i] for i in range(len(dataset))]
     shape = next((tuple(it["image"].shape) for it in items if "error" not in it), None)
@@ -178,7 +183,10 @@ def _sources(todo: pd.DataFrame, block_rows: int) -> list[pd.DataFrame]:
     if "path" in todo:
         cols["path"] = [None if p is None or (isinstance(p, float) and np.isnan(p)) else str(p) for p in todo["path"]]
     if "image" in todo and todo["image"].notna().any():
-        cols["image"] = todo["image"].to_numpy()
+        # pickled: a column mixing encoded bytes and arrays does not survive Arrow as it is (bytes come back as
+        # 0-d numpy arrays); the CPU stage unpickles what the driver held, exactly
+        cols[_IMAGE] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else pickle.dumps(v)
+                        for v in todo["image"]]
     frame = pd.DataFrame(cols)
     return [frame.iloc[i : i + block_rows].reset_index(drop=True) for i in range(0, len(frame), block_rows)]
 
@@ -240,7 +248,8 @@ def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Pa
 def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter, report: SkipReport, *,
          batch_size: int, on_error: str, root: str | Path | None, concurrency: int | None, num_gpus: float | None,
          threads: int | None, autocast: bool | None, window: int, progress: bool) -> None:
-    """Build the dataset, stream its batches into ``writer`` and ``report``."""
+    """Build the dataset, stream its batches into ``writer``; the skipped inputs go into ``report`` in input
+    order (as the local path lists them), whatever order the batches came back in."""
     from ray.data import DataContext, ExecutionResources
 
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -269,35 +278,39 @@ def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter,
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=0 if gpus else 1,
                             fn_constructor_kwargs={"bundle": bundle, "device": device, "autocast": autocast,
                                                    "threads": threads, "actors": actors})
+        skipped: dict[int, str] = {}
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
-            _write_batch(todo, batch, writer, report, on_error=on_error, root=root)
+            skipped.update(_write_batch(todo, batch, writer, on_error=on_error))
             bar.update(len(batch[_POS]))
+        for p in sorted(skipped):
+            report.add(str(todo.at[p, "id"]), str(todo.at[p, "path"]) if "path" in todo else "", skipped[p])
     finally:
         bar.close()
         ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits = saved
 
 
-def _write_batch(todo: pd.DataFrame, batch: dict[str, np.ndarray], writer: ShardWriter, report: SkipReport, *,
-                 on_error: str, root: str | Path | None) -> None:
-    """Report a batch's bad images, join its vectors to their records and hand them to ``writer``."""
+def _write_batch(todo: pd.DataFrame, batch: dict[str, np.ndarray], writer: ShardWriter, *,
+                 on_error: str) -> dict[int, str]:
+    """Join a batch's vectors to their records and hand them to ``writer``; returns its bad images (position ->
+    reason), or raises on the first with ``on_error="fail"``."""
     pos = np.asarray(batch[_POS], dtype=np.int64)
     errors = [str(e) for e in batch["error"]]
     good = np.array([not e for e in errors], dtype=bool)
-    for p, message in zip(pos[~good], (e for e in errors if e), strict=True):
-        rid = str(todo.at[int(p), "id"])
-        if on_error == "fail":
-            raise ImageDecodeError(rid, f"{message} (run with --on-error skip to skip bad images)")
-        report.add(rid, str(todo.at[int(p), "path"]) if "path" in todo else "", message)
+    bad = {int(p): message for p, message in zip(pos[~good], (e for e in errors if e), strict=True)}
+    if bad and on_error == "fail":
+        p = min(bad)
+        raise ImageDecodeError(str(todo.at[p, "id"]), f"{bad[p]} (run with --on-error skip to skip bad images)")
     if not good.any():
-        return
+        return bad
     vectors = np.ascontiguousarray(np.stack(list(batch["vector"][good])), dtype=np.float32)
     if not np.isfinite(vectors).all():
-        bad = int((~np.isfinite(vectors).all(axis=1)).sum())
-        raise DeepfeatError(f"the model produced {bad} non-finite embeddings in one batch; the bundle's weights "
+        n_bad = int((~np.isfinite(vectors).all(axis=1)).sum())
+        raise DeepfeatError(f"the model produced {n_bad} non-finite embeddings in one batch; the bundle's weights "
                             f"are damaged or the input is out of range. Nothing was written for this batch")
     rows = todo.iloc[pos[good]].copy()
     rows["content_hash"] = [str(h) for h in batch["content_hash"][good]]
     writer.add(rows, vectors)
+    return bad
 
 
 __all__ = ["BundleEmbedder", "embed_with_ray", "import_ray", "ray_session", "read_and_preprocess"]

@@ -180,7 +180,7 @@ def resolve_autocast(device: torch.device, autocast: bool | None) -> bool:
     return bool(autocast)
 
 
-def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+def compiled_model(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(model)``, once per model object, so repeated calls reuse the compiled graphs."""
     if model not in _COMPILED:
         _COMPILED[model] = torch.compile(model)  # type: ignore[assignment]
@@ -234,7 +234,7 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model = _compiled(model)
+        model = compiled_model(model)
     cuda = dev.type == "cuda"
     use_autocast = resolve_autocast(dev, autocast)
     transform = build_transforms(bundle.preprocessing, preset="none", train=False)
@@ -481,6 +481,7 @@ __all__ = [
     "EmbedResult",
     "HashingDataset",
     "auto_num_workers",
+    "compiled_model",
     "cpu_has_native_bf16",
     "embed_to_parquet",
     "iter_embeddings",
