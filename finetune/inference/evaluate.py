@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,3 +78,48 @@ def evaluate_models(models: Mapping[str, EmbeddingModel], records: pd.DataFrame,
         log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
         results[name] = metrics
     return results
+
+
+def evaluation_header(source: str, split: str, records: pd.DataFrame) -> str:
+    """One line naming what an evaluation table measures: the data, the split and its query/gallery counts.
+
+    Args:
+        source: the data as the user named it (a folder, a manifest, ``fashion-mnist``).
+        split: the split evaluated (``val``, ``test``).
+        records: that split's records, with ``is_query`` / ``is_gallery`` set.
+    """
+    n_queries = int(records["is_query"].astype(bool).sum()) if "is_query" in records else len(records)
+    n_gallery = int(records["is_gallery"].astype(bool).sum()) if "is_gallery" in records else len(records)
+    n_classes = int(records["label"].nunique()) if "label" in records else 0
+    return (f"data {source!r}, split {split!r}: {n_queries:,} queries against {n_gallery:,} gallery images, "
+            f"{n_classes} classes")
+
+
+def training_data_warning(training: Mapping[str, Any], source: str, labels: Any) -> str | None:
+    """Why a bundle may be evaluated on other data than it was trained on, or ``None`` when nothing says so.
+
+    Args:
+        training: the bundle card's ``training`` section (``data_source`` and ``classes_train`` when the export
+            recorded them).
+        source: the data the evaluation reads.
+        labels: the evaluated records' labels.
+    """
+    trained_on = training.get("data_source")
+    classes = {str(c) for c in training.get("classes_train") or ()}
+    seen = {str(c) for c in labels}
+    if classes and seen and not classes & seen:
+        return (f"the bundle was trained on {trained_on or 'other data'!r}, whose classes share none with the "
+                f"{len(seen)} classes of {source!r}; pass the data it was trained for with --data")
+    if trained_on and trained_on != "<records>" and not _same_source(str(trained_on), source):
+        return (f"the bundle's card says it was trained on {trained_on!r}, not {source!r}; the table measures "
+                f"it on other data (pass --data to choose)")
+    return None
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False

@@ -205,7 +205,10 @@ class ExportBundle(Callback):
             "miner": type(pl_module.miner).__name__ if pl_module.miner is not None else None,
             "hparams": dict(pl_module.hparams), "best_checkpoint": best, "whitening": whitening,
             "n_train": len(dm.split_records("train")),
-            "n_classes_train": int(dm.split_records("train")["label"].nunique()), "test": test_message}
+            "n_classes_train": int(dm.split_records("train")["label"].nunique()), "test": test_message,
+            # what 'deepfeat evaluate' compares its data with (a warning when a bundle is scored on other data)
+            "data_source": str(dm.source), "classes_train": sorted(dm.split_records("train")["label"].astype(str)
+                                                                    .unique().tolist())[:1000]}
         metrics = {f"{split}/{name}/{k}": float(v) for split, table in (("val", val), ("test", test or {}))
                    for name, m in table.items() for k, v in m.items() if isinstance(v, float | int)}
         self.exported = export_bundle(kept, self.dirpath, name=self.name, training=training, metrics=metrics,

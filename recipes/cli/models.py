@@ -10,6 +10,7 @@ import argparse
 import difflib
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,25 @@ def _check_data_keys(data_cfg: dict[str, Any], accepted: set[str], config: str) 
             raise DataError(f"unknown key data.{key} in {config!r}; {hint}")
 
 
+def _trained_on(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:
+    """What the model's own record says it was trained on: the bundle card's ``training``, or a checkpoint's data
+    module hyper-parameters (``data_source``)."""
+    if bundle is not None:
+        return dict(bundle.card.training or {})
+    import torch
+
+    meta = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    source = dict(meta.get("datamodule_hyper_parameters") or {}).get("source")
+    return {"data_source": source} if source else {}
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from deepfeat.finetune.inference.evaluate import evaluate_models, off_the_shelf
+    from deepfeat.finetune.inference.evaluate import (
+        evaluate_models,
+        evaluation_header,
+        off_the_shelf,
+        training_data_warning,
+    )
     from deepfeat.finetune.metrics import format_metrics_table
     from deepfeat.finetune.models.bundle import ModelBundle
     from deepfeat.finetune.training.datamodule import RetrievalDataModule
@@ -124,18 +142,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                      args.config)
     if args.data:
         data_cfg["source"] = args.data
+    else:
+        data_cfg.setdefault("source", inspect.signature(RetrievalDataModule.__init__).parameters["source"].default)
+        print(f"no --data: evaluating on the config's data.source {data_cfg['source']!r} ({args.config}); pass "
+              f"--data FOLDER|MANIFEST to evaluate on your own images", flush=True)
     if args.split_mode:
         data_cfg["split_mode"] = args.split_mode
     if args.limit_per_class is not None:
         data_cfg["limit_per_class"] = args.limit_per_class or None
     dm = RetrievalDataModule(**data_cfg)
-    fine = ModelBundle.load(args.bundle).model if args.bundle else _module_from_checkpoint(args.ckpt).model
+    bundle = ModelBundle.load(args.bundle) if args.bundle else None
+    fine = bundle.model if bundle is not None else _module_from_checkpoint(args.ckpt).model
     models = {"off-the-shelf": off_the_shelf(fine, args.baseline_weights), "fine-tuned": fine}
     records = dm.split_records(args.split)
+    source = str(data_cfg["source"])
+    warning = training_data_warning(_trained_on(args, bundle), source, records["label"])
+    if warning:
+        print(f"deepfeat: warning: {warning}", file=sys.stderr, flush=True)
+    header = evaluation_header(source, args.split, records)
+    print(f"evaluating {header}", flush=True)
     results = evaluate_models(models, records, batch_size=args.batch_size, num_workers=args.num_workers)
+    print(header)
     print(format_metrics_table(results, delta=True))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+        Path(args.json).write_text(json.dumps({"data": source, "split": args.split, **results}, indent=2,
+                                              default=float))
     return 0
 
 
