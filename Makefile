@@ -10,10 +10,11 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -qq --upgrade pip
 
+# pip -qq: errors only (with extra indexes, -q still prints a WARNING for each index that lacks a package)
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,serve,bulk,ray]"
+	$(BIN)/pip install -qq -e ".[dev,serve,bulk,ray]"
 	touch $(STAMP)
 
 venv: $(STAMP)
