@@ -86,6 +86,8 @@ from deepfeat.recipes.config import CONFIG_DIR, RecipeConfig, load_recipe, resol
 KEYS = ("recall_at_1", "recall_at_5", "map_at_r", "map")
 RECIPE_MARK = "shipped recipe"
 TUNED_MARK = "tuned protocol"
+#: The issue's baseline row: the pretrained backbone's pooled penultimate layer, one view, the run's input size.
+BASELINE = "off-the-shelf (pooled penultimate, single view)"
 #: The YAML the tuned protocol's settings are written over (its callbacks, recipe section, defaults).
 TUNED_BASE = CONFIG_DIR / "fashion.yaml"
 #: Parser arguments of every run: no progress bars or model summaries in a benchmark's log.
@@ -209,6 +211,13 @@ def run_recipe_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[s
         raise SystemExit(f"{path}: no held-out test figures ({result.test_message}); the recipe's ExportBundle "
                          f"needs test: true")
     rows = {f"{RECIPE_MARK}: {name}": dict(metrics) for name, metrics in result.test.items()}
+    # the baseline beside the recipe's own (which reads the recipe's layers, with its flip TTA): the pooled
+    # penultimate layer of the pretrained backbone at the same input size, one view
+    dm = training.datamodule
+    rows[f"{RECIPE_MARK}: {BASELINE}"] = evaluate_models(
+        {BASELINE: penultimate(result.model)}, dm.split_records("test"),
+        batch_size=int(dm.hparams["eval_batch_size"]), num_workers=int(dm.hparams["num_workers"]),
+        device=eval_device())[BASELINE]
     logging.getLogger("quality").info("%s seed %d: %s; %s", protocol, seed, result.message, result.test_message)
     return {"rows": rows, "meta": meta(result, wall, config, out)}
 

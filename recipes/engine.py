@@ -99,6 +99,8 @@ class RecipeResult:
     test: dict[str, dict[str, Any]] | None = None
     test_table: str | None = None
     test_message: str = ""
+    test_exported: str | None = None  # the test table's row of the exported bundle
+    rank: int = 0  # under DDP, this process's rank: only rank 0 exports, embeds, loads and runs the action
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -175,6 +177,13 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
 
     t = time.perf_counter()
     result = training.fit() if config.train else None
+    if config.train and not training.trainer.is_global_zero:  # a DDP rank > 0: its share of the training is done
+        rank = training.trainer.global_rank
+        log.info("recipe %s: rank %d done; rank 0 exports, embeds, loads and runs the action", config.name, rank)
+        return RecipeResult(name=config.name, out=folder, bundle=training.bundle_dir, uri="",
+                            collection=config.collection.name, n_records=len(records), n_loaded=0, chosen="",
+                            guard_message=f"rank {rank}: rank 0 chooses and exports the model", summary={},
+                            seconds={"fine-tune": round(time.perf_counter() - t, 2)}, rank=rank)
     bundle_path = result.bundle if result is not None and result.bundle else _off_the_shelf_bundle(config,
                                                                                                    folder / "run")
     bundle = ModelBundle.load(bundle_path)
@@ -203,7 +212,8 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
         guard_message=result.message if result else "recipe.train is false: off-the-shelf features",
         summary=summary, seconds={k: round(v, 2) for k, v in seconds.items()},
         test=result.test if result else None, test_table=result.test_table() if result else None,
-        test_message=result.test_message if result else "")
+        test_message=result.test_message if result else "recipe.train is false: no fine-tuning to measure",
+        test_exported=result.test_exported if result else None)
     (folder / "recipe.json").write_text(json.dumps(res.to_dict(), indent=2, default=str))
     log.info("recipe %s done in %.0fs: %s", config.name, seconds["total"], folder)
     return res

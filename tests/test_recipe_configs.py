@@ -38,7 +38,9 @@ def test_recipe_yaml_builds_the_real_objects(name: str) -> None:
     assert isinstance(training.module, MetricLearningModule) and isinstance(training.datamodule, RetrievalDataModule)
     cbs = _callbacks(config)
     # the guarded path trains like `deepfeat fit`: freezing, patience, EMA and the guard are callbacks
-    assert cbs["FreezeBackbone"].epochs == 1 and cbs["EarlyStopping"].patience == 3
+    # fashion trains the backbone from the first step (CosFace proxies at their own lr; see its YAML)
+    assert name == "fashion" or cbs["FreezeBackbone"].epochs == 1
+    assert cbs["EarlyStopping"].patience == 3
     assert isinstance(cbs["EMA"], EMA) and cbs["EMA"].decay == 0.99
     assert isinstance(cbs["ExportBundle"], ExportBundle) and cbs["ExportBundle"].guard
     assert training.module.hparams["max_minutes"] > 0  # the budget is the module's, read by schedule and stop
@@ -62,12 +64,12 @@ def test_overrides_accumulate_and_typos_are_refused_with_the_key(tmp_path: Path)
     with pytest.raises(DataError, match="gaurd"):
         load_recipe("fashion", ["recipe.collection.gaurd=false"])
     bad = tmp_path / "bad.yaml"
-    bad.write_text(load_recipe_path("fashion").read_text().replace("  max_epochs: 4", "  max_epoch: 4"))
+    bad.write_text(load_recipe_path("fashion").read_text().replace("  max_epochs:", "  max_epoch:"))
     with pytest.raises(DataError, match="max_epoch"):
         load_recipe(bad)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    with pytest.raises(DataError, match="cannot read recipe"):
+    with pytest.raises(DataError, match="not valid YAML"):
         load_recipe(broken)
 
 

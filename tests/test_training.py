@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,10 +11,11 @@ import torch
 from pytorch_metric_learning import losses, miners
 
 from deepfeat.finetune.data.readers import read_image_folder
-from deepfeat.finetune.errors import ModelError
-from deepfeat.finetune.training.callbacks import FreezeBackbone
+from deepfeat.finetune.errors import DataError, ModelError
+from deepfeat.finetune.training.callbacks import ExportBundle, FreezeBackbone
 from deepfeat.finetune.training.datamodule import RetrievalDataModule
 from deepfeat.finetune.training.module import MetricLearningModule
+from deepfeat.finetune.training.pipeline import guarded_fit
 
 DIM = 32
 
@@ -156,3 +158,74 @@ def test_progressive_resizing_settings_are_checked() -> None:
     with pytest.raises(ModelError, match=r"progressive_fraction .* in \(0, 1\); got 1.0"):
         MetricLearningModule(backbone="test_efficientnet", weights="none", embedding_dim=DIM, image_size=32,
                              progressive_size=16, progressive_fraction=1.0)
+
+
+FASHION = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "fashion.yaml"
+
+
+def _fit_args(data: Path, run: Path, config: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(config), f"--data.source={data}", "--data.split_mode=by_group",
+            "--data.fractions=[0.5,0.25,0.25]", "--data.p=4", "--data.k=2", "--data.batches_per_epoch=2",
+            "--data.num_workers=0", "--data.eval_batch_size=16", "--model.backbone=test_efficientnet",
+            "--model.weights=none", "--model.image_size=32", "--model.embedding_dim=16", "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false", *extra]
+
+
+def test_deepfeat_fit_prints_the_test_table_of_the_bundle_it_exported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deepfeat fit`` on the shipped fashion YAML (flip TTA, whitening) prints the held-out before/after; its
+    figures are those of the exported bundle, embedded again on the same test split."""
+    from imagegen import make_image_folder
+
+    from deepfeat.finetune.inference.evaluate import evaluate_models
+    from deepfeat.finetune.models.bundle import ModelBundle
+    from deepfeat.recipes.cli import main
+
+    data = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=8, size=32)
+    monkeypatch.chdir(tmp_path)  # the recipe's ExportBundle writes runs/fashion/bundle relative to the cwd
+    config = tmp_path / "fashion.yaml"  # guard off: the random test backbone's baseline might be kept
+    config.write_text(FASHION.read_text().replace("guard: true", "guard: false"))
+    assert main(_fit_args(data, tmp_path / "run", config)) == 0
+    printed = capsys.readouterr().out
+    assert "held-out test split" in printed and "off-the-shelf" in printed and "fine-tuned" in printed
+    bundle = ModelBundle.load(tmp_path / "runs" / "fashion" / "bundle")
+    assert bundle.card.training["test_exported"] == "fine-tuned" and bundle.model.flip_tta
+    # the same split again, independently of the fit: the data module is deterministic for a seed
+    test = RetrievalDataModule(source=str(data), split_mode="by_group", fractions=(0.5, 0.25, 0.25),
+                               val_mode="unseen_groups").split_records("test")
+    again = evaluate_models({"bundle": bundle.model}, test, batch_size=16)["bundle"]
+    card = bundle.card.metrics
+    for key in ("recall_at_1", "map_at_r"):
+        assert card[f"test/fine-tuned/{key}"] == pytest.approx(again[key], abs=1e-6)
+    line = next(x for x in printed.splitlines() if "queries vs" in x)
+    assert f"Recall@1 {again['recall_at_1']:.4f} fine-tuned" in line and f"MAP@R {again['map_at_r']:.4f} vs" in line
+
+
+def test_fit_without_a_test_split_says_how_to_add_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagegen import make_image_folder
+
+    from deepfeat.recipes.cli import main
+
+    data = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=6, size=32)
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit_args(data, tmp_path / "run", FASHION, "--data.fractions=[0.5,0.5,0.0]")) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "no held-out test split" in x]
+    assert len(lines) == 1 and "data.fractions" in lines[0] and "'split' column" in lines[0]
+
+
+def test_a_validation_split_of_one_class_is_refused_before_training(tmp_path: Path, tiny_records: Any) -> None:
+    records = tiny_records.copy()
+    records["split"] = "train"
+    records.loc[records["label"] == records["label"].iloc[0], "split"] = "val"  # one class only
+    dm = RetrievalDataModule.from_records(records, split_mode="as_is", p=3, k=2, batches_per_epoch=2)
+    module = MetricLearningModule(backbone="test_efficientnet", weights="none", image_size=32, embedding_dim=DIM)
+    recorder = LossRecorder()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         default_root_dir=str(tmp_path), callbacks=[ExportBundle(dirpath=str(tmp_path / "b")),
+                                                                    recorder])
+    with pytest.raises(DataError) as exc:
+        guarded_fit(module, dm, trainer)
+    message = str(exc.value)
+    assert "\n" not in message and "'val'" in message and "1 class(es)" in message
+    assert recorder.losses == []  # refused before the first step

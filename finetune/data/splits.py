@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Sequence
-from typing import cast
+from typing import Literal, cast, get_args
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,14 @@ import pandas as pd
 from deepfeat.finetune.data.contract import SPLITS, QueryGalleryMode, Split, require_columns
 from deepfeat.finetune.errors import DataError
 
-__all__ = ["assign_query_gallery", "sample_per_class", "split_by_class", "split_by_group"]
+__all__ = ["VAL_MODES", "ValMode", "assign_query_gallery", "hold_out", "sample_per_class", "split_by_class",
+           "split_by_group"]
+
+#: How a held-out split relates to the training images: ``unseen_classes`` (whole classes: retrieval of categories
+#: the model never trained on), ``unseen_groups`` (whole groups, classes shared: new products or patients of known
+#: classes), ``same_classes`` (images of the training classes at random, groups ignored: new photos of known items).
+ValMode = Literal["unseen_classes", "unseen_groups", "same_classes"]
+VAL_MODES: tuple[ValMode, ...] = get_args(ValMode)
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +191,70 @@ def split_by_group(
     logger.info(
         "split_by_group: %s images in train/val/test", [int((out["split"] == s).sum()) for s in SPLITS]
     )
+    return out
+
+
+def hold_out(
+    df: pd.DataFrame,
+    fraction: float,
+    mode: ValMode,
+    *,
+    seed: int = 0,
+    source: Split = "train",
+    target: Split = "val",
+) -> pd.DataFrame:
+    """Move ``fraction`` of the ``source`` rows to ``target`` as ``mode`` says (open-set or closed-set validation).
+
+    ``unseen_classes``: whole classes (classes linked by a shared group move together), at least 2 so that the
+    held-out split can measure retrieval, and at least 2 left to train; ``unseen_groups``: whole groups within
+    every class (:func:`split_by_group`); ``same_classes``: images within every class, groups ignored. Rows of
+    other splits are unchanged; ``is_query``/``is_gallery`` of the moved rows are reset to all-vs-all.
+
+    Args:
+        df: validated records with a ``split`` column.
+        fraction: share of the ``source`` rows (``unseen_classes``: of its classes) to move, in (0, 1).
+        mode: one of :data:`VAL_MODES`.
+        seed: the same seed and records always give the same choice.
+        source: the split the rows are taken from.
+        target: the split they go to.
+
+    Returns:
+        A copy with ``split`` (and the moved rows' ``is_query``/``is_gallery``) reassigned.
+
+    Raises:
+        DataError: an unknown mode, a fraction outside (0, 1), or too few classes for ``unseen_classes``.
+    """
+    if mode not in VAL_MODES:
+        raise DataError(f"val_mode must be one of {list(VAL_MODES)}, got {mode!r}")
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"the share held out for {target!r} must be in (0, 1), got {fraction!r}; set "
+                        f"data.val_fraction (or data.fractions) to e.g. 0.1")
+    require_columns(df, ("id", "label", "group", "split"), "hold_out")
+    part = df[df["split"] == source]
+    if part.empty:
+        raise DataError(f"no {source!r} rows to hold a {target!r} split out of; splits present: "
+                        f"{sorted(df['split'].unique().tolist())}")
+    if mode == "unseen_classes":
+        n = int(part["label"].nunique())
+        n_held = max(2, round(fraction * n))
+        if n - n_held < 2:
+            raise DataError(f"val_mode unseen_classes holds out whole classes: {target!r} needs 2+ classes and "
+                            f"{source!r} keeps 2+, but {source!r} has {n} class(es); use val_mode unseen_groups or "
+                            f"same_classes, or give the data more classes")
+        moved = split_by_class(part, fractions=(1 - n_held / n, n_held / n, 0.0), seed=seed)
+    elif mode == "unseen_groups":
+        moved = split_by_group(part, fractions=(1 - fraction, fraction, 0.0), seed=seed)
+    else:  # same_classes: every image its own group
+        moved = split_by_group(part.assign(group=part["id"].astype(str)), fractions=(1 - fraction, fraction, 0.0),
+                               seed=seed)
+    out = df.copy()
+    taken = moved.index[moved["split"] == "val"]
+    out.loc[taken, "split"] = target
+    if "is_query" in out:
+        out.loc[taken, "is_query"] = True
+        out.loc[taken, "is_gallery"] = True
+    logger.info("hold_out (%s): %d of %d %r images (%d of %d classes) moved to %r", mode, len(taken), len(part),
+                source, int(out.loc[taken, "label"].nunique()), int(part["label"].nunique()), target)
     return out
 
 

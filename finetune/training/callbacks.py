@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: The validation metric that chooses the checkpoint and that the guard compares.
 SELECT_KEY = "map_at_r"
+#: How to give the data a held-out test split (said in one line when there is none).
+NO_TEST_FIX = ("add one with data.split_mode by_group or by_class and a third data.fractions share > 0, or 'test' "
+               "rows in a manifest's 'split' column")
 
 
 def load_module_weights(module: MetricLearningModule, ckpt_path: str | Path) -> None:
@@ -69,9 +73,15 @@ class FinetuneResult:
     whitening: dict[str, Any] | None = None
     test: dict[str, dict[str, Any]] | None = None
     test_message: str = ""
+    test_exported: str | None = None
 
     def test_table(self) -> str | None:
-        """The before/after table on the held-out test split (``None`` when the data has none)."""
+        """The before/after table on the held-out test split (``None`` when the data has none).
+
+        Rows: ``off-the-shelf`` (the same backbone's pretrained features, as exported: same layers, flip TTA),
+        ``fine-tuned`` and, when the guard kept the off-the-shelf model with a learned whitening, that model as
+        exported; :attr:`test_exported` names the row of the exported bundle.
+        """
         if not self.test:
             return None
         return format_metrics_table(self.test, delta=len(self.test) > 1)
@@ -180,6 +190,8 @@ class ExportBundle(Callback):
         val = measure({"off-the-shelf": base, "fine-tuned": model}, val_records)
         chosen, message = self._choose(val)
         kept = model if chosen == "fine-tuned" else base
+        # the test table's baseline stays the plain pretrained features even when the kept baseline is whitened
+        plain_base = copy.deepcopy(base) if self.whiten and chosen == "off-the-shelf" else base
         whitening: dict[str, Any] | None = None
         if self.whiten:
             choice = whiten_model(kept, dm.split_records("train"), val_records, regs=self.whiten_regs,
@@ -192,13 +204,17 @@ class ExportBundle(Callback):
                 val[f"{chosen} + whitening"] = choice.val
                 message += (f"; learned whitening (reg {choice.reg:g}) kept: validation MAP@R "
                             f"{choice.val[SELECT_KEY]:.4f}, Recall@1 {choice.val['recall_at_1']:.4f}")
-        test, test_message = self._measure_test(dm, measure, base, model, chosen)
+        test, test_message, test_exported = self._measure_test(dm, measure, plain_base, model, kept, chosen)
+        if test:
+            log.info("held-out test split, before/after:\n%s", format_metrics_table(test, delta=len(test) > 1))
+        log.info(test_message)
         kept.cpu()
         base.cpu()
         seconds = time.perf_counter() - self._start
         self.result = FinetuneResult(model=kept, chosen=chosen, val=val, seconds=seconds,
                                      epochs=trainer.current_epoch, steps=trainer.global_step, best_checkpoint=best,
-                                     message=message, whitening=whitening, test=test, test_message=test_message)
+                                     message=message, whitening=whitening, test=test, test_message=test_message,
+                                     test_exported=test_exported)
         training: dict[str, Any] = {
             "chosen": chosen, "guard": message, "epochs": trainer.current_epoch, "steps": trainer.global_step,
             "seconds": round(seconds, 1), "loss": type(pl_module.loss_fn).__name__,
@@ -208,7 +224,8 @@ class ExportBundle(Callback):
             "n_classes_train": int(dm.split_records("train")["label"].nunique()), "test": test_message,
             # what 'deepfeat evaluate' compares its data with (a warning when a bundle is scored on other data)
             "data_source": str(dm.source), "classes_train": sorted(dm.split_records("train")["label"].astype(str)
-                                                                    .unique().tolist())[:1000]}
+                                                                    .unique().tolist())[:1000],
+            "test_exported": test_exported}
         metrics = {f"{split}/{name}/{k}": float(v) for split, table in (("val", val), ("test", test or {}))
                    for name, m in table.items() for k, v in m.items() if isinstance(v, float | int)}
         self.exported = export_bundle(kept, self.dirpath, name=self.name, training=training, metrics=metrics,
@@ -232,21 +249,26 @@ class ExportBundle(Callback):
         return "fine-tuned", message
 
     def _measure_test(self, dm: RetrievalDataModule, measure: Callable[..., dict[str, dict[str, Any]]],
-                      base: EmbeddingModel, model: EmbeddingModel, chosen: str
-                      ) -> tuple[dict[str, dict[str, Any]] | None, str]:
+                      base: EmbeddingModel, model: EmbeddingModel, kept: EmbeddingModel, chosen: str
+                      ) -> tuple[dict[str, dict[str, Any]] | None, str, str | None]:
+        """The before/after on the test split, the one-line summary, and the row of the exported model."""
         if not self.test:
-            return None, "no held-out test evaluation (ExportBundle test: false)"
+            return None, "no held-out test evaluation (ExportBundle test: false)", None
         test_records = dm.split_records("test")
         if test_records.empty:
-            return None, ("no held-out test split: the figures above are the validation split that chose the "
-                          "model; give the data a test split (data.fractions with a third share > 0, or a manifest "
-                          "'split' column with test rows) for an unbiased before/after")
-        test = measure({"off-the-shelf": base, "fine-tuned": model}, test_records)
+            return None, (f"no held-out test split, so no before/after on images that took no part in training or "
+                          f"model selection (the figures above are validation's): {NO_TEST_FIX}"), None
+        models = {"off-the-shelf": base, "fine-tuned": model}
+        exported = chosen
+        if kept is not model and kept is not base:  # the baseline kept, with a learned whitening
+            exported = "off-the-shelf + whitening"
+            models[exported] = kept
+        test = measure(models, test_records)
         n_q, n_g = int(test_records["is_query"].sum()), int(test_records["is_gallery"].sum())
         b, a = test["off-the-shelf"], test["fine-tuned"]
-        return test, (f"held-out test split ({n_q} queries vs {n_g} gallery images; the {chosen} model is exported): "
-                      f"Recall@1 {a['recall_at_1']:.4f} fine-tuned vs {b['recall_at_1']:.4f} off-the-shelf, MAP@R "
-                      f"{a[SELECT_KEY]:.4f} vs {b[SELECT_KEY]:.4f}")
+        return test, (f"held-out test split ({n_q} queries vs {n_g} gallery images; the {exported} model is "
+                      f"exported): Recall@1 {a['recall_at_1']:.4f} fine-tuned vs {b['recall_at_1']:.4f} "
+                      f"off-the-shelf, MAP@R {a[SELECT_KEY]:.4f} vs {b[SELECT_KEY]:.4f}"), exported
 
 
 class FreezeBackbone(BaseFinetuning):

@@ -13,6 +13,14 @@ from typing_extensions import override
 
 from deepfeat.finetune.data.contract import check_retrievable
 from deepfeat.finetune.data.dataset import RecordDataset, make_loader
+from deepfeat.finetune.data.splits import (
+    ValMode,
+    assign_query_gallery,
+    hold_out,
+    sample_per_class,
+    split_by_class,
+    split_by_group,
+)
 from deepfeat.finetune.errors import DataError
 
 SplitMode = Literal["as_is", "by_class", "by_group"]
@@ -53,8 +61,6 @@ def check_measurable(records: pd.DataFrame, split: str, *, exclude_same_group: b
 
 
 def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    from deepfeat.finetune.data.splits import sample_per_class
-
     return sample_per_class(df, limit, seed=seed, by=("split", "label"))
 
 
@@ -69,8 +75,15 @@ class RetrievalDataModule(pl.LightningDataModule):
             train/val/test (retrieval of unseen classes); ``by_group`` splits within classes, keeping
             each group (product, patient) in one split.
         fractions: train/val/test fractions for ``by_class``/``by_group``.
-        val_fraction: with ``as_is`` and no ``val`` rows, this fraction of the train groups becomes
-            the validation split (early stopping and model selection need it).
+        val_fraction: with ``as_is`` and no ``val`` rows, this fraction of the train images (groups, classes, as
+            ``val_mode`` says) becomes the validation split (early stopping and model selection need it).
+        val_mode: what validation rewards, and so what the guard and the checkpoint choice reward:
+            ``unseen_classes`` holds out whole classes (a catalogue that gets new categories),
+            ``unseen_groups`` whole groups of the training classes (new products, new patients),
+            ``same_classes`` images of the training classes at random, groups ignored. ``None`` (the default)
+            follows ``split_mode``: ``by_class`` validates on unseen classes, ``by_group`` and ``as_is`` on
+            unseen groups (an image is its own group when the data has none). With ``by_class``/``by_group``
+            the test split is carved by ``split_mode`` and the validation split by ``val_mode``.
         classes: keep only these labels (e.g. half of the classes for a class-disjoint study).
         limit_per_class: keep at most this many images per class and split (tiny runs).
         query_mode: ``all_vs_all`` (every eval image is a query against all others) or ``holdout``.
@@ -85,6 +98,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def __init__(self, source: str = "fashion-mnist", root: str | None = None, split_mode: SplitMode = "as_is",
                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), val_fraction: float = 0.1,
+                 val_mode: ValMode | None = None,
                  classes: list[str] | None = None, limit_per_class: int | None = None,
                  query_mode: QueryMode = "all_vs_all", preset: Preset = "none", p: int = 8, k: int = 4,
                  batches_per_epoch: int | None = None, eval_batch_size: int = 128, num_workers: int = 0,
@@ -112,7 +126,6 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _prepare(self, records: pd.DataFrame) -> pd.DataFrame:
         from deepfeat.finetune.data.contract import validate_records
-        from deepfeat.finetune.data.splits import assign_query_gallery, split_by_class, split_by_group
 
         hp = self.hparams
         df = validate_records(records, root=self.root, check_files=False)
@@ -122,20 +135,37 @@ class RetrievalDataModule(pl.LightningDataModule):
             if unknown:
                 raise DataError(f"classes {sorted(unknown)} are not in the data; it has {sorted(set(df['label']))}")
             df = df[df["label"].astype(str).isin(wanted)]
-        if hp["split_mode"] == "by_class":
-            df = split_by_class(df, fractions=tuple(hp["fractions"]), seed=hp["seed"])
-        elif hp["split_mode"] == "by_group":
-            df = split_by_group(df, fractions=tuple(hp["fractions"]), seed=hp["seed"])
-        elif not (df["split"] == "val").any() and hp["val_fraction"] > 0:
-            train = df[df["split"] == "train"]
-            groups = train["group"].drop_duplicates().sample(frac=hp["val_fraction"], random_state=hp["seed"])
-            df = df.copy()
-            df.loc[(df["split"] == "train") & df["group"].isin(set(groups)), "split"] = "val"
+        df = self._split(df)
         df = _limit_per_class(df, hp["limit_per_class"], hp["seed"])
         for split in ("val", "test"):
             if (df["split"] == split).any():
                 df = assign_query_gallery(df, split=split, mode=hp["query_mode"], seed=hp["seed"])
         return df.reset_index(drop=True)
+
+    def _split(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Train/val/test as ``split_mode`` and ``val_mode`` say (see the class docstring)."""
+        hp = self.hparams
+        mode, val_mode, seed = hp["split_mode"], hp.get("val_mode"), hp["seed"]
+        implied = {"by_class": "unseen_classes", "by_group": "unseen_groups"}.get(mode)
+        if mode in ("by_class", "by_group"):
+            fractions = tuple(float(f) for f in hp["fractions"])
+            split = split_by_class if mode == "by_class" else split_by_group
+            if val_mode is None or val_mode == implied or fractions[1] <= 0:
+                return split(df, fractions=fractions, seed=seed)
+            # the test split as split_mode says, then validation out of the rest as val_mode says
+            fit_share = fractions[0] + fractions[1]
+            df = split(df, fractions=(fit_share, 0.0, fractions[2]), seed=seed)
+            return hold_out(df, fractions[1] / fit_share, val_mode, seed=seed)
+        if (df["split"] == "val").any() or hp["val_fraction"] <= 0:
+            return df
+        if val_mode in (None, "unseen_groups"):
+            # a random share of the training groups (the classes they fall in are shared with train)
+            train = df[df["split"] == "train"]
+            groups = train["group"].drop_duplicates().sample(frac=hp["val_fraction"], random_state=seed)
+            df = df.copy()
+            df.loc[(df["split"] == "train") & df["group"].isin(set(groups)), "split"] = "val"
+            return df
+        return hold_out(df, float(hp["val_fraction"]), val_mode, seed=seed)
 
     @property
     def records(self) -> pd.DataFrame:
@@ -244,12 +274,14 @@ class RetrievalDataModule(pl.LightningDataModule):
                             f"choose split_mode 'by_class' or 'by_group', or give val_fraction > 0")
         ds = self.dataset(split)
         batch_size, workers = int(self.hparams["eval_batch_size"]), int(self.hparams["num_workers"])
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if world > 1:
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if trainer is not None and world > 1:
             # Under DDP each rank embeds its own share of the split (use_distributed_sampler is off, so Lightning
             # does not shard it); the module gathers the shares and scores the whole split. DistributedSampler
             # pads the last share with repeated images, which the module drops by index.
-            shard = DistributedSampler(ds, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+            shard: DistributedSampler[int] = DistributedSampler(ds, num_replicas=world, rank=trainer.global_rank,
+                                                                shuffle=False)
             return make_loader(ds, batch_sampler=BatchSampler(shard, batch_size, drop_last=False), num_workers=workers)
         return make_loader(ds, batch_size=batch_size, num_workers=workers)
 

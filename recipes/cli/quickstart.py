@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from deepfeat.recipes.cli.arguments import int_at_least, out_dir, positive_float
+from deepfeat.recipes.cli.recipe import print_test
 
 __all__ = ["add_cli"]
 
@@ -28,9 +29,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"deepfeat quickstart: data={opts.data or 'fashion-mnist'} out={opts.out} "
           f"(training budget {opts.minutes:g} min; --full for a longer run)")
     res = run_quickstart(opts)
-    print("\nRetrieval on the test split (queries vs gallery, leave-one-out):")
-    print(res.table)
     print(f"\n{res.guard_message}")
+    print_test(res.table, res.test_message)
     print(f"bundle:     {res.bundle}")
     print(f"milvus:     {res.milvus_uri} collection {res.collection!r} ({res.n_loaded} vectors)")
     print(f"picture:    {res.picture}")

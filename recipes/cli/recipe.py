@@ -13,7 +13,7 @@ from deepfeat.finetune.redaction import mask_uri
 from deepfeat.recipes.cli.arguments import out_dir, positive_float
 from deepfeat.recipes.config import list_recipes
 
-__all__ = ["add_cli"]
+__all__ = ["add_cli", "print_test"]
 
 _SET_HELP = "override YAML keys; repeat --set or give several: model.image_size=32 trainer.max_epochs=2"
 
@@ -40,6 +40,14 @@ def _cmd_recipe_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_test(table: str | None, message: str) -> None:
+    """The before/after table on the held-out test split and its one-line summary (or why there is none)."""
+    if table:
+        print("held-out test split (no part in training or model selection), before/after:")
+        print(table)
+    print(message)
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     skip = {"searches", "shop_the_look", "cases", "groups", "external", "unlabelled", "files"}
     for key, value in summary.items():
@@ -60,7 +68,10 @@ def _cmd_recipe_run(args: argparse.Namespace) -> int:
     res = run_recipe(args.name, args.data, out=args.out, uri=args.uri, overrides=args.set or (),
                      minutes=args.minutes, queries=queries, replace=True if args.replace else None,
                      progress=not args.quiet)
+    if res.rank:  # a DDP rank > 0 (Lightning re-ran this command in it): rank 0 reports
+        return 0
     print(res.guard_message)
+    print_test(res.test_table, res.test_message)
     print(f"bundle:   {res.bundle}")
     print(f"milvus:   {mask_uri(res.uri)} collection {res.collection!r} ({res.n_loaded} of {res.n_records} records)")
     print(f"{res.name}:")
