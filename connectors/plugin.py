@@ -30,6 +30,7 @@ import torch
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.schema import PROP_BUNDLE
+from deepfeat.finetune.inference.runtime import resolve_device
 from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class DeepfeatImageEmbeddingFunction:
 
     Args:
         bundle: a bundle directory or a loaded :class:`ModelBundle`.
-        device: where the model runs (``"cpu"``, ``"cuda"``).
+        device: where the model runs (``"cpu"``, ``"cuda"``); by the one runtime rule
+            (:func:`deepfeat.finetune.inference.runtime.resolve_device`: argument > ``$DEEPFEAT_DEVICE`` > a
+            loaded bundle's own device > CUDA when available).
         batch_size: images per forward pass.
 
     Images may be file paths, encoded bytes, HxW/HxWxC uint8 arrays or PIL images; the bundle's own
@@ -55,11 +58,13 @@ class DeepfeatImageEmbeddingFunction:
     """
 
     def __init__(
-        self, bundle: str | Path | ModelBundle, *, device: str | torch.device = "cpu", batch_size: int = 64
+        self, bundle: str | Path | ModelBundle, *, device: str | torch.device | None = None, batch_size: int = 64
     ) -> None:
-        self.bundle = bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle, device=device)
         if isinstance(bundle, ModelBundle):
-            self.bundle.model.to(device)
+            self.bundle = bundle
+            self.bundle.model.to(resolve_device(device, model=bundle.model))
+        else:
+            self.bundle = ModelBundle.load(bundle, device=resolve_device(device))
         self.batch_size = batch_size
         self.model_name = self.bundle.card.name
 

@@ -32,6 +32,9 @@ from deepfeat.connectors.schema import (
     KeyMode,
     primary_key,
 )
+from deepfeat.finetune.data.dataset import SkipReport, record_source
+from deepfeat.finetune.data.images import content_hash
+from deepfeat.finetune.data.readers import read_records
 from deepfeat.finetune.errors import ConnectorError, DataError, DeepfeatError, ImageDecodeError
 from deepfeat.finetune.models.bundle import ModelBundle
 
@@ -83,8 +86,6 @@ def _load_bundle(bundle: ModelBundle | str | Path) -> ModelBundle:
 
 
 def _read(records: pd.DataFrame | str | Path, root: str | Path | None) -> pd.DataFrame:
-    from deepfeat.finetune.data.readers import read_records
-
     # Missing files and broken links are kept as records: the sync reports and skips each one (and keeps
     # its row) instead of refusing the whole folder. A root is enforced (no path may leave it) for manifests
     # and tables; an image folder is its own root.
@@ -95,9 +96,6 @@ def _read(records: pd.DataFrame | str | Path, root: str | Path | None) -> pd.Dat
 
 def content_hashes(records: pd.DataFrame, root: str | Path | None = None) -> tuple[list[str | None], dict[str, str]]:
     """The content hash of each record (``None`` where the image cannot be read) and the reasons."""
-    from deepfeat.finetune.data.dataset import record_source
-    from deepfeat.finetune.data.images import content_hash
-
     out: list[str | None] = []
     errors: dict[str, str] = {}
     for row in records.to_dict("records"):
@@ -119,7 +117,8 @@ def _default_embedder(
     skipped: dict[str, str],
     on_error: Literal["skip", "fail"] = "skip",
 ) -> Embedder:
-    from deepfeat.finetune.data.dataset import SkipReport
+    # deferred: the embed engine imports albumentations and OpenCV (seconds), which `import deepfeat.connectors`
+    # (and every vector-search command) would otherwise pay for
     from deepfeat.finetune.inference.embed import iter_embeddings
 
     report = SkipReport()

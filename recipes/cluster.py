@@ -25,6 +25,7 @@ from deepfeat.finetune.errors import DataError
 from deepfeat.recipes.config import RecipeConfig
 from deepfeat.recipes.engine import RecipeContext
 from deepfeat.recipes.recipes import read_any, record_image
+from deepfeat.recipes.viz import image_rows
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,6 @@ def write_clusters(
         image_of: a record's image from its row (``record_id``, ``path``, ...); default: read ``path``.
             Rows without an image are left out of the picture.
     """
-    from deepfeat.recipes.viz import image_rows
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "clusters.csv"

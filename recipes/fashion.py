@@ -31,6 +31,7 @@ from deepfeat.finetune.models.bundle import ModelBundle
 from deepfeat.recipes.config import RecipeConfig
 from deepfeat.recipes.engine import RecipeContext
 from deepfeat.recipes.recipes import pick_queries, record_image
+from deepfeat.recipes.viz import result_grid
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,6 @@ def _brief(hits: list[dict[str, Any]], extra: Sequence[str] = ()) -> list[dict[s
 
 def act(ctx: RecipeContext) -> dict[str, Any]:
     """Example searches on the catalogue: similar items (plain, same category, price band), shop the look."""
-    from deepfeat.recipes.viz import result_grid
-
     opts, search = ctx.config.action, ctx.config.search
     top_k = int(search.get("top_k", 5))
     group_by = search.get("group_by", "group")

@@ -34,6 +34,7 @@ from deepfeat.finetune.models.bundle import ModelBundle
 from deepfeat.recipes.config import RecipeConfig
 from deepfeat.recipes.engine import RecipeContext
 from deepfeat.recipes.recipes import pick_queries, record_image
+from deepfeat.recipes.viz import result_grid
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,6 @@ def check_cases(queries: Sequence[Mapping[str, Any]], hits: Hits) -> dict[str, i
 
 def act(ctx: RecipeContext) -> dict[str, Any]:
     """Similar cases for test patients (one query scan each), checked, written as CSV and a picture."""
-    from deepfeat.recipes.viz import result_grid
-
     search, opts = ctx.config.search, ctx.config.action
     top_k = int(search.get("top_k", 5))
     same = tuple(opts.get("same_fields", SAME_FIELDS) or ())

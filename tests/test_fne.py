@@ -229,3 +229,27 @@ def test_fne_vectors_search_in_milvus_lite(
 def test_default_thresholds_are_the_papers() -> None:
     assert DEFAULT_THRESHOLDS == (-0.25, 0.15)
     assert FNEHead(4).options() == {"thresholds": [-0.25, 0.15], "discretize": True}
+
+
+def test_heads_live_in_one_module_and_fne_re_exports_them() -> None:
+    """model.py builds heads from heads.py; fne.py builds on model.py; neither imports the other back."""
+    import ast
+
+    from deepfeat.finetune.models import fne, heads, model
+
+    def imported(module: object) -> set[str]:
+        tree = ast.parse(Path(str(getattr(module, "__file__", ""))).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "deepfeat.finetune.models.fne" not in imported(model) and "deepfeat.finetune.models.model" in imported(fne)
+    assert "deepfeat.finetune.models.model" not in imported(heads)
+    assert fne.FNEHead is heads.FNEHead and fne.DEFAULT_THRESHOLDS == heads.DEFAULT_THRESHOLDS
+    lin, dim = heads.build_head("linear", 8, 4)
+    assert dim == 4 and isinstance(lin, torch.nn.Linear)
+    torch.testing.assert_close(lin.weight @ lin.weight.T, torch.eye(4))  # orthogonal rows: distances kept
+    with pytest.raises(ModelError, match=r"head='fne' keeps the backbone's 8 features, but embedding_dim=4"):
+        heads.build_head("fne", 8, 4)
+    with pytest.raises(ModelError, match="they belong to head='fne'"):
+        heads.build_head("mlp", 8, options={"thresholds": [0, 1]})
+    with pytest.raises(ModelError, match="unknown head 'conv'"):
+        heads.build_head("conv", 8)  # type: ignore[arg-type]

@@ -146,7 +146,7 @@ def test_a_collection_deepfeat_did_not_create_is_searched_by_vector(tmp_path: Pa
         schema.add_field("name", DataType.VARCHAR, max_length=64, is_primary=True)
         schema.add_field("emb", DataType.FLOAT_VECTOR, dim=DIM)
         schema.add_field("n", DataType.INT32)
-        conn.client.create_collection("custom", schema=schema)
+        conn.client.create_collection("custom", schema=schema, consistency_level="Strong")
         conn.client.insert("custom", [{"name": k, "emb": v.tolist(), "n": i}
                                       for i, (k, v) in enumerate(zip(HARD, vectors, strict=False))])
         with pytest.raises(ConnectorError, match="no index on its vector field 'emb'"):

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deepfeat.finetune.data.images import load_image
 from deepfeat.finetune.errors import DataError, ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ class RecordDataset(Dataset[dict[str, Any]]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from deepfeat.finetune.data.images import load_image
-
         row = self.records.iloc[index]
         try:
             source = record_source(row, self.root)
@@ -128,6 +127,8 @@ def collate_skipping_errors(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _worker_init(worker_id: int) -> None:
     """Give each DataLoader worker its own augmentation stream (albumentations does not reseed forks)."""
+    # deferred: transforms imports albumentations and OpenCV (seconds), and the connectors load this module
+    # for the shard contract without ever building a transform
     from deepfeat.finetune.data.transforms import reseed_in_worker
 
     info = torch.utils.data.get_worker_info()

@@ -13,26 +13,32 @@ import pandas as pd
 import torch
 
 from deepfeat.finetune.data.dataset import RecordDataset, SkipReport, make_loader
+from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference.runtime import resolve_runtime
+from deepfeat.finetune.metrics import retrieval_metrics_from_records
 from deepfeat.finetune.models.model import EmbeddingModel, build_embedding_model
 
 log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def embed_records(model: EmbeddingModel, records: pd.DataFrame, *, batch_size: int = 128, num_workers: int = 0,
-                  root: str | None = None, report: SkipReport | None = None,
-                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def embed_records(model: EmbeddingModel, records: pd.DataFrame, *, batch_size: int = 128,
+                  num_workers: int | str | None = None, root: str | None = None, report: SkipReport | None = None,
+                  device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Embed records with the model's own eval preprocessing.
+
+    ``device`` and ``num_workers`` follow the one runtime rule (:mod:`deepfeat.finetune.inference.runtime`:
+    argument > environment > the model's own device > default); the forward pass stays float32.
 
     Returns:
         ``(embeddings, kept)``: float32 (n_kept, dim) and the positions (into ``records``) that decoded.
     """
-    from deepfeat.finetune.data.transforms import build_transforms
-
-    tune_cpu_allocator()
-
+    if records.empty:  # not a decoding failure: there is nothing to decode
+        raise DataError("the split to evaluate holds no records (0 images); choose a split that has images, or a "
+                        "split mode that fills it (e.g. split_mode: by_class)")
+    runtime = resolve_runtime(device, num_workers, "fp32", model=model)
+    device, num_workers = runtime.device, runtime.num_workers
     records = records.reset_index(drop=True)
     model = model.to(device).eval()
     ds = RecordDataset(records, build_transforms(model.preprocessing, preset="none", train=False),
@@ -49,7 +55,8 @@ def embed_records(model: EmbeddingModel, records: pd.DataFrame, *, batch_size: i
         out.append(model(batch["image"].to(device)).float().cpu().numpy())
         kept.append(batch["index"].numpy())
     if not out:
-        raise DataError("no image of the evaluation split could be decoded; see the skip report")
+        raise DataError(f"none of the {len(records)} images of the split to evaluate could be decoded (each is named "
+                        f"with its reason in the warnings above); fix or replace these files")
     return np.concatenate(out), np.concatenate(kept)
 
 
@@ -62,11 +69,10 @@ def off_the_shelf(model: EmbeddingModel, weights: str = "imagenet") -> Embedding
 
 
 def evaluate_models(models: Mapping[str, EmbeddingModel], records: pd.DataFrame, *, batch_size: int = 128,
-                    num_workers: int = 0, root: str | None = None, exclude_same_group: bool = False,
-                    device: str | torch.device = "cpu") -> dict[str, dict[str, Any]]:
-    """Retrieval metrics of each model on ``records`` (one split, with is_query/is_gallery set)."""
-    from deepfeat.finetune.metrics import retrieval_metrics_from_records
-
+                    num_workers: int | str | None = None, root: str | None = None, exclude_same_group: bool = False,
+                    device: str | torch.device | None = None) -> dict[str, dict[str, Any]]:
+    """Retrieval metrics of each model on ``records`` (one split, with is_query/is_gallery set); ``device``
+    and ``num_workers`` as in :func:`embed_records`."""
     results: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         start = time.perf_counter()

@@ -1,4 +1,14 @@
-"""Process-level tuning for training and embedding on the CPU: glibc's malloc thresholds.
+"""The one runtime resolver: device, DataLoader workers, precision and the CPU allocator.
+
+Every knob is decided by one precedence rule, as timm's ``resolve_data_config`` does for preprocessing:
+**an explicit argument > the environment > the model (or bundle) > the default**. ``None`` and ``"auto"``
+count as "not given". The environment variables are ``DEEPFEAT_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``,
+``mps``), ``DEEPFEAT_NUM_WORKERS`` (a count or ``auto``), ``DEEPFEAT_PRECISION`` (``fp32``, ``bf16``,
+``auto``) and ``DEEPFEAT_MALLOC_TUNING`` (``0`` turns the allocator tuning off). Only the device has a model
+level (where its parameters already are); the defaults are CUDA when available, a worker count for the
+device (:func:`auto_num_workers`), bf16 autocast on CUDA only, and the allocator tuned.
+
+The allocator: glibc's malloc thresholds.
 
 By default glibc serves every allocation of 128 KiB or more (the threshold then grows with what is
 freed, up to 32 MiB) with a fresh ``mmap`` and returns it to the kernel on ``free``, and trims the top of
@@ -23,9 +33,20 @@ import ctypes.util
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+from deepfeat.finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
+DEVICE_ENV = "DEEPFEAT_DEVICE"
+WORKERS_ENV = "DEEPFEAT_NUM_WORKERS"
+PRECISION_ENV = "DEEPFEAT_PRECISION"
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 ENV = "DEEPFEAT_MALLOC_TUNING"
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -37,7 +58,7 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _state: dict[str, bool] = {}
 
 
-def _libc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
     """glibc, where this process runs on it (``None`` on other C libraries and systems)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -63,7 +84,7 @@ def tune_cpu_allocator() -> bool:
         log.debug("malloc tuning off (%s=%s)", ENV, os.environ[ENV])
     elif any(name in preload for name in _OTHER_ALLOCATORS):
         log.debug("malloc tuning skipped: LD_PRELOAD names another allocator (%s)", preload)
-    elif (libc := _libc()) is not None:
+    elif (libc := glibc()) is not None:
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         threshold = MMAP_THRESHOLD if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) else (
             FALLBACK_MMAP_THRESHOLD if libc.mallopt(M_MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD) else 0)
@@ -74,3 +95,169 @@ def tune_cpu_allocator() -> bool:
                      "kernel (faster CPU steps; %s=0 turns this off)", threshold >> 20, ENV)
     _state["applied"] = applied
     return applied
+
+
+# --------------------------------------------------------------------------------------------------
+# device, workers, precision
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return None if value.lower() in ("", "auto") else value
+
+
+def _device(name: str, source: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DataError(f"{source} names the device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"{source} asks for {name!r} but this machine has no usable CUDA GPU; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DataError(f"{source} asks for {name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_device(device: str | torch.device | None = None, *, model: torch.nn.Module | None = None) -> torch.device:
+    """Where to run: ``device`` > ``$DEEPFEAT_DEVICE`` > where ``model``'s parameters are > CUDA when available.
+
+    Raises:
+        DataError: an unknown device name, or a CUDA device this machine does not have.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is not None and device.strip().lower() != "auto":
+        return _device(device.strip(), "the device argument")
+    if (name := _env(DEVICE_ENV)) is not None:
+        return _device(name, f"${DEVICE_ENV}")
+    if model is not None:
+        first = next(model.parameters(), None)
+        if first is not None:
+            return first.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def auto_num_workers(device: torch.device | str, cores: int | None = None) -> int:
+    """The default DataLoader worker count for ``device``.
+
+    On CUDA the workers feed the GPU: up to 8, leaving a core to the main process. On a CPU the model
+    already uses every core through OpenMP, and a worker process that takes one makes the model's
+    threads wait for it: on 2 cores no worker at all was measured fastest (0.78x the model-only rate,
+    against 0.55x with one worker; benchmarks/README.md). With more cores, a few workers are worth
+    their cores.
+    """
+    n = cores if cores is not None else (os.cpu_count() or 1)
+    if torch.device(device).type == "cuda":
+        return max(1, min(8, n - 1))
+    return 0 if n <= 2 else min(4, n // 4)
+
+
+def _workers(value: str, source: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise DataError(f"{source} must be a worker count (0 or more) or auto, got {value!r}") from None
+    if n < 0:
+        raise DataError(f"{source} must be 0 or more, got {n}")
+    return n
+
+
+def resolve_num_workers(num_workers: int | str | None = None, *, device: torch.device | str = "cpu",
+                        cores: int | None = None) -> int:
+    """DataLoader workers: ``num_workers`` > ``$DEEPFEAT_NUM_WORKERS`` > :func:`auto_num_workers` for ``device``.
+
+    Raises:
+        DataError: a negative or non-numeric count.
+    """
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool):
+        return _workers(str(num_workers), "num_workers")
+    if num_workers is not None and str(num_workers).strip().lower() != "auto":
+        return _workers(str(num_workers).strip(), "num_workers")
+    if (value := _env(WORKERS_ENV)) is not None:
+        return _workers(value, f"${WORKERS_ENV}")
+    return auto_num_workers(device, cores)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix and convolution kernels natively (AVX512-BF16 or AMX via oneDNN).
+
+    Where it does, bf16 autocast makes CPU inference about 2-4x faster; where it does not, bf16 is
+    emulated and slower than float32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: Precision | bool | None = None, *, device: torch.device | str = "cpu") -> bool:
+    """Whether to run under bf16 autocast: ``precision`` (``"bf16"``/``True``, ``"fp32"``/``False``) >
+    ``$DEEPFEAT_PRECISION`` > bf16 on CUDA, float32 elsewhere (float32 stays exact on a CPU).
+
+    Raises:
+        DataError: a precision other than auto, fp32 or bf16.
+    """
+    if isinstance(precision, bool):
+        chosen: str | None = "bf16" if precision else "fp32"
+        source = "precision"
+    else:
+        chosen = None if precision in (None, "auto") else str(precision)
+        source = "precision"
+        if chosen is None and (chosen := _env(PRECISION_ENV)) is not None:
+            source = f"${PRECISION_ENV}"
+    if chosen is not None and chosen not in PRECISIONS:
+        raise DataError(f"{source} must be one of {list(PRECISIONS)}, got {chosen!r}")
+    dev = torch.device(device)
+    if chosen is None or chosen == "auto":
+        return dev.type == "cuda"
+    if chosen == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("bf16 autocast requested on a CPU without native bf16 (AVX512-BF16/AMX): it is emulated "
+                    "and slower than float32; leave it off on this machine")
+    return chosen == "bf16"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What :func:`resolve_runtime` decided."""
+
+    device: torch.device
+    num_workers: int
+    autocast: bool
+    allocator_tuned: bool
+
+
+def resolve_runtime(device: str | torch.device | None = None, num_workers: int | str | None = None,
+                    precision: Precision | bool | None = None, *, model: torch.nn.Module | None = None,
+                    tune_allocator: bool = True) -> Runtime:
+    """Device, workers and precision by the one precedence rule (module docstring), and the CPU allocator
+    tuned (:func:`tune_cpu_allocator`) unless ``tune_allocator`` is False or the environment turns it off.
+
+    Raises:
+        DataError: an unknown device or precision, a CUDA device this machine lacks, a bad worker count.
+    """
+    dev = resolve_device(device, model=model)
+    return Runtime(
+        device=dev,
+        num_workers=resolve_num_workers(num_workers, device=dev),
+        autocast=resolve_precision(precision, device=dev),
+        allocator_tuned=tune_cpu_allocator() if tune_allocator else False,
+    )
+
+
+__all__ = [
+    "DEVICE_ENV",
+    "ENV",
+    "PRECISIONS",
+    "PRECISION_ENV",
+    "WORKERS_ENV",
+    "Precision",
+    "Runtime",
+    "auto_num_workers",
+    "cpu_has_native_bf16",
+    "glibc",
+    "resolve_device",
+    "resolve_num_workers",
+    "resolve_precision",
+    "resolve_runtime",
+    "tune_cpu_allocator",
+]

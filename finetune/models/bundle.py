@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfeat.finetune.data.images import load_image
 from deepfeat.finetune.errors import MismatchError, ModelError
 from deepfeat.finetune.models.backbones import Preprocessing
 from deepfeat.finetune.models.model import EmbeddingModel
@@ -358,7 +359,8 @@ class ModelBundle:
 
     def embed(self, images: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
         """Embed images (paths, encoded bytes or arrays) with the bundle's preprocessing."""
-        from deepfeat.finetune.data.images import load_image
+        # deferred: transforms imports albumentations and OpenCV (seconds); the connectors import this module
+        # and searching by vector never embeds an image
         from deepfeat.finetune.data.transforms import preprocess_batch
 
         out = []

@@ -17,7 +17,8 @@ magnitude is mostly noise. The embedding is built in three steps:
    ``t_neg = -0.25`` and ``t_pos = 0.15``.
 
 In deepfeat the embedding is an :class:`~deepfeat.finetune.models.model.EmbeddingModel` whose head is an
-:class:`FNEHead` (``head="fne"``): the statistics and thresholds are buffers of the model, so they
+:class:`~deepfeat.finetune.models.heads.FNEHead` (``head="fne"``, in :mod:`deepfeat.finetune.models.heads`
+with the other heads and re-exported here): the statistics and thresholds are buffers of the model, so they
 travel in the model bundle's weights (and its hash), and query time uses exactly the statistics of
 index time. Build one with :func:`build_fne_model`, measure the statistics with :func:`fit_statistics`.
 
@@ -33,239 +34,22 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
-from torch import nn
 
+from deepfeat.finetune.data.dataset import RecordDataset, make_loader
+from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError, ModelError
 from deepfeat.finetune.models.backbones import DEFAULT_BACKBONE, Backbone, LayerSpec, create_backbone
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from deepfeat.finetune.models.model import EmbeddingModel
+from deepfeat.finetune.models.heads import DEFAULT_THRESHOLDS, FNEHead, FNEStatistics, RunningMoments
+from deepfeat.finetune.models.model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
-#: The discretisation thresholds of Garcia-Gasulla et al. (2017): below -0.25 -> -1, above 0.15 -> 1.
-DEFAULT_THRESHOLDS: tuple[float, float] = (-0.25, 0.15)
-
-# A feature whose standard deviation on the reference set is at most this fraction of its mean's
-# magnitude (or this absolute value) is constant up to float rounding: it is zeroed, not amplified.
-_ZERO_VAR_RTOL = 1e-6
-_ZERO_VAR_ATOL = 1e-12
-
 StorageKind = Literal["float32", "int8", "binary"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# statistics
-# ----------------------------------------------------------------------------------------------------
-class RunningMoments:
-    """Streaming per-feature mean and (population) standard deviation, in float64.
-
-    Batches are merged with the pairwise update of Chan, Golub & LeVeque (1979), which stays accurate
-    where the textbook ``sum(x^2)/n - mean^2`` cancels catastrophically (features with a large mean
-    and a small spread, common after ReLU6 layers).
-    """
-
-    def __init__(self, num_features: int | None = None) -> None:
-        self.count = 0
-        self._mean: torch.Tensor | None = None
-        self._m2: torch.Tensor | None = None
-        self.num_features = num_features
-
-    def update(self, batch: torch.Tensor | np.ndarray) -> None:
-        """Add a batch of feature vectors ``(n, num_features)``."""
-        x = torch.as_tensor(batch).detach().to(device="cpu", dtype=torch.float64)
-        if x.ndim != 2:
-            raise DataError(f"feature batches must be 2-D (n, features); received shape {tuple(x.shape)}")
-        if self.num_features is None:
-            self.num_features = int(x.shape[1])
-        if x.shape[1] != self.num_features:
-            raise DataError(
-                f"feature batch has {x.shape[1]} features but earlier batches had "
-                f"{self.num_features}; feed features of one model only"
-            )
-        n_b = int(x.shape[0])
-        if n_b == 0:
-            return
-        if not bool(torch.isfinite(x).all()):
-            raise DataError("feature batch holds NaN or infinite values; check the images and the weights")
-        mean_b = x.mean(dim=0)
-        m2_b = ((x - mean_b) ** 2).sum(dim=0)
-        if self._mean is None or self._m2 is None:
-            self._mean, self._m2, self.count = mean_b, m2_b, n_b
-            return
-        n = self.count + n_b
-        delta = mean_b - self._mean
-        self._mean = self._mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + delta**2 * (self.count * n_b / n)
-        self.count = n
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Per-feature mean (float64)."""
-        if self._mean is None:
-            raise DataError("no features were added; the reference set is empty")
-        return self._mean
-
-    @property
-    def std(self) -> torch.Tensor:
-        """Per-feature population standard deviation (``ddof=0``, float64)."""
-        if self._m2 is None:
-            raise DataError("no features were added; the reference set is empty")
-        return (self._m2 / self.count).clamp_min(0.0).sqrt()
-
-
-@dataclass(frozen=True)
-class FNEStatistics:
-    """What :func:`fit_statistics` measured."""
-
-    count: int
-    num_features: int
-    n_zero_variance: int
-
-
-# ----------------------------------------------------------------------------------------------------
-# the head
-# ----------------------------------------------------------------------------------------------------
-class FNEHead(nn.Module):
-    """Standardise features with reference statistics, then discretise them to {-1, 0, 1}.
-
-    All state is in buffers (``mean``, ``std``, ``thresholds``, ``discretize``, ``count``), so it is
-    saved in the state dict, hashed into the bundle id, and restored by ``load_state_dict``.
-    ``std`` is 0 for features without variance on the reference set; those standardise to 0.
-
-    Args:
-        num_features: width of the incoming feature vector.
-        thresholds: ``(t_neg, t_pos)`` with ``t_neg <= t_pos``; the paper's are ``(-0.25, 0.15)``.
-        discretize: ``False`` gives the standardised features themselves (no thresholding).
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    thresholds: torch.Tensor
-    discretize: torch.Tensor
-    count: torch.Tensor
-
-    def __init__(
-        self, num_features: int, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, discretize: bool = True
-    ) -> None:
-        super().__init__()
-        if num_features < 1:
-            raise ModelError(f"FNEHead needs at least one feature; received num_features={num_features}")
-        lo, hi = _check_thresholds(thresholds)
-        self.num_features = int(num_features)
-        self.register_buffer("mean", torch.zeros(num_features))
-        self.register_buffer("std", torch.ones(num_features))
-        self.register_buffer("thresholds", torch.tensor([lo, hi], dtype=torch.float32))
-        self.register_buffer("discretize", torch.tensor(bool(discretize)))
-        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
-
-    @property
-    def fitted(self) -> bool:
-        """Whether reference statistics have been set."""
-        return int(self.count) > 0
-
-    def options(self) -> dict[str, Any]:
-        """The constructor options (stored in the model config, so a bundle can rebuild the head)."""
-        # float32 buffers read back as 0.15000000596; 7 significant digits give the value that was set
-        lo, hi = (float(f"{v:.7g}") for v in self.thresholds.tolist())
-        return {"thresholds": [lo, hi], "discretize": bool(self.discretize)}
-
-    def set_options(
-        self, *, thresholds: Sequence[float] | None = None, discretize: bool | None = None
-    ) -> None:
-        """Change the thresholds or switch discretisation, keeping the statistics."""
-        if thresholds is not None:
-            self.thresholds.copy_(torch.tensor(_check_thresholds(thresholds), dtype=torch.float32))
-        if discretize is not None:
-            self.discretize.fill_(bool(discretize))
-
-    @torch.no_grad()
-    def set_statistics(
-        self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray, count: int
-    ) -> FNEStatistics:
-        """Set the reference statistics; near-constant features get ``std = 0`` (they map to 0)."""
-        m = torch.as_tensor(mean, dtype=torch.float64).flatten()
-        s = torch.as_tensor(std, dtype=torch.float64).flatten()
-        if m.numel() != self.num_features or s.numel() != self.num_features:
-            raise ModelError(
-                f"statistics of {m.numel()} / {s.numel()} features do not fit an FNE head of "
-                f"{self.num_features}; fit them on the features of this model's backbone"
-            )
-        if count < 1:
-            raise ModelError(f"statistics need a reference set of at least one image; received count={count}")
-        if count < 2:
-            log.warning("FNE statistics from a single image: every feature has zero variance")
-        constant = s <= torch.maximum(m.abs() * _ZERO_VAR_RTOL, torch.full_like(s, _ZERO_VAR_ATOL))
-        s = torch.where(constant, torch.zeros_like(s), s)
-        self.mean.copy_(m.to(self.mean.dtype))
-        self.std.copy_(s.to(self.std.dtype))
-        self.count.fill_(int(count))
-        n_zero = int(constant.sum())
-        if n_zero:
-            log.info(
-                "%d of %d features have no variance on the reference set; they are set to 0",
-                n_zero,
-                self.num_features,
-            )
-        return FNEStatistics(count=int(count), num_features=self.num_features, n_zero_variance=n_zero)
-
-    def fit_features(
-        self, features: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray]
-    ) -> FNEStatistics:
-        """Set the statistics from reference features: one ``(n, D)`` array or an iterable of batches."""
-        moments = RunningMoments(self.num_features)
-        batches = [features] if isinstance(features, torch.Tensor | np.ndarray) else features
-        for batch in batches:
-            moments.update(batch)
-        return self.set_statistics(moments.mean, moments.std, moments.count)
-
-    def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / std`` per feature; features with ``std == 0`` give 0."""
-        std = self.std.to(x.dtype)
-        inv = torch.where(std > 0, 1.0 / std.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(std))
-        return (x - self.mean.to(x.dtype)) * inv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``(N, num_features)`` to ternary codes (or standardised features)."""
-        if not torch.jit.is_tracing() and not torch.jit.is_scripting():
-            if not self.fitted:
-                raise ModelError(
-                    "the full-network embedding has no reference statistics yet; call "
-                    "deepfeat.finetune.models.fne.fit_statistics(model, reference_images) first"
-                )
-            if x.ndim != 2 or x.shape[1] != self.num_features:
-                raise ModelError(
-                    f"FNE head expects features (N, {self.num_features}); received {tuple(x.shape)}"
-                )
-        z = self.standardize(x)
-        codes = (z > self.thresholds[1]).to(z.dtype) - (z < self.thresholds[0]).to(z.dtype)
-        return torch.where(self.discretize, codes, z)
-
-    def extra_repr(self) -> str:
-        opts = self.options()
-        return (
-            f"num_features={self.num_features}, thresholds={tuple(opts['thresholds'])}, "
-            f"discretize={opts['discretize']}, fitted={self.fitted}"
-        )
-
-
-def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in thresholds)
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"thresholds must be two numbers (t_neg, t_pos); received {thresholds!r}") from exc
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ModelError(
-            f"thresholds must be finite with t_neg <= t_pos; received ({lo}, {hi}). The paper "
-            f"uses {DEFAULT_THRESHOLDS}"
-        )
-    return lo, hi
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,12 +82,6 @@ def with_layers(backbone: Backbone, layers: Sequence[LayerSpec] | Literal["all"]
 def layer_features(backbone: Backbone, x: torch.Tensor) -> list[torch.Tensor]:
     """The pooled features of each of ``backbone.layers`` for images ``x``, from one forward pass."""
     return backbone.layer_features(x)
-
-
-def _parameters(fn: Any) -> Mapping[str, Any]:
-    import inspect
-
-    return inspect.signature(fn).parameters
 
 
 def _image_batches(data: torch.Tensor | Iterable[Any], batch_size: int) -> Iterable[torch.Tensor]:
@@ -350,8 +128,6 @@ def build_fne_model(
 
     The model must be fitted (:func:`fit_statistics`) before it embeds anything.
     """
-    from deepfeat.finetune.models.model import EmbeddingModel
-
     bb = (
         backbone
         if isinstance(backbone, Backbone)
@@ -441,9 +217,6 @@ def fit_statistics_from_records(
 
     Images that fail to decode are skipped with a warning.
     """
-    from deepfeat.finetune.data.dataset import RecordDataset, make_loader
-    from deepfeat.finetune.data.transforms import build_transforms
-
     ds = RecordDataset(
         records, build_transforms(model.preprocessing, preset="none", train=False), class_to_idx={}, root=root
     )
@@ -613,3 +386,27 @@ def from_presence_absence(presence: np.ndarray, absence: np.ndarray, dim: int) -
     if (p & a).any():
         raise DataError("a feature is marked both present and absent; the bit vectors are not an FNE code")
     return p.astype(np.int8) - a.astype(np.int8)
+
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "FNEHead",
+    "FNEStatistics",
+    "RunningMoments",
+    "StorageKind",
+    "StorageOption",
+    "all_layers",
+    "build_fne_model",
+    "fit_statistics",
+    "fit_statistics_from_records",
+    "fne_head",
+    "fne_storage_report",
+    "format_storage_report",
+    "from_presence_absence",
+    "layer_features",
+    "ternary_codes",
+    "to_binary_code",
+    "to_int8",
+    "to_presence_absence",
+    "with_layers",
+]

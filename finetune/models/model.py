@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,11 @@ from torch import nn
 
 from deepfeat.finetune.errors import ModelError
 from deepfeat.finetune.models.backbones import Backbone, Preprocessing, create_backbone
+from deepfeat.finetune.models.heads import HeadType, build_head
 
 log = logging.getLogger(__name__)
 
-HeadType = Literal["none", "linear", "mlp", "fne"]
+__all__ = ["EmbeddingModel", "HeadType", "build_embedding_model"]
 
 
 class EmbeddingModel(nn.Module):
@@ -29,7 +30,7 @@ class EmbeddingModel(nn.Module):
         backbone: the feature extractor.
         head: ``none`` (the pooled features themselves), ``linear``, ``mlp`` (Linear-BN-ReLU-Linear), or
             ``fne`` (the full-network embedding: standardised, discretised features, see
-            :mod:`deepfeat.finetune.models.fne`).
+            :mod:`deepfeat.finetune.models.fne`); built by :func:`deepfeat.finetune.models.heads.build_head`.
         embedding_dim: output size of the head; ``None`` keeps the backbone's size.
         normalize: L2-normalise the output (cosine similarity == inner product).
         head_options: keyword arguments of the head (``fne``: ``thresholds``, ``discretize``).
@@ -49,35 +50,8 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone
         self.head_type: HeadType = head
         self.normalize = normalize
-        in_dim = backbone.num_features
-        if head_options and head != "fne":
-            raise ModelError(f"head_options {sorted(head_options)} were given for head={head!r}, which takes "
-                             f"none; they belong to head='fne'")
-        if head == "fne":
-            from deepfeat.finetune.models.fne import FNEHead
-
-            if embedding_dim not in (None, in_dim):
-                raise ModelError(f"head='fne' keeps the backbone's {in_dim} features, but embedding_dim="
-                                 f"{embedding_dim} was asked for; leave embedding_dim unset")
-            self.embedding_dim = in_dim
-            self.head: nn.Module = FNEHead(in_dim, **(head_options or {}))
-        elif head == "none":
-            if embedding_dim not in (None, in_dim):
-                raise ModelError(f"head='none' keeps the backbone's {in_dim} features, but embedding_dim="
-                                 f"{embedding_dim} was asked for; use head='linear' to change the size")
-            self.embedding_dim = in_dim
-            self.head = nn.Identity()
-        elif head == "linear":
-            self.embedding_dim = embedding_dim or in_dim
-            lin = nn.Linear(in_dim, self.embedding_dim)
-            _init_geometry_preserving(lin)
-            self.head = lin
-        elif head == "mlp":
-            self.embedding_dim = embedding_dim or in_dim
-            self.head = nn.Sequential(nn.Linear(in_dim, in_dim), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
-                                      nn.Linear(in_dim, self.embedding_dim))
-        else:
-            raise ModelError(f"unknown head {head!r}; choose one of 'none', 'linear', 'mlp', 'fne'")
+        self.head: nn.Module
+        self.head, self.embedding_dim = build_head(head, backbone.num_features, embedding_dim, head_options)
         if flip_tta:
             self.set_flip_tta(True)
 
@@ -194,16 +168,6 @@ class EmbeddingModel(nn.Module):
             d = model.embedding_dim
             model.set_whitening(torch.zeros(d), torch.eye(d))
         return model
-
-
-def _init_geometry_preserving(lin: nn.Linear) -> None:
-    out_dim, in_dim = lin.weight.shape
-    with torch.no_grad():
-        if out_dim == in_dim:
-            lin.weight.copy_(torch.eye(in_dim))
-        else:
-            nn.init.orthogonal_(lin.weight)
-        lin.bias.zero_()
 
 
 def build_embedding_model(backbone: str = "tf_efficientnet_lite0", weights: str = "imagenet", *,
