@@ -105,6 +105,8 @@ class MetricLearningModule(pl.LightningModule):
         self._check_loss_dims()
         self._small_size = self._check_progressive(progressive_size, progressive_fraction)
         self._started: float | None = None
+        self._elapsed = 0.0  # seconds of the budget used, as of the last training batch (the same on every rank)
+        self._ddp_tracked: set[int] | None = None  # ids of the parameters DDP synchronises (None: one process)
         if frozen_stages:
             self.model.backbone.freeze_stages(frozen_stages)
             # Lightning warns about modules in eval mode at the start of fit: these are the frozen stages'
@@ -164,11 +166,11 @@ class MetricLearningModule(pl.LightningModule):
         return size, max(1, round(width * size / height))
 
     def _elapsed_share(self) -> float:
-        """The share of ``max_minutes`` used since the optimizer was set up (0 without a budget)."""
+        """The share of ``max_minutes`` used, as of the last training batch (0 without a budget)."""
         budget = self.hparams.get("max_minutes")
-        if not budget or self._started is None:
+        if not budget:
             return 0.0
-        return min(1.0, (time.perf_counter() - self._started) / (float(budget) * 60))
+        return min(1.0, self._elapsed / (float(budget) * 60))
 
     def training_progress(self) -> float:
         """The share of the run done, in [0, 1]: of its steps, or of ``max_minutes`` if that ends it first."""
@@ -194,16 +196,82 @@ class MetricLearningModule(pl.LightningModule):
         return self.model(self._layout(x))
 
     @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1:
+            self._freeze_unreachable()
+
+    def _freeze_unreachable(self) -> None:
+        """Freeze the parameters no forward pass reaches (under DDP, before it wraps the module).
+
+        DDP waits for a gradient of every parameter it tracks and fails on the second step when one never gets
+        any: the backbone blocks after the last of ``layers``, a timm classifier left in the model. They cannot
+        train anyway; frozen, DDP does not track them (a single process skips them alike: they have no gradient).
+        """
+        params = dict(self.model.named_parameters())
+        flags = {name: p.requires_grad for name, p in params.items()}
+        was_training = self.model.training
+        self.model.eval()  # a probe batch must not move BatchNorm statistics; reachability does not depend on it
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            h, w = self.model.preprocessing.input_size
+            device = next(iter(params.values())).device
+            out = self.model(self._layout(torch.zeros(1, 3, h, w, device=device)))
+            grads = torch.autograd.grad(out.sum(), list(params.values()), allow_unused=True)
+        finally:
+            for name, p in params.items():
+                p.requires_grad_(flags[name])
+            self.model.train(was_training)
+        unreachable = [name for name, g in zip(params, grads, strict=True) if g is None]
+        for name in unreachable:
+            params[name].requires_grad_(False)
+        if unreachable:
+            log.info("DDP: %d parameters no forward pass reaches are frozen (e.g. %s)", len(unreachable),
+                     unreachable[:3])
+
+    @override
     def on_fit_start(self) -> None:
         tune_cpu_allocator()
+        # DDP has just wrapped the module: it all-reduces the gradients of the parameters that required them then.
+        # A parameter frozen at that moment (FreezeBackbone, frozen stages) and trained later is synchronised here.
+        world = self.trainer.world_size
+        self._ddp_tracked = {id(p) for p in self.parameters() if p.requires_grad} if world > 1 else None
+
+    @override
+    def on_after_backward(self) -> None:
+        if self._ddp_tracked is None:
+            return
+        # every rank unfreezes at the same epoch and runs the same graph: the list is the same on every rank
+        late = [p for p in self.parameters()
+                if p.requires_grad and p.grad is not None and id(p) not in self._ddp_tracked]
+        if not late:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in late])  # type: ignore[union-attr]
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        offset = 0
+        for p in late:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p))  # type: ignore[union-attr]
+            offset += n
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # ``max_minutes`` ends the run as well as shaping the schedule: the time budget counts from the first
         # training batch (not data loading or the baseline's evaluation)
+        if not self.hparams.get("max_minutes"):
+            return
         if self._started is None:
             self._started = time.perf_counter()
-        elif self.hparams.get("max_minutes") and self._elapsed_share() >= 1.0:
+        elapsed = time.perf_counter() - self._started
+        if self.trainer.world_size > 1:
+            # Under DDP every rank must take the same decision at the same step (a rank that stops alone leaves the
+            # others waiting in a collective) and step the same LR schedule (the ranks' weights must stay equal):
+            # all use the slowest rank's clock.
+            clock = torch.tensor(elapsed, dtype=torch.float64, device=self.device)
+            elapsed = float(self.trainer.strategy.reduce(clock, reduce_op="max"))
+        self._elapsed = elapsed
+        if self._elapsed_share() >= 1.0:
             self.trainer.should_stop = True
 
     @override

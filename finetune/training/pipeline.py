@@ -39,20 +39,30 @@ def exporter_of(trainer: pl.Trainer) -> ExportBundle:
     return found[0]
 
 
-def guarded_fit(module: MetricLearningModule, datamodule: RetrievalDataModule, trainer: pl.Trainer) -> FinetuneResult:
+def guarded_fit(module: MetricLearningModule, datamodule: RetrievalDataModule,
+                trainer: pl.Trainer) -> FinetuneResult | None:
     """Fine-tune ``module`` on ``datamodule``'s train split, select and guard on val, measure on test, export.
 
+    Under DDP (``trainer.strategy: ddp``) every rank trains and validates; rank 0 alone then chooses, measures and
+    exports (the other ranks return ``None`` at once and may exit: nothing waits for them). Launched by Lightning,
+    the script that called this runs again in each process of rank > 0, so code after it that writes files or
+    touches Milvus belongs under ``if result is not None`` (as ``deepfeat recipe run`` does).
+
     Returns:
-        What :class:`ExportBundle` kept and measured (on rank 0; the bundle is in ``result.bundle``).
+        What :class:`ExportBundle` kept and measured (the bundle is in ``result.bundle``); ``None`` on a rank > 0.
 
     Raises:
         DataError: the data cannot choose or measure a model (no val split, a split of one class).
-        ModelError: the trainer has no ExportBundle callback, or no result came back (a non-zero DDP rank).
+        ModelError: the trainer has no ExportBundle callback, or rank 0 ended the fit without exporting.
     """
     exporter = exporter_of(trainer)
     datamodule.set_preprocessing(module.preprocessing)
     trainer.fit(module, datamodule=datamodule)
+    if not trainer.is_global_zero:
+        log.info("rank %d of %d: fit done; rank 0 selects, measures and exports the bundle", trainer.global_rank,
+                 trainer.world_size)
+        return None
     if exporter.result is None:
-        raise ModelError("fit ended without an exported model (only rank 0 exports under DDP); read the result on "
-                         "rank 0, or re-run with -vv and report the log")
+        raise ModelError("fit ended without an exported model (was it interrupted?); re-run with -vv and report "
+                         "the log")
     return exporter.result
