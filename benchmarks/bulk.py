@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--skip-insert", action="store_true", help="time the bulk path only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("pymilvus").setLevel(logging.WARNING)  # BulkWriter logs every buffer flush at INFO
     import pymilvus
 
     index = IndexSpec.parse(args.index)
