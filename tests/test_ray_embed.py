@@ -113,31 +113,50 @@ def test_deepfeat_load_takes_the_ray_shards(ray_out: Path, tmp_path: Path) -> No
         conn.release_lite()
 
 
-def test_killed_ray_embed_resumes_to_the_clean_result(
-    ray_address: str, ray_out: Path, images: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle, tmp_path: Path
-) -> None:
-    out = tmp_path / "killed"
-    args = ["embed", "--engine", "ray", "--address", ray_address, "--bundle", rel_bundle_dir, "--data", images,
+def _check_ray_kills(out: Path, clean: Path, images: Path, bundle_dir: Path, bundle: ModelBundle, address: str,
+                     log: Path, targets: list[int]) -> None:
+    """Run ``deepfeat embed --engine ray`` into ``out`` and SIGKILL it once ``targets[k]`` shards are there (one
+    run per target), then finish in this process and compare with the clean run's shards in ``clean``."""
+    args = ["embed", "--engine", "ray", "--address", address, "--bundle", bundle_dir, "--data", images,
             "--out", out, "--batch-size", "1", "--shard-size", "1", "--quiet"]
-    proc = deepfeat_process(args, tmp_path / "killed.log")
 
     def shards() -> list[Path]:
         return sorted(out.glob("part-*.parquet")) if out.exists() else []
 
-    assert kill_when(proc, lambda: len(shards()) >= 3), (tmp_path / "killed.log").read_text()[-2000:]
-    partial = [i for f in shards() for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
-    assert len(partial) == len(set(partial)) < N_GOOD  # every shard there is complete; none repeats an id
+    for k, target in enumerate(targets):
+        proc = deepfeat_process(args, log.with_suffix(f".{k}.log"))
+        assert kill_when(proc, lambda t=target: len(shards()) >= t), log.with_suffix(f".{k}.log").read_text()[-2000:]
+        partial = [i for f in shards() for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+        assert len(partial) == len(set(partial)) < N_GOOD  # every shard there is complete; none repeats an id
 
-    result = embed_with_ray(rel_bundle, read_records(images, check_files=False), out, batch_size=4, shard_size=4,
+    done = len(read_shards(out)[0])
+    result = embed_with_ray(bundle, read_records(images, check_files=False), out, batch_size=4, shard_size=4,
                             progress=False)
-    assert result.n_embedded == N_GOOD - len(set(partial)) and result.n_skipped == 1
+    assert result.n_embedded == N_GOOD - done and result.n_skipped == 1
     rows, vecs, fp = _by_id(out)
-    clean_rows, clean_vecs, clean_fp = _by_id(ray_out)
+    clean_rows, clean_vecs, clean_fp = _by_id(clean)
     assert sorted(rows) == sorted(clean_rows) and fp == clean_fp  # no gap, no duplicate
     np.testing.assert_allclose(np.stack([vecs[r] for r in clean_rows]), np.stack(list(clean_vecs.values())),
                                atol=1e-5)
     assert json.loads((out / "_report.json").read_text())["n_skipped"] == 1
     assert [p.name for p in out.iterdir() if not p.name.startswith("part-")] == ["_report.json"]
+
+
+def test_killed_ray_embed_resumes_to_the_clean_result(
+    ray_address: str, ray_out: Path, images: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    _check_ray_kills(tmp_path / "killed", ray_out, images, rel_bundle_dir, rel_bundle, ray_address,
+                     tmp_path / "killed.log", targets=[3])
+
+
+@pytest.mark.slow
+def test_ray_embed_killed_at_seeded_points_resumes_to_the_clean_result(
+    ray_address: str, ray_out: Path, images: Path, rel_bundle_dir: Path, rel_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(7)
+    targets = np.cumsum(rng.integers(1, 4, size=3)).tolist()  # three kills, each a few shards further on
+    _check_ray_kills(tmp_path / "killed", ray_out, images, rel_bundle_dir, rel_bundle, ray_address,
+                     tmp_path / "killed.log", targets=targets)
 
 
 def test_in_memory_images_and_skips_in_input_order_as_locally(

@@ -10,15 +10,14 @@ import argparse
 import difflib
 import inspect
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deepfeat.finetune.errors import DataError, DeepfeatError, ModelError
 from deepfeat.recipes.cli.arguments import device, int_at_least, out_dir, out_file, resolve_device, workers
-from deepfeat.recipes.config import resolve_config
+from deepfeat.recipes.config import read_yaml, resolve_config
 
 __all__ = ["add_cli"]
 
@@ -71,8 +70,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if args.limit is not None:
         records = records.head(args.limit)
     if args.engine == "ray":
-        from deepfeat.finetune.inference.distributed import embed_with_ray
+        from deepfeat.finetune.inference.distributed import embed_with_ray, import_ray
 
+        import_ray()  # Ray configures its loggers on import; without -v its INFO and notices stay out
+        if not args.verbose and not args.debug:
+            for name in ("ray", "ray.data"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         result = embed_with_ray(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                                 on_error=args.on_error, root=args.root, address=args.address,
                                 concurrency=args.concurrency, autocast=PRECISION_AUTOCAST[args.precision],
@@ -91,13 +94,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _data_section(config: str) -> dict[str, Any]:
     """The ``data:`` init arguments of a recipe YAML (a path or a shipped recipe's name)."""
     path = resolve_config(config)
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise DataError(f"cannot read config {str(path)!r}: {' '.join(str(exc).split())}; fix the YAML at the "
-                        f"line named") from exc
-    if not isinstance(cfg, dict):
-        raise DataError(f"config {str(path)!r} is not a YAML mapping (got {type(cfg).__name__})")
+    cfg = read_yaml(path, "config")
     data = cfg.get("data") or {}
     if not isinstance(data, dict):
         raise DataError(f"the 'data:' section of {str(path)!r} is not a mapping (got {type(data).__name__})")
