@@ -62,6 +62,8 @@ import copy
 import inspect
 import json
 import logging
+import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -189,6 +191,8 @@ def run_recipe_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[s
     # the data module keeps the protocol's split (as_is) and no longer subsamples it: the YAML's limit is applied
     # below, to the training images only, so that every row is measured on the same whole test split
     budget = [] if args.minutes is None else [f"model.max_minutes={args.minutes}"]  # smoke runs only
+    if args.budget_epochs:  # a shared machine: whole epochs instead of the wall clock (the README says which)
+        budget = ["model.max_minutes=null", f"trainer.max_epochs={args.budget_epochs}"]
     config = load_recipe(path, [f"seed_everything={seed}", f"data.seed={seed}", "data.split_mode=as_is",
                                 "data.limit_per_class=null", *budget],
                          args=[*QUIET, f"--trainer.default_root_dir={out}"])
@@ -204,13 +208,15 @@ def run_recipe_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[s
     # without query/gallery columns, so that the data module assigns them to val and test as the YAML's query_mode says
     both = pd.concat([fit_part, records[records["split"] == "test"]], ignore_index=True)
     training.datamodule.use_records(both.drop(columns=["is_query", "is_gallery"], errors="ignore"))
-    start = time.perf_counter()
+    start, machine = time.perf_counter(), contention()
     result = training.fit()
     wall = time.perf_counter() - start
     if not result.test:
         raise SystemExit(f"{path}: no held-out test figures ({result.test_message}); the recipe's ExportBundle "
                          f"needs test: true")
     rows = {f"{RECIPE_MARK}: {name}": dict(metrics) for name, metrics in result.test.items()}
+    # the model the guard kept, whichever it is (the summary's row that the goals are read on)
+    rows[f"{RECIPE_MARK}: exported"] = dict(result.test[result.test_exported or result.chosen])
     # the issue's baseline beside the recipe's own (which reads the recipe's layers, with its flip TTA): the pooled
     # penultimate layer of the pretrained backbone at the same input size, one view
     dm = training.datamodule
@@ -219,7 +225,21 @@ def run_recipe_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[s
         batch_size=int(dm.hparams["eval_batch_size"]), num_workers=int(dm.hparams["num_workers"]),
         device=eval_device())[BASELINE]
     logging.getLogger("quality").info("%s seed %d: %s; %s", protocol, seed, result.message, result.test_message)
-    return {"rows": rows, "meta": meta(result, wall, config, out)}
+    return {"rows": rows, "meta": {**meta(result, wall, config, out), **contention(machine)}}
+
+
+def contention(since: dict[str, float] | None = None) -> dict[str, float]:
+    """The machine's load while a run trained: load averages, and CPU seconds this process (and its reaped
+    workers) got against the wall time, so that a run on a shared machine says how much of it it had."""
+    usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    now = {"cpu_seconds": sum(u.ru_utime + u.ru_stime for u in usage), "wall": time.perf_counter(),
+           "load_1min": os.getloadavg()[0]}
+    if since is None:
+        return now
+    return {"load_1min_start": since["load_1min"], "load_1min_end": now["load_1min"],
+            "cpu_seconds": round(now["cpu_seconds"] - since["cpu_seconds"], 1),
+            "cpu_share": round((now["cpu_seconds"] - since["cpu_seconds"]) / max(now["wall"] - since["wall"], 1e-9)
+                               / (os.cpu_count() or 1), 3)}
 
 
 def meta(result: FinetuneResult, wall: float, config: RecipeConfig | None, out: Path) -> dict[str, Any]:
@@ -409,6 +429,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=None,
                         help="training budget per run (model.max_minutes); tuned rows: default 6; with --recipe "
                              "the YAML's own unless given (smoke runs)")
+    parser.add_argument("--budget-epochs", type=int, default=None,
+                        help="--recipe on a shared machine: train this many whole epochs (the YAML's "
+                             "batches_per_epoch) instead of its wall-clock budget (model.max_minutes off), so that "
+                             "other jobs' load changes the time a run takes, not its step count")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batches-per-epoch", type=int, default=100)
     parser.add_argument("--p", type=int, default=10)
@@ -491,6 +515,8 @@ def main() -> None:
         print("chosen per seed:", [r["meta"]["chosen"] for r in runs])
         if args.recipe:
             print("held-out test per seed:", [r["meta"]["test_message"] for r in runs])
+            print("machine per seed (CPU share of its cores while fitting, 1-min load at start and end):",
+                  [(r["meta"]["cpu_share"], r["meta"]["load_1min_start"], r["meta"]["load_1min_end"]) for r in runs])
         save()
 
 

@@ -22,6 +22,7 @@ def test_quickstart_tiny_on_fashion_mnist(tmp_path: Path, capsys: pytest.Capture
     assert main(["quickstart", "--tiny", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "off-the-shelf" in printed and "fine-tuned" in printed and "picture:" in printed
+    assert "held-out test split (" in printed and "queries vs" in printed
     report = json.loads((out / "quickstart.json").read_text())
     assert set(report["metrics"]) == {"off-the-shelf", "fine-tuned"}
     n_gallery = report["metrics"]["fine-tuned"]["n_gallery"]
@@ -50,3 +51,34 @@ def test_quickstart_explains_missing_data(tmp_path: Path, capsys: pytest.Capture
     assert main(["quickstart", "--tiny", "--quiet", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "error" in err
+
+
+def test_recipe_run_prints_the_test_table_of_the_bundle_it_loaded(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``deepfeat recipe run``: the held-out before/after is printed and stored in recipe.json and the card, and its
+    figures are those of the exported bundle embedded again on the same test split."""
+    from deepfeat.finetune.data.readers import read_records
+    from deepfeat.finetune.data.splits import split_by_group
+    from deepfeat.finetune.inference.evaluate import evaluate_models
+    from deepfeat.finetune.models.bundle import ModelBundle
+
+    data = make_image_folder(tmp_path / "imgs", n_classes=4, per_class=8, size=32)
+    out = tmp_path / "run"
+    sets = ["model.backbone=test_efficientnet", "model.weights=none", "model.image_size=32", "trainer.max_epochs=1",
+            "data.batches_per_epoch=2", "data.num_workers=0", "recipe.quickstart.train_per_class=null",
+            "recipe.quickstart.n_queries=2", "recipe.quickstart.top_k=2"]
+    assert main(["recipe", "run", "quickstart", "--data", str(data), "--out", str(out), "--quiet", "--set",
+                 *sets]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "recipe.json").read_text())
+    exported = report["test_exported"]
+    assert exported in report["test"] and report["test_table"] in printed and report["test_message"] in printed
+    # the quickstart reader's split of a folder (50/25/25 within classes, seed 0), again and independently
+    records = split_by_group(read_records(str(data)), fractions=(0.5, 0.25, 0.25), seed=0)
+    test = records[records["split"] == "test"]
+    bundle = ModelBundle.load(report["bundle"])
+    again = evaluate_models({"bundle": bundle.model}, test, batch_size=16)["bundle"]
+    assert len(test) == report["test"][exported]["n_queries"]
+    for key in ("recall_at_1", "map_at_r"):
+        assert report["test"][exported][key] == pytest.approx(again[key], abs=1e-6)
+        assert bundle.card.metrics[f"test/{exported}/{key}"] == pytest.approx(again[key], abs=1e-6)
