@@ -44,7 +44,7 @@ MILVUS_STAMP := $(MILVUS_VENV)/.milvus-installed
 
 $(MILVUS_STAMP):
 	$(PY) -m venv $(MILVUS_VENV)
-	$(MILVUS_VENV)/bin/pip install -q $(MILVUS_SERVER)
+	$(MILVUS_VENV)/bin/pip install -qq $(MILVUS_SERVER)
 	touch $(MILVUS_STAMP)
 
 test-server: $(STAMP) $(MILVUS_STAMP)
