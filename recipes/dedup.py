@@ -8,21 +8,33 @@ when A and C are slightly further apart). The report is a CSV with one row per m
 
 A collection keyed by ``content_hash`` already stores byte-identical files once; key it by ``record_id``
 (the default) to see them as a group here.
+
+The threshold is calibrated on the collection's own images by default (:func:`calibrate_threshold`): sampled
+images are copied the ways near-duplicates arise (a JPEG re-encode, a smaller size, brighter or darker), embedded
+with the bundle, and the threshold is put between the copies' scores and the scores of distinct images. Which
+model space suits it: an **instance-level** one, the off-the-shelf features (a bundle exported from the pretrained
+backbone, ``recipe.train=false``), where a copy stays closer to its original than any other image. A space
+fine-tuned to classes (the fashion recipe's) pulls different items of one class together on purpose: copies and
+distinct items of a class score alike there, which the calibration reports (``separated`` false) instead of
+grouping them.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from deepfeat.connectors.query import collection_frame
+from deepfeat.finetune.data.images import load_image
 from deepfeat.finetune.errors import DataError
 from deepfeat.recipes.config import RecipeConfig
 from deepfeat.recipes.engine import RecipeContext
@@ -30,11 +42,148 @@ from deepfeat.recipes.recipes import read_any, record_image
 
 if TYPE_CHECKING:
     from deepfeat.connectors.client import MilvusConnector
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
-#: Default similarity above which two images count as near-duplicates (cosine, deepfeat bundles).
+#: A fixed similarity for near-duplicates (cosine), when no calibration is wanted; the commands calibrate.
 DEFAULT_THRESHOLD = 0.95
+#: How near-duplicates arise: the copies :func:`calibrate_threshold` makes of each sampled image.
+COPY_KINDS: tuple[str, ...] = ("jpeg q75", "half size", "brighter 1.2x", "darker 0.8x")
+
+
+def augmented_copies(image: np.ndarray) -> list[np.ndarray]:
+    """Copies of an ``(H, W, 3)`` uint8 image as near-duplicates arise (:data:`COPY_KINDS`, in that order): a JPEG
+    re-encode at quality 75 (encoded and decoded again), half the size, and the brightness scaled by 1.2 and 0.8."""
+    pil = Image.fromarray(image)
+    encoded = io.BytesIO()
+    pil.save(encoded, format="JPEG", quality=75)
+    half = pil.resize((max(8, image.shape[1] // 2), max(8, image.shape[0] // 2)), Image.Resampling.BILINEAR)
+    scaled = [np.clip(image.astype(np.float32) * f, 0, 255).astype(np.uint8) for f in (1.2, 0.8)]
+    return [load_image(encoded.getvalue()), np.asarray(half.convert("RGB")), *scaled]
+
+
+@dataclass
+class Calibration:
+    """A near-duplicate threshold measured on the data: augmented copies against distinct images.
+
+    Attributes:
+        threshold: the similarity above which two images are grouped.
+        n_images: images sampled (each copied :data:`COPY_KINDS` ways).
+        copy_scores: similarity of every copy to its original.
+        distinct_scores: similarity of every pair of distinct sampled images.
+        separated: every copy scores above every distinct pair: the threshold lies in the gap between them.
+            When false the model space does not tell copies from distinct images (a space fine-tuned to
+            classes); the threshold then minimises the errors on the sample.
+        suspected_duplicates: pairs of sampled images that scored like copies (at least the copies' median) and
+            were few enough (1% of the pairs, or one) to be taken for duplicates already in the data.
+    """
+
+    threshold: float
+    n_images: int
+    copy_scores: np.ndarray = field(repr=False)
+    distinct_scores: np.ndarray = field(repr=False)
+    separated: bool
+    suspected_duplicates: int = 0
+
+    @property
+    def lowest_copy(self) -> float:
+        """The copy least similar to its original."""
+        return float(self.copy_scores.min())
+
+    @property
+    def highest_distinct(self) -> float:
+        """The most similar pair of distinct images (``-1`` with a single image)."""
+        return float(self.distinct_scores.max()) if self.distinct_scores.size else -1.0
+
+    def summary(self) -> str:
+        """One line: the threshold, and the two score ranges it separates (or the warning that it does not)."""
+        line = (f"threshold {self.threshold:.4f} calibrated on {self.n_images} images: their copies "
+                f"({', '.join(COPY_KINDS)}) score {self.lowest_copy:.4f}-{float(self.copy_scores.max()):.4f}, "
+                f"distinct images at most {self.highest_distinct:.4f}")
+        if self.suspected_duplicates:
+            line += (f" ({self.suspected_duplicates} sampled pair(s) scoring like copies taken for duplicates "
+                     f"already in the data)")
+        if self.separated:
+            return line
+        missed = int((self.copy_scores < self.threshold).sum())
+        merged = int((self.distinct_scores >= self.threshold).sum())
+        return (f"{line}; this model space does not separate copies from distinct images ({missed} of "
+                f"{self.copy_scores.size} copies missed, {merged} of {self.distinct_scores.size} distinct pairs "
+                f"grouped on the sample): use instance-level features, e.g. the off-the-shelf backbone "
+                f"(recipe.train=false), not a space fine-tuned to classes")
+
+
+def calibrate_from_images(bundle: ModelBundle, images: Sequence[np.ndarray], *, metric: str = "COSINE"
+                          ) -> Calibration:
+    """Calibrate a near-duplicate threshold on ``images`` (decoded, distinct) with ``bundle``.
+
+    Each image and its :func:`augmented_copies` are embedded; the copies' similarities to their originals are
+    the scores duplicates get, the similarities between different images the scores distinct images get. With a
+    gap between the two, the threshold is its middle; without one, the score that makes the fewest errors on the
+    sample (and :attr:`Calibration.separated` is false).
+
+    Raises:
+        DataError: fewer than 2 images, or an L2 collection (its threshold is a distance: give one).
+    """
+    if metric == "L2":
+        raise DataError("automatic calibration works on COSINE/IP collections; for an L2 collection give the "
+                        "distance with --threshold")
+    if len(images) < 2:
+        raise DataError(f"calibrating a near-duplicate threshold needs 2+ readable images, got {len(images)}; give "
+                        f"--threshold VALUE instead")
+    n_copies = len(COPY_KINDS)
+    batch = [im for image in images for im in (image, *augmented_copies(image))]
+    log.info("calibrating the near-duplicate threshold: embedding %d images and %d copies", len(images),
+             len(batch) - len(images))
+    vectors = bundle.embed(batch).reshape(len(images), n_copies + 1, -1)
+    if metric == "COSINE":
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    originals = vectors[:, 0]
+    copy_scores = np.einsum("nd,nkd->nk", originals, vectors[:, 1:]).reshape(-1)
+    same = np.array([[a.shape == b.shape and np.array_equal(a, b) for b in images] for a in images])
+    pair_scores = (originals @ originals.T)[np.triu(~same, k=1)]
+    # A pair of sampled images that scores like a typical copy is most likely a duplicate already in the data (the
+    # reason to run dedup), not two distinct images: a few such pairs are set aside. Many of them mean the space
+    # scores distinct images like copies (a space fine-tuned to classes), and they are kept, to say so.
+    like_copies = pair_scores >= float(np.median(copy_scores))
+    suspected = int(like_copies.sum()) if like_copies.sum() <= max(1.0, 0.01 * pair_scores.size) else 0
+    distinct_scores = pair_scores[~like_copies] if suspected else pair_scores
+    lowest, highest = float(copy_scores.min()), float(distinct_scores.max()) if distinct_scores.size else -1.0
+    if lowest > highest:
+        threshold, separated = (lowest + highest) / 2, True
+    else:
+        candidates = np.unique(np.concatenate([copy_scores, distinct_scores]))
+        errors = [(copy_scores < c).sum() + (distinct_scores >= c).sum() for c in candidates]
+        threshold, separated = float(candidates[int(np.argmin(errors))]), False
+    calibration = Calibration(float(threshold), len(images), copy_scores, distinct_scores, separated, suspected)
+    log.info(calibration.summary())
+    return calibration
+
+
+def calibrate_threshold(conn: MilvusConnector, collection: str, bundle: ModelBundle, *, n_images: int = 48,
+                        seed: int = 0, filter: str | None = None) -> Calibration:
+    """Calibrate the near-duplicate threshold of ``collection`` on ``n_images`` of its own images (see
+    :func:`calibrate_from_images`); rows whose image cannot be read are skipped.
+
+    Raises:
+        MismatchError: ``bundle`` did not fill the collection.
+        DataError: fewer than 2 readable images.
+    """
+    from deepfeat.connectors.collection import open_collection
+
+    spec = open_collection(conn, collection, bundle=bundle)
+    rows, _ = collection_frame(conn, collection, ("record_id", "path"), filter=filter or "")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    images: list[np.ndarray] = []
+    for i in order:
+        if len(images) >= n_images:
+            break
+        row = rows.iloc[int(i)]
+        image = record_image({"id": row["record_id"], "path": row.get("path")})
+        if image is not None:
+            images.append(image)
+    return calibrate_from_images(bundle, images, metric=spec.metric)
 
 
 @dataclass
@@ -159,7 +308,7 @@ def find_duplicates(
         rows=rows,
     )
     log.info(
-        "%d near-duplicate group(s) (%d removable records) among %d at threshold %s",
+        "%d near-duplicate group(s) (%d removable records) among %d at threshold %.4f",
         len(groups),
         report.n_duplicates,
         len(rows),
@@ -231,16 +380,21 @@ def groups_picture(
             )
     if not rows:
         return None
-    return image_rows(rows, path, title=f"near-duplicate groups (threshold {report.threshold})")
+    return image_rows(rows, path, title=f"near-duplicate groups (threshold {report.threshold:.4f})")
 
 
 def act(ctx: RecipeContext) -> dict[str, Any]:
     """Duplicate groups of the loaded collection at ``recipe.dedup.threshold``, as CSV and a picture."""
     opts = ctx.config.action
+    calibration = None
+    threshold = opts.get("threshold")
+    if threshold is None:  # calibrated on the collection's own images
+        calibration = calibrate_threshold(ctx.conn, ctx.collection, ctx.bundle)
+        threshold = calibration.threshold
     report = find_duplicates(
         ctx.conn,
         ctx.collection,
-        threshold=float(opts.get("threshold", DEFAULT_THRESHOLD)),
+        threshold=float(threshold),
         max_neighbours=int(opts.get("max_neighbours", 32)),
     )
     path = write_duplicates_csv(report, ctx.out / "duplicates.csv")
@@ -252,6 +406,7 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
     picture = groups_picture(report, ctx.out / "duplicates.png", image_of)
     return {
         "threshold": report.threshold,
+        "calibration": calibration.summary() if calibration is not None else "fixed by recipe.dedup.threshold",
         "n_records": report.n_records,
         "n_groups": len(report.groups),
         "n_duplicates": report.n_duplicates,

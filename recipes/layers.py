@@ -18,13 +18,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from deepfeat.finetune.data.dataset import RecordDataset, make_loader
+from deepfeat.finetune.data.readers import read_records
+from deepfeat.finetune.data.splits import assign_query_gallery
+from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.inference.evaluate import embed_records
+from deepfeat.finetune.metrics import retrieval_metrics_from_records
 from deepfeat.finetune.models.backbones import DEFAULT_BACKBONE, Backbone, LayerSpec
+from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
 from deepfeat.finetune.models.fne import (
     DEFAULT_THRESHOLDS,
     RunningMoments,
@@ -33,11 +42,8 @@ from deepfeat.finetune.models.fne import (
     fne_storage_report,
     layer_features,
 )
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from deepfeat.finetune.models.model import EmbeddingModel
+from deepfeat.finetune.models.model import EmbeddingModel
+from deepfeat.recipes.viz import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +112,10 @@ def _extract(
     root: str | None,
     keep: bool,
     moments: RunningMoments | None = None,
+    progress: str | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-layer features of ``records`` (one forward pass per batch) and the positions that decoded."""
-    from deepfeat.finetune.data.dataset import RecordDataset, make_loader
-    from deepfeat.finetune.data.transforms import build_transforms
+    """Per-layer features of ``records`` (one forward pass per batch) and the positions that decoded; ``progress``
+    names a progress bar over the images (``None``: none)."""
 
     ds = RecordDataset(
         records.reset_index(drop=True),
@@ -120,7 +126,9 @@ def _extract(
     n_layers = len(backbone.layers or ())
     parts: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
     kept: list[np.ndarray] = []
+    bar = tqdm(total=len(ds), desc=progress, unit="img", disable=progress is None, leave=False)
     for batch in make_loader(ds, batch_size=batch_size, num_workers=num_workers):
+        bar.update(len(batch["index"]) + len(batch["errors"]))
         for index, message in batch["errors"]:
             log.warning("skipped %s: %s", ds.records.at[index, "id"], message)
         if batch["image"] is None:
@@ -132,6 +140,7 @@ def _extract(
             for i, f in enumerate(feats):
                 parts[i].append(f.float().cpu().numpy())
         kept.append(batch["index"].numpy())
+    bar.close()
     if not kept:
         raise DataError(f"none of the {len(records)} images could be decoded; see the warnings above")
     layers = [np.concatenate(p) for p in parts] if keep else []
@@ -151,6 +160,7 @@ def layer_sweep(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     root: str | None = None,
+    progress: bool = False,
 ) -> LayerSweepResult:
     """Retrieval quality of every layer, their concatenation, and the full-network embedding.
 
@@ -169,11 +179,11 @@ def layer_sweep(
         num_workers: DataLoader workers.
         device: where the network runs.
         root: folder that relative image paths are resolved against.
+        progress: progress bars over the images embedded (the sweep takes minutes on a CPU).
 
     Returns:
         The table, the fitted FNE model and the timings.
     """
-    from deepfeat.finetune.metrics import retrieval_metrics_from_records
 
     dev = torch.device(device)
     model = build_fne_model(backbone, weights, image_size=image_size, thresholds=thresholds)
@@ -194,6 +204,7 @@ def layer_sweep(
         root=root,
         keep=True,
         moments=moments if reference is None else None,
+        progress=f"layers: evaluated images ({len(specs)} layers)" if progress else None,
     )
     timings["embed_eval_s"] = time.perf_counter() - start
     if reference is not None:
@@ -207,6 +218,7 @@ def layer_sweep(
             root=root,
             keep=False,
             moments=moments,
+            progress="layers: FNE reference images" if progress else None,
         )
         timings["embed_reference_s"] = time.perf_counter() - start
     head = fne_head(model)
@@ -273,9 +285,6 @@ def layer_sweep(
     timings["evaluate_s"] = time.perf_counter() - start
 
     if bundle is not None:
-        from deepfeat.finetune.inference.evaluate import embed_records
-        from deepfeat.finetune.models.bundle import ModelBundle
-
         start = time.perf_counter()
         loaded = ModelBundle.load(bundle, device=dev)
         emb, kept_ft = embed_records(
@@ -295,7 +304,6 @@ def layer_sweep(
         )
         timings["fine_tuned_s"] = time.perf_counter() - start
 
-    import pandas as pd
 
     df = pd.DataFrame(table)
     extra = [c for c in df.columns if c not in TABLE_COLUMNS]
@@ -348,7 +356,6 @@ def plot_sweep(table: pd.DataFrame, out: str | Path, *, title: str | None = None
     ax2.grid(axis="x", alpha=0.3)
     ax2.legend(fontsize=8, loc="lower right")
     ax2.set_title("every representation", fontsize=9)
-    from deepfeat.recipes.viz import save_figure
 
     return save_figure(fig, out, title=title, dpi=120, title_size=10)
 
@@ -380,8 +387,6 @@ def select_records(
     Returns:
         ``(eval_records, reference_records or None, split)``.
     """
-    from deepfeat.finetune.data.readers import read_records
-    from deepfeat.finetune.data.splits import assign_query_gallery
 
     if data.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
         records = read_records(data, subset="all", limit_per_class=limit_per_class or None)
@@ -453,6 +458,7 @@ def layer_report(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    progress: bool = False,
 ) -> LayerReport:
     """Select the records of ``data`` (:func:`select_records`), sweep the layers (:func:`layer_sweep`) and write
     ``out/layers.csv``, ``out/layers.png`` and, with ``save_fne``, the fitted FNE as a model bundle.
@@ -466,7 +472,7 @@ def layer_report(
                                             mode=mode, seed=seed)
     result = layer_sweep(evaluation, backbone=backbone, weights=weights, image_size=image_size, reference=ref,
                          thresholds=tuple(thresholds), bundle=bundle, batch_size=batch_size,
-                         num_workers=num_workers, device=device)
+                         num_workers=num_workers, device=device, progress=progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "layers.csv"
@@ -477,8 +483,6 @@ def layer_report(
     png_path = plot_sweep(result.table, out / "layers.png", title=title)
     fne_path = None
     if save_fne:
-        from deepfeat.finetune.models.bundle import export_bundle
-
         fne_rows = result.table[result.table["kind"] == "fne"]
         metrics = {str(r["representation"]): {k: float(r[k]) for k in ("recall_at_1", "map_at_r")}
                    for _, r in fne_rows.iterrows()}

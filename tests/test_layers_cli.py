@@ -58,8 +58,12 @@ def test_layers_command_writes_table_plot_and_fne_bundle(
         ]
     )
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "FNE ternary" in printed and "INT8_VECTOR" in printed and "best single layer" in printed
+    # what it does is said before the work starts, and the pass over the images shows a progress bar
+    assert printed.startswith("deepfeat layers: tf_efficientnet_lite0 on ")
+    assert "layers: evaluated images (9 layers)" in captured.err
 
     table = pd.read_csv(out / "layers.csv")
     assert (table["kind"] == "layer").sum() == 9  # Lite0: stem, 7 blocks, head

@@ -15,15 +15,37 @@ from deepfeat.recipes.cli.connection import add_connection_args, connect_from_ar
 __all__ = ["add_cli"]
 
 
-def _cmd_dedup(args: argparse.Namespace) -> int:
-    from deepfeat.recipes.dedup import find_duplicates, write_duplicates_csv
+def _threshold(text: str) -> str | float:
+    """``--threshold``: ``auto`` (calibrated on the data) or a number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number such as 0.95, got {text!r}") from None
 
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from deepfeat.recipes.dedup import calibrate_threshold, find_duplicates, write_duplicates_csv
+
+    if args.threshold == "auto" and not args.bundle:
+        raise DataError("--threshold auto calibrates on copies of the collection's own images (JPEG re-encode, "
+                        "resize, brightness) and needs the bundle that filled it: give --bundle DIR, or a fixed "
+                        "--threshold such as 0.95")
     with connect_from_args(args) as conn:
-        report = find_duplicates(conn, args.collection, threshold=args.threshold, max_neighbours=args.max_neighbours,
-                                 filter=args.filter)
+        threshold = args.threshold
+        if threshold == "auto":
+            from deepfeat.finetune.models.bundle import ModelBundle
+
+            calibration = calibrate_threshold(conn, args.collection, ModelBundle.load(args.bundle),
+                                              n_images=args.calibration_images, filter=args.filter)
+            print(calibration.summary(), flush=True)
+            threshold = calibration.threshold
+        report = find_duplicates(conn, args.collection, threshold=float(threshold),
+                                 max_neighbours=args.max_neighbours, filter=args.filter)
     path = write_duplicates_csv(report, args.out)
     print(f"{len(report.groups)} near-duplicate group(s), {report.n_duplicates} removable of {report.n_records} "
-          f"records at threshold {report.threshold} ({report.metric}); groups written to {path}")
+          f"records at threshold {report.threshold:.4f} ({report.metric}); groups written to {path}")
     for number, members in enumerate(report.groups[:10]):
         print(f"  group {number}: {', '.join(members[:6])}{' ...' if len(members) > 6 else ''}")
     return 0
@@ -70,8 +92,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``dedup``, ``classify`` and ``cluster``."""
     p = sub.add_parser("dedup", help="near-duplicate groups of a collection by range search, as CSV")
     add_connection_args(p, collection=True)
-    p.add_argument("--threshold", type=float, default=0.95,
-                   help="cosine similarity above which images are duplicates (an L2 distance for L2 collections)")
+    p.add_argument("--threshold", type=_threshold, default="auto",
+                   help="auto (default): calibrated on copies of sampled images of the collection (JPEG re-encode, "
+                        "half size, brightness), between their scores and those of distinct images; or a cosine "
+                        "similarity above which images are duplicates (an L2 distance for L2 collections). Suits "
+                        "instance-level features (the off-the-shelf backbone), not a space fine-tuned to classes")
+    p.add_argument("--bundle", default=None, help="the bundle that filled the collection (for --threshold auto)")
+    p.add_argument("--calibration-images", type=int_at_least(2), default=48,
+                   help="images sampled for --threshold auto (default 48)")
     p.add_argument("--max-neighbours", type=int_at_least(1), default=32, help="most duplicates fetched per image")
     p.add_argument("--filter", default=None, help="only rows matching this Milvus expression")
     p.add_argument("--out", default="duplicates.csv", type=out_file, help="CSV to write (default duplicates.csv)")

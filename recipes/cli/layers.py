@@ -22,11 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from deepfeat.recipes.layers import format_table, layer_report
 
     thresholds = tuple(args.thresholds) if args.thresholds else DEFAULT_THRESHOLDS
+    print(f"deepfeat layers: {args.backbone or DEFAULT_BACKBONE} on {args.data} (reading the data, then one pass of "
+          f"the network over the evaluated and the reference images)", flush=True)
     report = layer_report(args.data, args.out, backbone=args.backbone or DEFAULT_BACKBONE, weights=args.weights,
                           image_size=args.image_size, split=args.split, limit_per_class=args.limit_per_class,
                           reference=args.reference, mode=args.mode, thresholds=thresholds, bundle=args.bundle,
                           save_fne=args.save_fne, overwrite=args.overwrite, batch_size=args.batch_size,
-                          num_workers=args.num_workers, device=resolve_device(args.device), seed=args.seed)
+                          num_workers=args.num_workers, device=resolve_device(args.device), seed=args.seed,
+                          progress=not args.quiet)
     result = report.result
     print(report.title)
     print(f"FNE statistics from {result.reference['n_images']} images of split {result.reference['split']} "
@@ -79,4 +82,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--num-workers", type=int_at_least(0), default=0)
     p.add_argument("--device", type=device, default="auto", help="auto (cuda when available), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the holdout query choice")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)

@@ -48,11 +48,22 @@ def print_test(table: str | None, message: str) -> None:
     print(message)
 
 
+def _plain(value: Any) -> Any:
+    """Floats at 4 significant digits (``0.475``, not ``0.47500000000000003``), inside lists and dicts too."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     skip = {"searches", "shop_the_look", "cases", "groups", "external", "unlabelled", "files"}
     for key, value in summary.items():
         if key not in skip:
-            print(f"  {key}: {value}")
+            print(f"  {key}: {_plain(value)}")
     for key, value in (summary.get("files") or {}).items():
         if value:
             print(f"  file {key}: {value}")
