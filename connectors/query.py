@@ -332,7 +332,7 @@ def _output_fields(spec: CollectionSpec, fields: Sequence[str] | None, extra: Se
     else:
         wanted = list(fields)
     unknown = [f for f in wanted if f not in available]
-    if unknown:
+    if unknown and not spec.dynamic:  # a dynamic field is known only to the rows that carry it
         raise DataError(f"output field(s) {unknown} are not in collection {spec.name!r}; it has {spec.field_names}")
     return [*wanted, *(f for f in extra if f not in wanted)]
 

@@ -463,6 +463,8 @@ class CollectionSpec:
     vector_field: str = VECTOR_FIELD
     #: False for a collection deepfeat did not create: searchable by vector, never written by deepfeat.
     managed: bool = True
+    #: Whether rows may carry fields outside the schema (MilvusClient's quick setup turns this on).
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -581,7 +583,7 @@ class CollectionSpec:
                     f"was not created by deepfeat. Load into a new collection name, or drop it first "
                     f"(searching it by vector works as it is)"
                 )
-            return cls._foreign(name, props, schema_fields, vectors, pk_name, index)
+            return cls._foreign(name, props, schema_fields, vectors, pk_name, index, desc.get("enable_dynamic_field"))
         fp = _json_property(name, props, PROP_BUNDLE)
         spec = _json_property(name, props, PROP_SPEC) if PROP_SPEC in props else {}
         fields = tuple(ScalarField.from_dict(f) for f in spec.get("fields", []))
@@ -608,6 +610,7 @@ class CollectionSpec:
         vectors: Sequence[Mapping[str, Any]],
         pk_name: str,
         index: Mapping[str, Any] | None,
+        dynamic: Any,
     ) -> CollectionSpec:
         if len(vectors) != 1:
             kinds = sorted({_type_name(f) for f in schema_fields if "VECTOR" in _type_name(f)})
@@ -641,6 +644,7 @@ class CollectionSpec:
             ),
             vector_field=str(vector["name"]),
             managed=False,
+            dynamic=bool(dynamic),
         )
 
     def check_bundle(self, bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | Path, *, what: str) -> None:

@@ -124,8 +124,9 @@ def test_a_collection_deepfeat_did_not_create_is_searched_by_vector(tmp_path: Pa
         conn.client.create_collection("quick", dimension=DIM, metric_type="COSINE")  # MilvusClient's quick setup
         conn.client.insert("quick", [{"id": i, "vector": v.tolist(), "label": f"l{i % 3}"}
                                      for i, v in enumerate(vectors)])
-        hits = search_vectors(conn, "quick", vectors[:3], top_k=4)
+        hits = search_vectors(conn, "quick", vectors[:3], top_k=4, output_fields=["label"])  # a dynamic field
         assert [h[0]["pk"] for h in hits] == [0, 1, 2] and hits[0][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert [h[0]["label"] for h in hits] == ["l0", "l1", "l2"]
         more = search_ids(conn, "quick", ["4"], top_k=3)[0]
         assert len(more) == 3 and 4 not in [h["pk"] for h in more]
         with pytest.raises(DataError, match=r"field 'id' is a number \(INT64\); got 'four'"):

@@ -22,7 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from deepfeat.finetune.data.splits import sample_per_class
 from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.inference.evaluate import embed_records
+from deepfeat.finetune.metrics import retrieval_metrics_from_records
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,6 @@ def choose_whitening(train_embeddings: np.ndarray, train_labels: Sequence[Any] |
     (both: whitening can trade the ranking of the whole class for the first hit, and the other way
     round); otherwise the choice is ``reg=None``.
     """
-    from deepfeat.finetune.metrics import retrieval_metrics_from_records
-
     plain = retrieval_metrics_from_records(val_embeddings, val_records, exclude_same_group=exclude_same_group)
     best = WhiteningChoice(reg=None, mean=None, matrix=None, val=plain, tried={"none": plain})
     for reg in regs:
@@ -125,9 +126,6 @@ def whiten_model(model: Any, train_records: pd.DataFrame, val_records: pd.DataFr
     with the model as it is (a whitening already set is removed first), then :func:`choose_whitening`.
     The model is left whitened with the chosen shrinkage, or unwhitened when none beat the plain output.
     """
-    from deepfeat.finetune.data.splits import sample_per_class
-    from deepfeat.finetune.inference.evaluate import embed_records
-
     model.set_whitening(None, None)
     sample = sample_per_class(train_records, per_class, seed=seed).reset_index(drop=True)
     train_emb, train_kept = embed_records(model, sample, batch_size=batch_size, num_workers=num_workers,
