@@ -85,3 +85,20 @@ def test_serving_floors_do_not_load_lightning(module: str) -> None:
     code = f"import sys, {module}; print('lightning' in sys.modules or 'lightning.pytorch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False", f"import {module} loads Lightning"
+
+
+def _underscore_imports(path: Path) -> list[str]:
+    """``from deepfeat.X import _name`` in the file: another module's private name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("deepfeat"):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_no_module_imports_another_modules_underscore_names(tmp_path: Path) -> None:
+    bad = {module: names for module, path in sorted(_modules().items()) if (names := _underscore_imports(path))}
+    assert bad == {}
+    probe = tmp_path / "x.py"  # the check is not vacuous
+    probe.write_text("def f():\n    from deepfeat.connectors.client import _lock_holder\n")
+    assert _underscore_imports(probe) == ["deepfeat.connectors.client._lock_holder"]
