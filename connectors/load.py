@@ -343,16 +343,31 @@ def missing_keys(conn: MilvusConnector, collection: str, keys: Sequence[str], *,
 
 
 def verify_load(
-    conn: MilvusConnector, collection: str, keys: Sequence[str], count_before: int | None, final: int
+    conn: MilvusConnector,
+    collection: str,
+    keys: Sequence[str],
+    count_before: int | None,
+    final: int,
+    *,
+    resumed_from: Path | None = None,
 ) -> tuple[int | None, bool]:
     """(expected count or None, verified) for a load whose source keys are ``keys``.
 
     Into a collection that was empty, the count must equal the number of keys; into one that held rows,
-    every key must be there.
+    every key must be there. ``resumed_from``: the resume state that made this run skip rows; missing rows are
+    then rows deleted since they were sent, which only a restart (``--restart``, ``resume=False``) sends again.
 
     Raises:
         ConnectorError: rows are missing (named by key).
     """
+    if resumed_from is not None:
+        lost = missing_keys(conn, collection, keys)
+        if lost:
+            raise ConnectorError(
+                f"{len(lost)} of {len(keys)} records are not in collection {collection!r} (e.g. keys {lost[:3]}), "
+                f"although the resume state {str(resumed_from)!r} says they were sent (rows deleted since?); "
+                f"re-run with --restart (resume=False) to send every row again"
+            )
     if count_before == 0:
         ok = final == len(keys)
         if not ok:
@@ -474,7 +489,14 @@ def load_shards(
     expected: int | None = None
     verified = False
     if verify:
-        expected, verified = verify_load(conn, collection, source_keys(files, spec), state.data["count_before"], final)
+        expected, verified = verify_load(
+            conn,
+            collection,
+            source_keys(files, spec),
+            state.data["count_before"],
+            final,
+            resumed_from=state.path if resumed else None,
+        )
     state.data["complete"] = True
     state.save(sync=True)
     report = LoadReport(

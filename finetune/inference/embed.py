@@ -306,8 +306,9 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
                         job, in_flight = in_flight, None
                         yield finish(job)
                     raise ImageDecodeError(rid, f"{message} (run with --on-error skip to skip bad images)")
-                if report is not None:
-                    report.add(rid, str(records.at[index, "path"]) if "path" in records else "", message)
+                # each skipped image is named (logged) even without a report (recipe run, evaluate)
+                (report if report is not None else SkipReport()).add(
+                    rid, str(records.at[index, "path"]) if "path" in records else "", message)
             bar.update(len(errors))
             if staged.x is None:
                 continue

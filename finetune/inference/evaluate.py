@@ -46,10 +46,9 @@ def embed_records(model: EmbeddingModel, records: pd.DataFrame, *, batch_size: i
     out: list[np.ndarray] = []
     kept: list[np.ndarray] = []
     for batch in make_loader(ds, batch_size=batch_size, num_workers=num_workers):
-        for index, message in batch["errors"]:
-            if report is not None:
-                report.add(str(records.at[index, "id"]), str(records.at[index, "path"]) if "path" in records else "",
-                           message)
+        for index, message in batch["errors"]:  # each skipped image is named (logged), report or not
+            (report if report is not None else SkipReport()).add(
+                str(records.at[index, "id"]), str(records.at[index, "path"]) if "path" in records else "", message)
         if batch["image"] is None:
             continue
         out.append(model(batch["image"].to(device)).float().cpu().numpy())
