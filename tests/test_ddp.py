@@ -164,7 +164,8 @@ def _recipe(cfg: dict[str, Any]) -> dict[str, Any]:
     for c in callbacks:
         args = c.setdefault("init_args", {})
         if c["class_path"].endswith("ExportBundle"):
-            args.update(guard=False, onnx=False)  # the random test backbone's features might be kept: export it
+            # the random test backbone's features might be kept: export what trained, without the extras
+            args.update(guard=False, onnx=False, whiten=False, flip_tta=False)
         if c["class_path"].endswith("EarlyStopping"):
             # a run resumed from a checkpoint saved at validation end restarts at the end of that training epoch,
             # where the validation metric EarlyStopping checks is not logged yet
