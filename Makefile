@@ -50,8 +50,8 @@ $(MILVUS_STAMP):
 test-server: $(STAMP) $(MILVUS_STAMP)
 	DEEPFEAT_MILVUS_SERVER_PYTHON=$(MILVUS_VENV)/bin/python $(BIN)/python -m pytest -q -m server --timeout=900
 
-test-all: $(STAMP) data
-	$(BIN)/python -m pytest -q -m "" --timeout=3600
+test-all: $(STAMP) data $(MILVUS_STAMP)
+	DEEPFEAT_MILVUS_SERVER_PYTHON=$(MILVUS_VENV)/bin/python $(BIN)/python -m pytest -q -m "" --timeout=3600
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune connectors recipes tests benchmarks
