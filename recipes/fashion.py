@@ -195,6 +195,17 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
             if (im := record_image(by_id.loc[h["id"]])) is not None
         ]
         rows.append({"image": q_image, "label": entry["label"], "hits": drawn})
+    for look in looks:  # shop the look: the photo from outside the catalogue, then the products it finds
+        photo = record_image({"id": look["photo"], "path": look["photo"]})
+        if photo is None:
+            continue
+        drawn = [
+            {"image": im, "label": h["label"], "score": h["score"]}
+            for h in look["hits"]
+            if h["id"] in by_id.index and (im := record_image(by_id.loc[h["id"]])) is not None
+        ]
+        rows.append({"image": photo, "label": None, "title": f"shop the look\n{Path(look['photo']).name}",
+                     "hits": drawn})
     picture = (
         result_grid(rows, ctx.out / "fashion_results.png", title=f"similar items, one per product (top {top_k})")
         if rows

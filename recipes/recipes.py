@@ -19,7 +19,14 @@ import pandas as pd
 from deepfeat.finetune.data.contract import validate_records
 from deepfeat.finetune.data.dataset import record_source
 from deepfeat.finetune.data.images import IMAGE_EXTENSIONS, load_image
-from deepfeat.finetune.data.readers import read_manifest, read_records
+from deepfeat.finetune.data.readers import (
+    HF_DATASET_COLUMN,
+    HF_IMAGE_COLUMN,
+    HF_ROW_COLUMN,
+    read_hf_image,
+    read_manifest,
+    read_records,
+)
 from deepfeat.finetune.errors import DataError, DeepfeatError
 
 log = logging.getLogger(__name__)
@@ -70,9 +77,24 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
     raise DataError(f"{os.fspath(source)!r} does not exist; pass an image, a folder of images or a manifest")
 
 
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value) != ""
+
+
 def record_image(row: Mapping[str, Any] | pd.Series) -> np.ndarray | None:
-    """A record's decoded image, or ``None`` when it cannot be read (pictures skip it)."""
+    """A record's decoded image, or ``None`` when it cannot be read (pictures skip it).
+
+    A record of a Hugging Face ``save_to_disk`` folder without its in-memory image (a Milvus hit, a record fetched
+    back) is read from the folder by its ``hf_dataset`` / ``hf_row`` / ``hf_column`` (:func:`read_hf_image`).
+    """
     try:
+        image = row.get("image")
+        has_image = image is not None and not (isinstance(image, float) and np.isnan(image))
+        if not has_image and not _present(row.get("path")) and _present(row.get(HF_DATASET_COLUMN)):
+            column = row.get(HF_IMAGE_COLUMN)
+            source = read_hf_image(str(row[HF_DATASET_COLUMN]), int(row[HF_ROW_COLUMN]),
+                                   str(column) if _present(column) else "image")
+            return load_image(source)
         return load_image(record_source(row))  # type: ignore[arg-type]
     except DeepfeatError as exc:
         log.warning("no picture of %s: %s", row.get("id", "?"), exc)

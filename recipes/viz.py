@@ -38,7 +38,11 @@ def save_figure(fig: Any, out: str | Path, *, title: str | None = None, dpi: int
 
     if title:
         fig.suptitle(title, fontsize=title_size)
-    fig.tight_layout()
+        # tight_layout leaves the suptitle out: keep a band for it, or it overlaps the first row's captions
+        band = (2.2 * title_size / 72) / fig.get_figheight()
+        fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - min(band, 0.5)))
+    else:
+        fig.tight_layout()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -53,7 +57,9 @@ def result_grid(queries: Sequence[dict[str, Any]], out: str | Path, *, thumb: in
 
     Args:
         queries: each ``{"image": HxWx3 uint8, "label": str, "hits": [{"image": ..., "label": str,
-            "score": float}, ...]}``; a hit is framed green when its label equals the query's, red otherwise.
+            "score": float}, ...]}``; a hit is framed green when its label equals the query's, red otherwise. A
+            query with ``"label": None`` (a photo from outside the catalogue: shop the look) frames its hits
+            grey; ``"title"`` replaces the query's caption.
         out: the PNG path.
         thumb: tile size in pixels.
         title: optional title above the grid.
@@ -70,13 +76,14 @@ def result_grid(queries: Sequence[dict[str, Any]], out: str | Path, *, thumb: in
     for r, q in enumerate(queries):
         ax = axes[r][0]
         ax.imshow(_thumb(q["image"], thumb, NEUTRAL))
-        ax.set_title(f"query\n{q.get('label', '')}"[:28], fontsize=7, fontweight="bold")
+        ax.set_title(str(q.get("title") or f"query\n{q.get('label', '')}")[:28], fontsize=7, fontweight="bold")
+        judged = q.get("label") is not None
         for c in range(1, n_cols):
             ax = axes[r][c]
             if c - 1 < len(q["hits"]):
                 hit = q["hits"][c - 1]
-                ok = str(hit.get("label")) == str(q.get("label"))
-                ax.imshow(_thumb(hit["image"], thumb, CORRECT if ok else WRONG))
+                ok = not judged or str(hit.get("label")) == str(q.get("label"))
+                ax.imshow(_thumb(hit["image"], thumb, (CORRECT if ok else WRONG) if judged else NEUTRAL))
                 ax.set_title(f"{hit.get('label', '')}\n{hit.get('score', float('nan')):.3f}"[:28], fontsize=6,
                              color="black" if ok else "#d62728")
         for ax in axes[r]:

@@ -79,6 +79,8 @@ def test_fashion_searches_one_hit_per_product(fashion_run: tuple[Path, Path, dic
     assert (out / "fashion_results.png").is_file() and (out / "searches.json").is_file()
     with Image.open(out / "fashion_results.png") as im:
         assert im.width > 300 and im.height > 300
+        # 4 query rows and the shop-the-look row (1.45 in a row at 110 dpi)
+        assert im.height >= round(1.45 * (summary["n_queries"] + 1) * 110)
 
 
 def test_fashion_filters_on_the_loaded_collection(fashion_run: tuple[Path, Path, dict]) -> None:
