@@ -493,3 +493,22 @@ def test_damaged_shards_are_refused_by_load_before_a_row_is_written(
     assert run.rc == 2 and reason in run.error_line, run.err
     assert "part-00000.parquet" in run.error_line or "a/good0.png" in run.error_line
     assert milvus_rows(db, "c") == {}
+
+
+def test_evaluate_names_each_skipped_image_and_why(
+    rel_bundle_dir: Path, damaged_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = ["path,label,split"] + [f"{damaged_folder / 'a' / name},{'a' if 'good' in name else 'b'},test"
+                                   for name in ("good0.png", "good1.png", "good2.png", "cut.jpg", "nan.tif")]
+    manifest = tmp_path / "test.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"data:\n  source: {manifest}\n  split_mode: as_is\n")
+    with caplog.at_level("WARNING", logger="deepfeat"):
+        run = run_cli("evaluate", "--config", config, "--bundle", rel_bundle_dir, "--baseline-weights", "none",
+                      "--num-workers", "0")
+    assert run.rc == 0, run.err
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    for name, reason in (("cut.jpg", "truncated"), ("nan.tif", "NaN or infinite")):
+        # named once per model evaluated (off-the-shelf and fine-tuned), with the reason
+        assert sum(name in m and reason in m for m in skipped) == 2, skipped
