@@ -11,10 +11,11 @@ Filter templates (``filter="label == {l}", filter_params={"l": ...}``, pymilvus 
 against Milvus Lite 3.2.2, the embedded default, on 2026-12-07: its expression parser refuses the
 placeholder (``unexpected character '{'``) in every operation that takes a filter: ``query``,
 ``search`` (plain, ``group_by_field``, range), ``delete``, ``query_iterator`` and ``search_iterator``,
-for ``==``, ``!=``, ``in``, ``<=``/``>=`` on VARCHAR, INT64, DOUBLE and BOOL fields alike. Templates
-arrived in Milvus 2.5 servers; the server deepfeat's tests start (the PyPI ``milvus`` package, 2.3.5)
-predates them, and no older Milvus Lite generation is installable offline here, so neither could be
-measured. deepfeat therefore sends literals everywhere; the same run showed that the literals of
+for ``==``, ``!=``, ``in``, ``<=``/``>=`` on VARCHAR, INT64, DOUBLE and BOOL fields alike
+(``tests/test_query.py`` checks that this is still so). Milvus documents templates for servers from its
+2.5 docs on ("Filter Templating"); the server deepfeat's tests can start (the PyPI ``milvus`` package,
+2.3.5) is older, and no other Milvus Lite generation installs offline here, so neither was measured.
+deepfeat therefore sends literals everywhere; the same run showed that the literals of
 :func:`quote_string` round-trip every hard string tried (``a"b``, ``c'd``, ``e\\f``, ``x\\ny``, a tab,
 ``"``, ``''``, ``{v}``, ``Müller``, ``日本``), alone and in ``in [...]`` lists.
 
