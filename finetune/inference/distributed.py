@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 from deepfeat.finetune.data.dataset import SkipReport
 from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError, MissingExtraError
-from deepfeat.finetune.inference.embed import EmbedResult, HashingDataset, resolve_autocast
-from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference.embed import EmbedResult, HashingDataset
+from deepfeat.finetune.inference.runtime import Precision, resolve_precision, tune_cpu_allocator
 from deepfeat.finetune.inference.shards import ShardWriter
 from deepfeat.finetune.models.backbones import Preprocessing
 from deepfeat.finetune.models.bundle import ModelBundle
@@ -146,13 +146,15 @@ class BundleEmbedder:
     Args:
         bundle: the model bundle (shipped to each actor once, through Ray's object store).
         device: ``cuda`` on a GPU actor, ``cpu`` otherwise.
-        autocast: bf16 autocast (``None``: on CUDA only, as the local path).
+        autocast: bf16 autocast, by the one runtime rule
+            (:func:`~deepfeat.finetune.inference.runtime.resolve_precision`: the argument > ``$DEEPFEAT_PRECISION``
+            > on CUDA only, as the local path). :func:`embed_with_ray` decides it on the driver and passes it.
         threads: torch intra-op threads of a CPU actor (``None``: the cores of its node divided by
             ``actors``).
         actors: the size of the pool (to share the node's cores among CPU actors).
     """
 
-    def __init__(self, bundle: ModelBundle, device: str, autocast: bool | None, threads: int | None,
+    def __init__(self, bundle: ModelBundle, device: str, autocast: bool | Precision | None, threads: int | None,
                  actors: int) -> None:
         tune_cpu_allocator()
         self.device = torch.device(device)
@@ -160,7 +162,7 @@ class BundleEmbedder:
             # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1): the model would run on one core
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, actors)))
         self.model = bundle.model.to(self.device).eval().to(memory_format=torch.channels_last)
-        self.autocast = resolve_autocast(self.device, autocast)
+        self.autocast = resolve_precision(autocast, device=self.device)
         self.dim = int(bundle.card.embedding_dim)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,8 +196,8 @@ def _sources(todo: pd.DataFrame, block_rows: int) -> list[pd.DataFrame]:
 def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Path, *, shard_size: int = 50_000,
                    batch_size: int = 64, on_error: Literal["skip", "fail"] = "skip",
                    root: str | Path | None = None, address: str | None = None, concurrency: int | None = None,
-                   num_gpus: float | None = None, threads: int | None = None, autocast: bool | None = None,
-                   window: int = 8, progress: bool = True) -> EmbedResult:
+                   num_gpus: float | None = None, threads: int | None = None,
+                   autocast: bool | Precision | None = None, window: int = 8, progress: bool = True) -> EmbedResult:
     """Embed ``records`` on Ray Data into Parquet shards under ``out_dir``: the job of
     :func:`~deepfeat.finetune.inference.embed.embed_to_parquet`, with the same shards, report and resume.
 
@@ -213,7 +215,9 @@ def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Pa
         concurrency: actors in the pool (default: one per GPU of the cluster, else one).
         num_gpus: GPUs per actor (default: 1 where the cluster has GPUs, else 0: CPU actors).
         threads: torch threads of a CPU actor (default: its node's cores divided by ``concurrency``).
-        autocast: bf16 autocast (default: on GPU actors only).
+        autocast: bf16 autocast (``True``/``"bf16"``, ``False``/``"fp32"``); not given (``None``, ``"auto"``):
+            ``$DEEPFEAT_PRECISION``, else on GPU actors only. Decided here, on the driver, whose environment the
+            actors of a remote cluster do not share.
         window: batches of preprocessed pixels the job may hold in the object store at once.
         progress: show a progress bar (images).
 
@@ -247,7 +251,7 @@ def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Pa
 
 def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter, report: SkipReport, *,
          batch_size: int, on_error: str, root: str | Path | None, concurrency: int | None, num_gpus: float | None,
-         threads: int | None, autocast: bool | None, window: int, progress: bool) -> None:
+         threads: int | None, autocast: bool | Precision | None, window: int, progress: bool) -> None:
     """Build the dataset, stream its batches into ``writer``; the skipped inputs go into ``report`` in input
     order (as the local path lists them), whatever order the batches came back in."""
     from ray.data import DataContext, ExecutionResources
@@ -256,6 +260,7 @@ def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter,
     gpus = (1.0 if cluster_gpus else 0.0) if num_gpus is None else float(num_gpus)
     actors = concurrency or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
     device = "cuda" if gpus else "cpu"
+    use_autocast = resolve_precision(autocast, device=device)  # the driver's $DEEPFEAT_PRECISION, not the actors'
     prep = bundle.preprocessing
     frozen = tuple((k, _freeze(v)) for k, v in sorted(prep.to_dict().items()))
     h, w = prep.input_size
@@ -265,8 +270,8 @@ def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter,
     ctx.print_on_execution_start = False
     # the batch window: preprocessed pixels (float32) of `window` batches, the most the object store holds
     ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=window * batch_size * 12 * h * w)
-    log.info("Ray: %d %s actor(s), batches of %d, a window of %d batches", actors, device.upper(), batch_size,
-             window)
+    log.info("Ray: %d %s actor(s), batches of %d, a window of %d batches, %s", actors, device.upper(), batch_size,
+             window, "bf16 autocast" if use_autocast else "float32")
     bar = tqdm(total=len(todo), unit="img", desc="embed (ray)", disable=not progress)
     try:
         ds = ray.data.from_pandas(_sources(todo, batch_size))
@@ -276,7 +281,7 @@ def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter,
                             fn_kwargs={"preprocessing": frozen, "root": None if root is None else str(root)})
         ds = ds.map_batches(BundleEmbedder, batch_format="numpy", batch_size=batch_size,
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=0 if gpus else 1,
-                            fn_constructor_kwargs={"bundle": bundle, "device": device, "autocast": autocast,
+                            fn_constructor_kwargs={"bundle": bundle, "device": device, "autocast": use_autocast,
                                                    "threads": threads, "actors": actors})
         skipped: dict[int, str] = {}
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):

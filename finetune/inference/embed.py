@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,9 +27,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepfeat.finetune.data.dataset import RecordDataset, SkipReport, collate_skipping_errors, record_source
+from deepfeat.finetune.data.images import DEFAULT_MAX_PIXELS, content_hash, load_image
+from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
-from deepfeat.finetune.inference.device_decode import DevicePreprocess
-from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.inference import device_decode
+from deepfeat.finetune.inference.device_decode import DevicePreprocess, encoded_item, jpeg_for_device
+from deepfeat.finetune.inference.runtime import (
+    Precision,
+    Runtime,
+    auto_num_workers,
+    cpu_has_native_bf16,
+    resolve_precision,
+    resolve_runtime,
+)
 from deepfeat.finetune.inference.shards import ShardWriter, read_shards
 from deepfeat.finetune.models.bundle import ModelBundle
 
@@ -50,8 +59,6 @@ class HashingDataset(RecordDataset):
     """
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from deepfeat.finetune.data.images import content_hash
-
         item = super().__getitem__(index)
         if "error" not in item:
             try:
@@ -72,9 +79,6 @@ class _EncodedDataset(HashingDataset):
         self._in_memory = self.records["image"].notna().tolist() if "image" in self.records else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from deepfeat.finetune.data.images import DEFAULT_MAX_PIXELS
-        from deepfeat.finetune.inference.device_decode import encoded_item, jpeg_for_device
-
         data = orientation = None
         if self._paths is not None and not (self._in_memory is not None and self._in_memory[index]):
             path = Path(str(self._paths[index]))
@@ -139,45 +143,15 @@ def _init_worker(worker_id: int) -> None:
 _COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix and convolution kernels natively (AVX512-BF16 or AMX via oneDNN).
-
-    Where it does, bf16 autocast makes CPU inference about 2-4x faster; where it does not, bf16 is
-    emulated and slower than float32.
-    """
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-#: ``--precision`` choices of the CLI and benchmarks, as the ``autocast`` argument of :func:`iter_embeddings`
+#: ``--precision`` choices as ``autocast`` booleans (``benchmarks/embed.py``; :func:`iter_embeddings` also takes the
+#: choice itself)
 PRECISION_AUTOCAST: dict[str, bool | None] = {"auto": None, "fp32": False, "bf16": True}
 
 
-def auto_num_workers(device: torch.device | str, cores: int | None = None) -> int:
-    """A DataLoader worker count for embedding on ``device`` (``--num-workers auto``).
-
-    On CUDA the workers feed the GPU: up to 8, leaving a core to the main process. On a CPU the model
-    already uses every core through OpenMP, and a worker process that takes one makes the model's
-    threads wait for it: on 2 cores no worker at all was measured fastest (0.78x the model-only rate,
-    against 0.55x with one worker; benchmarks/README.md). With more cores, a few workers are worth
-    their cores.
-    """
-    n = cores if cores is not None else (os.cpu_count() or 1)
-    if torch.device(device).type == "cuda":
-        return max(1, min(8, n - 1))
-    return 0 if n <= 2 else min(4, n // 4)
-
-
 def resolve_autocast(device: torch.device, autocast: bool | None) -> bool:
-    """The bf16 autocast decision: ``None`` means on for CUDA, off elsewhere (float32 stays exact on CPU)."""
-    if autocast is None:
-        return device.type == "cuda"
-    if autocast and device.type == "cpu" and not cpu_has_native_bf16():
-        log.warning("bf16 autocast requested on a CPU without native bf16 (AVX512-BF16/AMX): it is emulated "
-                    "and slower than float32; leave it off on this machine")
-    return bool(autocast)
+    """The bf16 autocast decision for ``device``: :func:`~deepfeat.finetune.inference.runtime.resolve_precision`
+    under its older name and argument order (``benchmarks/embed.py`` uses it)."""
+    return resolve_precision(autocast, device=device)
 
 
 def compiled_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -197,11 +171,12 @@ class _InFlight:
     done: torch.cuda.Event | None
 
 
-def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: int = 64, num_workers: int = 0,
-                    on_error: Literal["skip", "fail"] = "skip", report: SkipReport | None = None,
-                    root: str | Path | None = None, device: str | torch.device | None = None,
-                    channels_last: bool = True, autocast: bool | None = None, progress: bool = False,
-                    compile: bool = False, decode: Decode = "auto") -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: int = 64,
+                    num_workers: int | str | None = None, on_error: Literal["skip", "fail"] = "skip",
+                    report: SkipReport | None = None, root: str | Path | None = None,
+                    device: str | torch.device | None = None, channels_last: bool = True,
+                    autocast: bool | Precision | None = None, progress: bool = False, compile: bool = False,
+                    decode: Decode = "auto") -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """Embed ``records`` and yield ``(rows, vectors)`` per batch.
 
     ``rows`` are the batch's records (in input order, failed ones removed) with a ``content_hash``
@@ -212,40 +187,67 @@ def iter_embeddings(bundle: ModelBundle, records: pd.DataFrame, *, batch_size: i
     comes from pinned memory, the forward pass runs under bf16 autocast, and the vectors of a batch are
     copied back while the next batch is already being computed. ``compile`` runs the model through
     ``torch.compile`` (worth it for long runs: compiling takes a minute or more). ``autocast`` runs the
-    forward pass under bf16 autocast: ``None`` means on CUDA only; ``True`` on a CPU with native bf16
-    (see :func:`cpu_has_native_bf16`) is about 2-4x faster there, with vectors within 1e-3 cosine of float32.
+    forward pass under bf16 autocast (``True``/``"bf16"``; ``False``/``"fp32"`` keeps float32); on a CPU with
+    native bf16 (see :func:`~deepfeat.finetune.inference.runtime.cpu_has_native_bf16`) it is about 2-4x faster,
+    with vectors within 1e-3 cosine of float32.
+
+    ``device``, ``num_workers`` and ``autocast`` follow the one runtime rule
+    (:mod:`deepfeat.finetune.inference.runtime`): the argument > ``$DEEPFEAT_DEVICE`` /
+    ``$DEEPFEAT_NUM_WORKERS`` / ``$DEEPFEAT_PRECISION`` > where the bundle's model already is (the device)
+    > the default (CUDA when available; the workers of
+    :func:`~deepfeat.finetune.inference.runtime.auto_num_workers`; bf16 on CUDA only). ``None`` and
+    ``"auto"`` count as not given.
 
     ``decode`` says where JPEG files are decoded: ``"cpu"`` in the workers (with the bundle's
     OpenCV preprocessing), ``"device"`` on ``device`` by ``torchvision.io.decode_jpeg`` (nvJPEG on
     CUDA) with torch resizing there, the workers only reading bytes (see
     :mod:`deepfeat.finetune.inference.device_decode`); ``"auto"`` is ``device`` on CUDA and ``cpu`` elsewhere.
     Other formats, and JPEGs the device decoder rejects, always take the CPU path.
-    """
-    from deepfeat.finetune.data.transforms import build_transforms
 
+    The arguments and the runtime are checked when this is called, before the first batch is asked for.
+
+    Raises:
+        DataError: a bad ``on_error``, ``decode``, device, worker count or precision (argument or environment).
+    """
+    runtime = _checked_runtime(bundle, on_error, decode, device, num_workers, autocast)
+    return _embed_batches(bundle, records, runtime, batch_size=batch_size, on_error=on_error, report=report,
+                          root=root, channels_last=channels_last, progress=progress, compile=compile, decode=decode)
+
+
+def _checked_runtime(bundle: ModelBundle, on_error: str, decode: str, device: str | torch.device | None,
+                     num_workers: int | str | None, autocast: bool | Precision | None) -> Runtime:
+    """The arguments of an embedding checked, and its device, workers and precision by the runtime rule."""
     if on_error not in ("skip", "fail"):
         raise DataError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     if decode not in DECODE_CHOICES:
         raise DataError(f"decode must be one of {list(DECODE_CHOICES)}, got {decode!r}")
+    runtime = resolve_runtime(device, num_workers, autocast, model=bundle.model)
+    log.info("embedding on %s with %d DataLoader worker(s), %s", runtime.device, runtime.num_workers,
+             "bf16 autocast" if runtime.autocast else "float32")
+    return runtime
+
+
+def _embed_batches(bundle: ModelBundle, records: pd.DataFrame, runtime: Runtime, *, batch_size: int, on_error: str,
+                   report: SkipReport | None, root: str | Path | None, channels_last: bool, progress: bool,
+                   compile: bool, decode: Decode) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """The batches of :func:`iter_embeddings`, on the device, workers and precision of ``runtime``."""
     records = records.reset_index(drop=True)
-    dev = torch.device(device) if device is not None else next(bundle.model.parameters()).device
-    tune_cpu_allocator()
+    dev, workers, use_autocast = runtime.device, runtime.num_workers, runtime.autocast
     model = bundle.model.to(dev).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
         model = compiled_model(model)
     cuda = dev.type == "cuda"
-    use_autocast = resolve_autocast(dev, autocast)
     transform = build_transforms(bundle.preprocessing, preset="none", train=False)
     on_device = decode == "device" or (decode == "auto" and cuda)
     dataset = (_EncodedDataset if on_device else HashingDataset)(records, transform, class_to_idx={}, root=root)
     prep = DevicePreprocess(bundle.preprocessing, dev) if on_device else None
     loader_kw: dict[str, Any] = {}
-    if num_workers > 0:
+    if workers > 0:
         loader_kw.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=_init_worker)
     loader: DataLoader[dict[str, Any]] = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                                    num_workers=num_workers,
+                                                    num_workers=workers,
                                                     collate_fn=functools.partial(_collate, channels_last=channels_last),
                                                     pin_memory=cuda, **loader_kw)
     bar = tqdm(total=len(records), unit="img", desc="embed", disable=not progress)
@@ -410,13 +412,11 @@ def _decode_encoded(batch: dict[str, Any], dev: torch.device, transform: Any, er
     """Decode a batch's JPEG bytes on ``dev``: ``(index, hash, uint8 image on dev)`` per image, and
     ``(index, hash, preprocessed CPU tensor)`` for those the device decoder rejected but Pillow reads.
     Images neither can decode are appended to ``errors``."""
-    from deepfeat.finetune.data.images import load_image
-    from deepfeat.finetune.inference.device_decode import decode_on_device
-
     images: list[tuple[int, str, torch.Tensor]] = []
     fallback: list[tuple[int, str, torch.Tensor]] = []
     datas = list(torch.split(batch["encoded"], batch["encoded_sizes"]))
-    decoded = decode_on_device(datas, dev, list(batch["encoded_orientation"]))
+    # through the module: looked up at call time, so a wrapper put there (a test counting decodes) is used
+    decoded = device_decode.decode_on_device(datas, dev, list(batch["encoded_orientation"]))
     raw = batch["encoded_digest"]
     for k, (data, index, image) in enumerate(zip(datas, batch["encoded_index"], decoded, strict=True)):
         digest = raw[32 * k : 32 * k + 32].hex()
@@ -449,25 +449,26 @@ class EmbedResult:
 
 
 def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Path, *, shard_size: int = 50_000,
-                     batch_size: int = 64, num_workers: int = 0, on_error: Literal["skip", "fail"] = "skip",
-                     root: str | Path | None = None, device: str | None = None, progress: bool = True,
-                     compile: bool = False, autocast: bool | None = None, decode: Decode = "auto") -> EmbedResult:
+                     batch_size: int = 64, num_workers: int | str | None = None,
+                     on_error: Literal["skip", "fail"] = "skip", root: str | Path | None = None,
+                     device: str | torch.device | None = None, progress: bool = True, compile: bool = False,
+                     autocast: bool | Precision | None = None, decode: Decode = "auto") -> EmbedResult:
     """Embed ``records`` into Parquet shards ``part-NNNNN.parquet`` under ``out_dir``.
 
     Resumable: shards already complete (same bundle fingerprint) are kept and their records skipped,
     so an interrupted run continues where it stopped. Memory stays at one shard of vectors.
-    ``compile`` runs the model through ``torch.compile`` and ``autocast`` switches bf16 autocast (see
-    :func:`iter_embeddings`).
+    ``compile`` runs the model through ``torch.compile``; ``autocast`` switches bf16 autocast; ``device``,
+    ``num_workers`` and ``autocast`` follow the one runtime rule (see :func:`iter_embeddings`).
     """
     records = records.reset_index(drop=True)
     start = time.perf_counter()
+    runtime = _checked_runtime(bundle, on_error, decode, device, num_workers, autocast)  # before anything is written
     writer = ShardWriter(out_dir, bundle.fingerprint(), shard_size=shard_size)
     todo = records[~records["id"].astype(str).isin(writer.done_ids)]
     report = SkipReport()
-    for rows, vectors in iter_embeddings(bundle, todo, batch_size=batch_size, num_workers=num_workers,
-                                         on_error=on_error, report=report, root=root, device=device,
-                                         progress=progress, compile=compile, autocast=autocast,
-                                         decode=decode):
+    for rows, vectors in _embed_batches(bundle, todo, runtime, batch_size=batch_size, on_error=on_error,
+                                        report=report, root=root, channels_last=True, progress=progress,
+                                        compile=compile, decode=decode):
         writer.add(rows, vectors)
     writer.close(report)
     seconds = time.perf_counter() - start
@@ -475,6 +476,7 @@ def embed_to_parquet(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | 
     return EmbedResult(writer.out, writer.shards, writer.n_written, len(report), seconds)
 
 
+# auto_num_workers and cpu_has_native_bf16 live in runtime.py; imported from here by tests and benchmarks
 __all__ = [
     "DECODE_CHOICES",
     "PRECISION_AUTOCAST",

@@ -106,30 +106,39 @@ def _env(name: str) -> str | None:
     return None if value.lower() in ("", "auto") else value
 
 
-def _device(name: str, source: str) -> torch.device:
+def _device(name: str, source: str, cpu_fix: str) -> torch.device:
+    """``name`` as a device this machine has (``source``: where the name came from; ``cpu_fix``: how to ask for cpu)."""
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise DataError(f"{source} names the device {name!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"{source} asks for {name!r} but this machine has no usable CUDA GPU; use cpu")
+        raise DataError(f"{source} asks for {name!r}, but no CUDA device is available here "
+                        f"(torch.cuda.is_available() is False); use {cpu_fix}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DataError(f"{source} asks for {name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+        raise DataError(f"{source} asks for {name!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), numbered from 0; use cuda:0 or {cpu_fix}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"{source} asks for 'mps', but the Apple MPS backend is not available here; use {cpu_fix}")
     return device
 
 
-def resolve_device(device: str | torch.device | None = None, *, model: torch.nn.Module | None = None) -> torch.device:
+def resolve_device(device: str | torch.device | None = None, *, model: torch.nn.Module | None = None,
+                   flag: str | None = None) -> torch.device:
     """Where to run: ``device`` > ``$DEEPFEAT_DEVICE`` > where ``model``'s parameters are > CUDA when available.
 
+    ``flag`` is the command-line option that gave ``device`` (``"--device"``), for the error messages.
+
     Raises:
-        DataError: an unknown device name, or a CUDA device this machine does not have.
+        DataError: an unknown device name, or a CUDA (or MPS) device this machine does not have.
     """
     if isinstance(device, torch.device):
         return device
     if device is not None and device.strip().lower() != "auto":
-        return _device(device.strip(), "the device argument")
+        source, fix = (flag, f"{flag} cpu") if flag else ("the device argument", "device='cpu'")
+        return _device(device.strip().lower(), source, fix)
     if (name := _env(DEVICE_ENV)) is not None:
-        return _device(name, f"${DEVICE_ENV}")
+        return _device(name.lower(), f"${DEVICE_ENV}", f"{DEVICE_ENV}=cpu (or unset it)")
     if model is not None:
         first = next(model.parameters(), None)
         if first is not None:

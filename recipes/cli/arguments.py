@@ -2,8 +2,8 @@
 
 Every number, device, output path and JSON argument is checked here, by argparse, before a command runs: a bad
 value is one ``deepfeat CMD: error: argument --x: ...`` line and exit code 2, never a stack trace from deep inside
-a library. Only the standard library and deepfeat's errors are imported here: building the parser must stay
-fast; :func:`resolve_device` imports torch when it is called.
+a library. Only the standard library is imported here: building the parser must stay
+fast; :func:`resolve_device` imports torch (and the runtime resolver) when it is called.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
-
-from deepfeat.finetune.errors import DataError
 
 __all__ = [
     "DEVICE_CHOICES",
@@ -128,23 +126,13 @@ def json_object(text: str) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a named device that is not here is refused.
+    """``--device`` by the one runtime rule (:func:`deepfeat.finetune.inference.runtime.resolve_device`): a named
+    device > ``$DEEPFEAT_DEVICE`` > ``cuda`` when a GPU is visible, else ``cpu``; ``auto`` counts as not given.
 
     Raises:
-        DataError: ``cuda``/``cuda:N``/``mps`` asked for where there is none.
+        DataError: ``cuda``/``cuda:N``/``mps`` (from ``--device`` or the environment) where there is none.
     """
-    import torch
+    # deferred: the runtime module imports torch, and building the parser must stay fast
+    from deepfeat.finetune.inference.runtime import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DataError(f"--device {name}: no CUDA device is available here (torch.cuda.is_available() is "
-                            f"False); use --device cpu")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"numbered from 0; use --device cuda:0")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps: the Apple MPS backend is not available here; use --device cpu")
-    return name
+    return str(resolve(name, flag="--device"))

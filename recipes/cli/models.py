@@ -56,13 +56,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from deepfeat.finetune.data.readers import read_records
-    from deepfeat.finetune.inference.embed import PRECISION_AUTOCAST, auto_num_workers, embed_to_parquet
+    from deepfeat.finetune.inference.embed import embed_to_parquet
+    from deepfeat.finetune.inference.runtime import resolve_num_workers
     from deepfeat.finetune.models.bundle import ModelBundle
 
     if args.engine == "local" and args.address is not None:
         raise DataError(f"--address {args.address!r} is for --engine ray; add --engine ray to embed on that cluster")
     # on Ray the bundle is loaded on the CPU here and moved to each actor's device there
     dev = "cpu" if args.engine == "ray" else resolve_device(args.device)
+    # --num-workers auto: $DEEPFEAT_NUM_WORKERS, else the device's default; checked before any work
+    num_workers = resolve_num_workers(args.num_workers, device=dev) if args.engine == "local" else 0
     bundle = ModelBundle.load(args.bundle, device=dev)
     # skip: a missing file or broken link is one reported skip, not a refusal of the whole source
     records = read_records(args.data, check_files=args.on_error == "fail",
@@ -78,14 +81,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 logging.getLogger(name).setLevel(logging.ERROR)
         result = embed_with_ray(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                                 on_error=args.on_error, root=args.root, address=args.address,
-                                concurrency=args.concurrency, autocast=PRECISION_AUTOCAST[args.precision],
-                                progress=not args.quiet)
-    else:
-        num_workers = auto_num_workers(dev) if args.num_workers == "auto" else args.num_workers
+                                concurrency=args.concurrency, autocast=args.precision, progress=not args.quiet)
+    else:  # --precision auto: $DEEPFEAT_PRECISION, else bf16 on CUDA only (the runtime rule, in embed_to_parquet)
         result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                                   num_workers=num_workers, on_error=args.on_error, progress=not args.quiet,
-                                  compile=args.compile, autocast=PRECISION_AUTOCAST[args.precision],
-                                  decode=args.decode)
+                                  device=dev, compile=args.compile, autocast=args.precision, decode=args.decode)
     print(f"embedded {result.n_embedded} images ({result.n_skipped} skipped, report {result.out_dir}/_report.json) "
           f"into {len(result.shards)} shards in {result.out_dir} at {result.images_per_second:.1f} img/s")
     return 0
@@ -185,18 +185,19 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="folder that relative manifest paths are read from; no path may leave it")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--num-workers", type=workers, default="auto",
-                   help="DataLoader worker processes, or auto: up to 8 on a GPU; on a CPU none on 2 cores "
-                        "(the model uses them all), a few on more")
+                   help="DataLoader worker processes, or auto: $DEEPFEAT_NUM_WORKERS, else up to 8 on a GPU; on a "
+                        "CPU none on 2 cores (the model uses them all), a few on more")
     p.add_argument("--shard-size", type=int_at_least(1), default=50_000)
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
     p.add_argument("--limit", type=int_at_least(1), default=None, help="embed only the first N records")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, float32 on CPU; bf16 on a CPU with AVX512-BF16/AMX is "
-                        "2-4x faster (vectors within 1e-3 cosine of float32)")
+                   help="auto: $DEEPFEAT_PRECISION, else bf16 autocast on CUDA, float32 on CPU; bf16 on a CPU "
+                        "with AVX512-BF16/AMX is 2-4x faster (vectors within 1e-3 cosine of float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off from a few "
                                                           "thousand images: compiling takes a minute)")
     p.add_argument("--device", type=device, default="auto",
-                   help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps")
+                   help="auto ($DEEPFEAT_DEVICE, else a CUDA GPU when there is one, else the CPU), cpu, cuda, "
+                        "cuda:N or mps")
     p.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto",
                    help="where JPEGs are decoded and resized: cpu (the workers), device (nvJPEG on the GPU, "
                         "the workers only read bytes); auto: device on CUDA, cpu elsewhere")
@@ -224,6 +225,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--baseline-weights", default="imagenet",
                    help="weights of the off-the-shelf row: imagenet (installed package), a local file, or none")
     p.add_argument("--batch-size", type=int_at_least(1), default=128)
-    p.add_argument("--num-workers", type=int_at_least(0), default=2)
+    p.add_argument("--num-workers", type=workers, default="auto",
+                   help="DataLoader worker processes, or auto ($DEEPFEAT_NUM_WORKERS, else as for embed)")
     p.add_argument("--json", default=None, type=out_file, help="also write the metrics to this JSON file")
     p.set_defaults(handler=_cmd_evaluate)
