@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_connector_support import fingerprint_of, write_shards
 from test_reliability_corpus import milvus_rows, run_cli
 from test_reliability_support import _png_bytes, _rng_image
 
@@ -92,7 +93,7 @@ def _check_embed_kills(tmp_path: Path, bundle_dir: Path, bundle: ModelBundle, n_
     images = image_folder(tmp_path / "images", n_per_class=15)
     n = 60
     clean = tmp_path / "clean"
-    args = [
+    args: list[str | Path] = [
         "--bundle",
         bundle_dir,
         "--data",
@@ -114,7 +115,7 @@ def _check_embed_kills(tmp_path: Path, bundle_dir: Path, bundle: ModelBundle, n_
         done = len(_shard_files(out)) if out.exists() else 0
         target = done + int(rng.integers(1, 24 // n_kills))  # of 30 shards
         proc = deepfeat_process(["embed", *args, "--out", out], tmp_path / f"embed-{k}.log")
-        kills += kill_when(proc, lambda t=target: out.exists() and len(_shard_files(out)) >= t)
+        kills += kill_when(proc, lambda t=target: out.exists() and len(_shard_files(out)) >= t)  # type: ignore[misc]
         # whatever the moment of the kill: every shard there is complete and readable, none repeats an id
         ids = [i for f in _shard_files(out) for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
         assert len(ids) == len(set(ids)) < n
@@ -190,7 +191,16 @@ def _progress(log: Path) -> tuple[int, int]:
 def _check_sync_kills(tmp_path: Path, bundle_dir: Path, n_kills: int, n_per_class: int) -> None:
     images = image_folder(tmp_path / "images", n_per_class=n_per_class)
     n = 4 * n_per_class
-    common = ["--bundle", bundle_dir, "--collection", "items", "--batch-size", "4", "--index", "HNSW:M=8"]
+    common: list[str | Path] = [
+        "--bundle",
+        bundle_dir,
+        "--collection",
+        "items",
+        "--batch-size",
+        "4",
+        "--index",
+        "HNSW:M=8",
+    ]
     assert run_cli("sync", images, *common, "--uri", tmp_path / "clean.db", "--no-progress").rc == 0
     clean = milvus_rows(tmp_path / "clean.db", "items")
     assert len(clean) == n
@@ -233,6 +243,64 @@ def test_killed_sync_resumes_to_the_clean_result(tmp_path: Path, rel_bundle_dir:
 @pytest.mark.slow
 def test_sync_killed_three_times_resumes_to_the_clean_result(tmp_path: Path, rel_bundle_dir: Path) -> None:
     _check_sync_kills(tmp_path, rel_bundle_dir, n_kills=3, n_per_class=60)
+
+
+# --------------------------------------------------------------------------------------------------
+# deepfeat load: killed at seeded points (the resume state's own count of rows in), resumed
+
+
+def _rows_in(state: Path) -> int:
+    try:
+        return int(json.loads(state.read_text()).get("rows_done", 0))
+    except (OSError, ValueError):  # not written yet, or caught mid-replace
+        return 0
+
+
+def _check_load_kills(tmp_path: Path, bundle_dir: Path, n_kills: int) -> None:
+    n = 1200
+    ids = [f"c{i % 4}/{i:04d} it's.png" for i in range(n)]
+    rng = np.random.default_rng(SEED)
+    vectors = rng.normal(size=(n, read_card(bundle_dir).embedding_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # as the bundle's (normalised) vectors are
+    write_shards(tmp_path / "shards", fingerprint_of(bundle_dir), vectors, ids, shard_size=100)
+    common: list[str | Path] = [tmp_path / "shards", "--collection", "items", "--batch-rows", "8", "--no-progress"]
+    clean = run_cli("load", *common, "--uri", tmp_path / "clean.db", "--state", tmp_path / "clean.json")
+    assert clean.rc == 0, clean.err
+    reference = milvus_rows(tmp_path / "clean.db", "items")
+
+    db, state, kills = tmp_path / "killed.db", tmp_path / "state.json", 0
+    for k in range(n_kills):
+        target = _rows_in(state) + int(rng.integers(8, (n - 100) // n_kills))
+        proc = deepfeat_process(["load", *common, "--uri", db, "--state", state], tmp_path / f"load-{k}.log")
+
+        def ready(t: int = target) -> bool:
+            return _rows_in(state) >= t
+
+        kills += kill_when(proc, ready)
+        rows = milvus_rows(db, "items")  # whatever the moment: no duplicate, no stray row, exact vectors
+        assert set(rows) <= set(reference) and len(rows) < n
+        for rid, row in rows.items():
+            np.testing.assert_array_equal(row["vector"], reference[rid]["vector"])
+    assert kills == n_kills, "every run was killed mid-way"
+
+    final = run_cli("load", *common, "--uri", db, "--state", state, "--format", "json")
+    assert final.rc == 0, final.err
+    report = json.loads(final.out)
+    assert report["verified"] and report["final_count"] == n and report["rows_resumed"] > 0
+    rows = milvus_rows(db, "items")
+    assert sorted(rows) == sorted(reference) == sorted(ids)
+    for rid, row in rows.items():
+        np.testing.assert_array_equal(row["vector"], reference[rid]["vector"])
+        assert row["pk"] == reference[rid]["pk"]
+
+
+def test_killed_load_twice_resumes_to_the_clean_result(tmp_path: Path, rel_bundle_dir: Path) -> None:
+    _check_load_kills(tmp_path, rel_bundle_dir, n_kills=2)
+
+
+@pytest.mark.slow
+def test_load_killed_at_four_points_resumes_to_the_clean_result(tmp_path: Path, rel_bundle_dir: Path) -> None:
+    _check_load_kills(tmp_path, rel_bundle_dir, n_kills=4)
 
 
 def test_sync_killed_before_its_index_was_built_builds_it(tmp_path: Path, rel_bundle: ModelBundle) -> None:
