@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from deepfeat.finetune.data.contract import file_kind
 from deepfeat.finetune.errors import ConnectorError
 from deepfeat.finetune.redaction import mask_uri, redact, uri_secrets
 
@@ -50,12 +51,23 @@ def resolve_token(token: str | None = None, token_file: str | os.PathLike[str] |
             if os.environ.get(name):
                 return os.environ[name]
         return None
+    path = Path(file).expanduser()
+    if not path.is_file():  # a FIFO would block the read forever; a folder or a missing file says what it is
+        raise ConnectorError(
+            f"the Milvus token file {os.fspath(file)!r} is {file_kind(path)}, not a regular file; "
+            f"fix the path or set ${TOKEN_ENV_VARS[0]} instead"
+        )
     try:
-        text = Path(file).expanduser().read_text().strip()
+        text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConnectorError(
             f"cannot read the Milvus token file {os.fspath(file)!r} ({exc.strerror or exc}); "
             f"fix the path or set ${TOKEN_ENV_VARS[0]} instead"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConnectorError(
+            f"the Milvus token file {os.fspath(file)!r} is not UTF-8 text (byte {exc.start}); write the token "
+            f"(user:password or an API key) into it as plain text"
         ) from exc
     if not text:
         raise ConnectorError(

@@ -512,3 +512,23 @@ def test_evaluate_names_each_skipped_image_and_why(
     for name, reason in (("cut.jpg", "truncated"), ("nan.tif", "NaN or infinite")):
         # named once per model evaluated (off-the-shelf and fine-tuned), with the reason
         assert sum(name in m and reason in m for m in skipped) == 2, skipped
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("missing", "is missing, not a regular file"), ("folder", "is a folder, not a regular file"),
+     ("fifo", "is a FIFO (named pipe), not a regular file"), ("binary", "is not UTF-8 text"), ("empty", "is empty")],
+)
+def test_a_token_file_that_cannot_hold_a_token_is_one_line_and_never_blocks(kind: str, reason: str,
+                                                                            tmp_path: Path) -> None:
+    path = tmp_path / f"token-{kind}"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+    elif kind != "missing":
+        path.write_bytes(b"\xff\xfe\x00secret" if kind == "binary" else b"")
+    run = run_cli("collections", "list", "--uri", "http://127.0.0.1:1", "--token-file", path, "--retries", "1",
+                  "--timeout", "1")
+    assert run.rc == 2 and f"token file {str(path)!r}" in run.error_line and reason in run.error_line, run.err
+    assert "secret" not in run.err
