@@ -631,6 +631,12 @@ def connect(
             f"TLS options were given for {redact_uri(uri)}, which is not https://; use an "
             f"https:// URI or drop the TLS options"
         )
+    for option, value in (tls.kwargs() if tls is not None else {}).items():
+        if option.endswith("_path") and not Path(value).expanduser().is_file():  # a FIFO would block the TLS setup
+            raise ConnectorError(
+                f"the TLS file {value!r} ({option.removesuffix('_path').replace('_', ' ')}) is "
+                f"{file_kind(Path(value).expanduser())}, not a regular file; name the PEM file"
+            )
     return MilvusConnector(
         uri=uri,
         token=resolved,

@@ -728,11 +728,17 @@ def test_tls_options_reach_pymilvus_and_are_refused_for_plain_http(
             seen.update(kwargs, uri=uri)
 
     monkeypatch.setattr(pymilvus, "MilvusClient", FakeClient)
+    with pytest.raises(ConnectorError, match=r"TLS file .*ca\.pem' \(ca pem\) is missing, not a regular file"):
+        connect("https://milvus.internal:19530", tls=TLSOptions(ca_pem_path=str(tmp_path / "ca.pem")))
     monkeypatch.setenv("DEEPFEAT_MILVUS_TOKEN", "root:Milvus")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.pem", "c.pem", "c.key"):
+        (certs / name).write_text("-----BEGIN CERTIFICATE-----\n")  # read by gRPC, not here
     tls = TLSOptions(
-        ca_pem_path="/certs/ca.pem",
-        client_pem_path="/certs/c.pem",
-        client_key_path="/certs/c.key",
+        ca_pem_path=f"{certs}/ca.pem",
+        client_pem_path=f"{certs}/c.pem",
+        client_key_path=f"{certs}/c.key",
         server_name="milvus.internal",
     )
     connect("https://milvus.internal:19530", tls=tls).client  # noqa: B018
@@ -741,9 +747,9 @@ def test_tls_options_reach_pymilvus_and_are_refused_for_plain_http(
         "token": "root:Milvus",
         "db_name": "",
         "timeout": 60.0,
-        "ca_pem_path": "/certs/ca.pem",
-        "client_pem_path": "/certs/c.pem",
-        "client_key_path": "/certs/c.key",
+        "ca_pem_path": f"{certs}/ca.pem",
+        "client_pem_path": f"{certs}/c.pem",
+        "client_key_path": f"{certs}/c.key",
         "server_name": "milvus.internal",
         "secure": True,
     }
