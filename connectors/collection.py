@@ -8,16 +8,19 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.schema import PROP_BUNDLE, VECTOR_FIELD, CollectionSpec
 from deepfeat.finetune.errors import ConnectorError
-from deepfeat.finetune.models.bundle import BundleCard, ModelBundle
+from deepfeat.finetune.models.card import BundleCard
+
+if TYPE_CHECKING:  # the bundle module imports torch; listing or describing a collection never needs it
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
-BundleLike: TypeAlias = ModelBundle | BundleCard | Mapping[str, Any] | str | Path
+BundleLike: TypeAlias = "ModelBundle | BundleCard | Mapping[str, Any] | str | Path"
 
 
 def open_collection(

@@ -20,14 +20,17 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
-from deepfeat.finetune.models.bundle import BundleCard, ModelBundle, check_compatible, read_card
+from deepfeat.finetune.models.card import BundleCard, check_compatible, read_card
+
+if TYPE_CHECKING:  # the bundle module imports torch; a card is all a schema needs
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -332,10 +335,13 @@ def fingerprint_of(bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | 
     Raises:
         MismatchError: a mapping without ``bundle_id``, ``embedding_dim`` or ``metric``.
     """
-    if isinstance(bundle, ModelBundle | BundleCard):
+    if isinstance(bundle, BundleCard):
         return dict(bundle.fingerprint())
     if isinstance(bundle, str | Path):
         return read_card(bundle).fingerprint()
+    card = getattr(bundle, "card", None)
+    if isinstance(card, BundleCard):  # a ModelBundle, told by its card so that torch need not be imported
+        return dict(card.fingerprint())
     fp = dict(bundle)
     missing = {"bundle_id", "embedding_dim", "metric"} - set(fp)
     if missing:

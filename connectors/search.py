@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.collection import open_collection
@@ -30,12 +30,16 @@ from deepfeat.connectors.query import (
     search_vectors,
 )
 from deepfeat.finetune.errors import DataError
-from deepfeat.finetune.models.bundle import ModelBundle
+
+if TYPE_CHECKING:  # the bundle module imports torch; 'deepfeat collections' uses format_table without it
+    from deepfeat.finetune.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
 
 def _as_bundle(bundle: ModelBundle | str | Path) -> ModelBundle:
+    from deepfeat.finetune.models.bundle import ModelBundle  # deferred: torch, only when searching by image
+
     return bundle if isinstance(bundle, ModelBundle) else ModelBundle.load(bundle)
 
 

@@ -61,9 +61,9 @@ def _violations() -> list[str]:
                 mine, theirs = _floor(module), _floor(target)
                 if mine is not None and theirs is not None and theirs > mine:
                     bad.append(f"{module} (floor {mine}) imports {target} (floor {theirs}): imports point down")
-            elif module.startswith("deepfeat.connectors"):
-                if target.startswith("deepfeat.recipes") or target.startswith("deepfeat.finetune.training"):
-                    bad.append(f"{module} imports {target} (connectors never import recipes or training)")
+            elif module.startswith("deepfeat.connectors") and target.startswith(
+                    ("deepfeat.recipes", "deepfeat.finetune.training")):
+                bad.append(f"{module} imports {target} (connectors never import recipes or training)")
     return bad
 
 
@@ -102,3 +102,45 @@ def test_no_module_imports_another_modules_underscore_names(tmp_path: Path) -> N
     probe = tmp_path / "x.py"  # the check is not vacuous
     probe.write_text("def f():\n    from deepfeat.connectors.client import _lock_holder\n")
     assert _underscore_imports(probe) == ["deepfeat.connectors.client._lock_holder"]
+
+
+HEAVY = ("torch", "lightning", "timm")
+
+
+def _loaded_after(*steps: str) -> list[set[str]]:
+    """The heavy packages (:data:`HEAVY`) in ``sys.modules`` after each of ``steps``, run in one fresh Python."""
+    show = f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    probe = "\n".join(["import sys", *(f"{step}\n{show}" for step in steps)])
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    return [set(ast.literal_eval(line)) for line in out.stdout.strip().splitlines()[-len(steps):]]
+
+
+@pytest.mark.parametrize("module", ["deepfeat.finetune.models.card", "deepfeat.connectors.collection",
+                                    "deepfeat.connectors.schema", "deepfeat.connectors.search"])
+def test_card_and_collection_modules_do_not_load_torch(module: str) -> None:
+    """Listing, describing and checking collections needs the card, never torch (issue 21 item 10)."""
+    assert _loaded_after(f"import {module}") == [set()]
+
+
+def test_collections_list_command_does_not_load_torch(tmp_path: Path) -> None:
+    """The whole ``deepfeat collections list`` command, on a real Milvus Lite file, runs without torch."""
+    command = (f"from deepfeat.recipes.cli import main\n"
+               f"assert main(['collections', 'list', '--uri', {str(tmp_path / 'x.db')!r}]) == 0")
+    after_command, after_plugin = _loaded_after(command, "import deepfeat.connectors.plugin")
+    assert after_command == set()
+    assert "torch" in after_plugin  # the probe does see torch once something imports it
+
+
+def test_connectors_lazy_exports_resolve() -> None:
+    """Every public name of deepfeat.connectors (imported on first use) is its defining submodule's object."""
+    import importlib
+
+    import deepfeat.connectors as connectors
+
+    for name in connectors.__all__:
+        value = getattr(connectors, name)
+        module = importlib.import_module(value.__module__)
+        assert module.__name__.startswith("deepfeat.connectors.") and getattr(module, name) is value, name
+    assert set(connectors.__all__) <= set(dir(connectors))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = connectors.nope  # type: ignore[attr-defined]
