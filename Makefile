@@ -37,7 +37,7 @@ test: $(STAMP) data
 	$(BIN)/python -m pytest -q --timeout=900
 
 # The server tests (-m server): a real standalone Milvus from PyPI 'milvus' (its own server binary), in a venv of
-# its own so that its pins never meet deepfeat's; the test session starts and stops it (tests/test_connector_server.py).
+# its own so that its pins never meet deepfeat's; the test session starts and stops it (tests/connectors/test_connector_server.py).
 MILVUS_VENV := .venv-milvus
 MILVUS_SERVER := milvus==2.3.5
 MILVUS_STAMP := $(MILVUS_VENV)/.milvus-installed

@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Fixtures shared by the test folders (helpers live in support/, fixtures are registered here).
+from support.connectors import bundle, bundle_dir, conn, other_bundle_dir  # noqa: F401
+from support.reliability import rel_bundle, rel_bundle_dir  # noqa: F401
+from support.serve import serve_data  # noqa: F401
+
 #: (name, RGB colour, pattern) of the classes in :func:`tiny_image_folder`.
 TINY_CLASSES: tuple[tuple[str, tuple[int, int, int], str], ...] = (
     ("red_horizontal", (220, 40, 40), "horizontal"),

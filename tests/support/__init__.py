@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: generated data, bundles and fixtures (re-exported by conftest.py)."""
