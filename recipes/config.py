@@ -12,7 +12,9 @@ refused with the parser's reason. A new recipe adds its options dataclass here a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,6 +37,7 @@ __all__ = [
     "RecipeInfo",
     "RecipeSection",
     "SearchOptions",
+    "check_config",
     "list_recipes",
     "load_recipe",
     "load_recipe_name",
@@ -163,6 +166,70 @@ def _recipe_cli() -> type[Any]:
         recipe_type: ClassVar[Any] = RecipeSection
 
     return RecipeCLI
+
+
+def _checking_cli(typed_recipe: bool) -> type[Any]:
+    """The recipe parser (``typed_recipe``: :class:`RecipeSection`, else a free ``recipe:`` mapping) that parses and
+    checks the config but builds nothing (no module, data module or trainer)."""
+    from deepfeat.finetune.training.config import DeepfeatCLI
+
+    base: type[Any] = _recipe_cli() if typed_recipe else DeepfeatCLI
+
+    class CheckingCLI(base):  # type: ignore[misc,valid-type]
+        """Parse only: :meth:`instantiate_classes` is skipped."""
+
+        def instantiate_classes(self) -> None:
+            """Build nothing: the config is only checked."""
+
+    return CheckingCLI
+
+
+@contextmanager
+def _argv_alone() -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "deepfeat"]  # LightningCLI reads args= only; keep sys.argv out of it
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def check_config(name_or_path: str | Path, what: str = "config") -> Path:
+    """Check every key of a config YAML (a path or a shipped recipe's name) with the recipe parser, building nothing.
+
+    The same parser as :func:`load_recipe` and ``deepfeat fit`` (LightningCLI's, abbreviations off), so a misspelt
+    key under ``trainer:``, ``model:``, ``data:`` or ``recipe:`` is refused with the nearest valid name; but no
+    module, data module or trainer is built and no seed is set, so it takes a fraction of a second once Lightning is
+    imported. A ``recipe:`` section is checked against :class:`RecipeSection` when the file has one.
+
+    Returns:
+        The YAML file checked.
+
+    Raises:
+        DataError: unknown recipe, unreadable YAML (its line named), or a key or value the parser refused (one line:
+            the file, the key and the nearest valid name).
+    """
+    from deepfeat.finetune.training.config import parser_reason
+    from deepfeat.finetune.training.datamodule import RetrievalDataModule
+    from deepfeat.finetune.training.module import MetricLearningModule
+
+    path = resolve_config(name_or_path)
+    typed = isinstance(read_yaml(path, what).get("recipe"), dict)
+    # the seed is the run's business: checking must not seed this process's generators
+    args = ["--config", str(path), "--seed_everything=false"]
+    with _argv_alone():
+        try:
+            _checking_cli(typed)(MetricLearningModule, RetrievalDataModule, args=args, run=False,
+                                 save_config_callback=None, auto_configure_optimizers=False,
+                                 parser_kwargs={"exit_on_error": False, "allow_abbrev": False})
+        except SystemExit as exc:  # jsonargparse may report through parser.error
+            raise DataError(f"{what} {str(path)!r} was refused by the parser (see the message above); fix the key "
+                            f"or value it names") from exc
+        except Exception as exc:
+            if type(exc).__name__ in ("ArgumentError", "NSKeyError") or "jsonargparse" in type(exc).__module__:
+                raise DataError(f"{what} {str(path)!r} was refused: {parser_reason(exc)}") from exc
+            raise
+    return path
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ side by side. :func:`create_app` builds the FastAPI app; the page is plain HTML 
 from ``static/`` beside this package (nothing from a CDN).
 
 By role: :mod:`.requests` (search parameters and filters, validated), :mod:`.security`
-(loopback and Host guards, body limit, security headers, image files from inside the image root
-only), :mod:`.state` (panels over shared connectors and bundles, no HTTP) and :mod:`.app` (the
+(loopback and Host guards, body limit, security headers, image files and Hugging Face dataset folders from
+inside the image root only), :mod:`.state` (panels over shared connectors and bundles, no HTTP) and :mod:`.app` (the
 routes). Filters become Milvus expressions in the query layer (:mod:`deepfeat.connectors.query`). The
 command is :mod:`deepfeat.recipes.cli.serve`.
 """
@@ -38,6 +38,7 @@ from .security import (
     image_root_of,
     is_loopback,
     locate_image,
+    resolve_hf_dataset,
     resolve_image_path,
     shown_path,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "locate_image",
     "parse_search_request",
     "quote_string",
+    "resolve_hf_dataset",
     "resolve_image_path",
     "shown_path",
     "status_of",

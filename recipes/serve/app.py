@@ -73,7 +73,8 @@ def create_app(
 
     Endpoints: ``GET /`` (the page), ``GET /api/info``, ``GET /api/examples?n=``, ``POST /api/search``
     (multipart: ``image`` file and ``params`` JSON; or a JSON body with ``id``), ``GET
-    /api/image/{panel}/{pk}?size=`` (files inside the panel's image root only).
+    /api/image/{panel}/{pk}?size=`` (a PNG of the record's image file, or of its row of a Hugging Face
+    ``save_to_disk`` folder; files and dataset folders inside the panel's image root only).
 
     Raises:
         MissingExtraError: FastAPI is not installed.

@@ -7,7 +7,9 @@
 * Every response carries a strict content-security policy (:class:`SecurityHeaders`).
 * An image is served only from inside the image root (:func:`resolve_image_path`): a stored path,
   absolute or relative, that resolves (symlinks followed) outside it is refused, and no error names a
-  path outside the root.
+  path outside the root. A record of a Hugging Face ``save_to_disk`` folder (no file, an ``hf_dataset``
+  folder and row) follows the same rule (:func:`resolve_hf_dataset`): its folder, named by the collection
+  row, must lie inside the image root too, so a row cannot make the page open a dataset elsewhere.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 #: Host names a loopback-only server answers to (DNS-rebinding guard).
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
+_OUTSIDE_DATASET = (
+    "the Hugging Face dataset folder stored for this record is outside the image root, so its image is not "
+    "served; start deepfeat serve with --image-root naming a folder that holds the dataset's save_to_disk folder"
+)
 _OUTSIDE = (
     "the image path stored for this record is outside the image root, so it is not served; start deepfeat "
     "serve with --image-root naming the folder that holds the collection's images"
@@ -130,6 +136,29 @@ def resolve_image_path(stored: str, image_root: str | Path | None) -> Path:
             + ("" if image_root else ", or pass --image-root naming the folder that holds the images")
         )
     return path
+
+
+def resolve_hf_dataset(stored: str, image_root: str | Path | None) -> Path:
+    """The ``save_to_disk`` folder a stored ``hf_dataset`` value names, inside ``image_root`` (default: the working
+    directory): the rule of :func:`resolve_image_path`, for a folder (relative values are relative to the root,
+    absolute ones must lie inside it, symlinks resolved first). Errors never name a folder outside the root.
+
+    Raises:
+        NotFoundError: no folder stored, a folder outside the root, or no saved dataset there (no ``state.json``).
+    """
+    if not stored:
+        raise NotFoundError("this record has no image file and no Hugging Face dataset folder; the page shows a "
+                            "placeholder")
+    root = image_root_of(image_root)
+    folder = locate_image(stored, root)
+    if folder is None:
+        raise NotFoundError(_OUTSIDE_DATASET)
+    if not (folder / "state.json").is_file():
+        raise NotFoundError(
+            f"the Hugging Face dataset folder {folder.relative_to(root).as_posix()!r} is not a save_to_disk folder "
+            f"any more (moved or deleted since it was loaded); save the dataset there again or re-load the collection"
+        )
+    return folder
 
 
 # --------------------------------------------------------------------------------------------------

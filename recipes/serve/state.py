@@ -2,6 +2,10 @@
 
 Milvus Lite lets one process open a ``.db``: :class:`ServeState` opens one connector per distinct URI
 and the panels share it, so both collections of a comparison may live in the same ``.db``.
+
+A hit's picture comes from its image file (``path``), or, for a record read from a Hugging Face
+``save_to_disk`` folder (no file), from that folder's row (``hf_dataset``, ``hf_row``, ``hf_column``),
+decoded and re-encoded as PNG by the same route; both only from inside the panel's image root.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from PIL import Image
 
 from deepfeat.connectors.client import MilvusConnector, connect, is_local_uri, lite_served_here
 from deepfeat.connectors.collection import open_collection
+from deepfeat.connectors.fields import RECORD_ID_FIELD
 from deepfeat.connectors.query import MAX_LIMIT, build_filter, query_rows, search_ids, search_vectors
-from deepfeat.connectors.schema import RECORD_ID_FIELD
-from deepfeat.finetune.data.images import DEFAULT_MAX_PIXELS, load_image
+from deepfeat.finetune.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from deepfeat.finetune.data.readers import HF_DATASET_COLUMN, HF_IMAGE_COLUMN, HF_ROW_COLUMN, read_hf_image
 from deepfeat.finetune.errors import DataError, DeepfeatError, ImageDecodeError
 from deepfeat.finetune.models.bundle import ModelBundle
 
@@ -39,7 +44,14 @@ from .requests import (
     SearchRequest,
     check_group_by,
 )
-from .security import MAX_UPLOAD_BYTES, image_root_of, locate_image, resolve_image_path, shown_path
+from .security import (
+    MAX_UPLOAD_BYTES,
+    image_root_of,
+    locate_image,
+    resolve_hf_dataset,
+    resolve_image_path,
+    shown_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,39 @@ SUGGESTION_ROWS = 2000
 #: Rows sampled from for the "examples" strip (one query at a random offset).
 EXAMPLE_POOL = 200
 _PK = re.compile(r"^[0-9a-f]{32}$")
+#: The fields that lead from a record of a ``save_to_disk`` folder back to its picture.
+HF_FIELDS = (HF_DATASET_COLUMN, HF_ROW_COLUMN, HF_IMAGE_COLUMN)
+#: Fields holding a location on the server's disk: shown relative to the image root only, never offered as filters.
+LOCATION_FIELDS = frozenset({"path", HF_DATASET_COLUMN})
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """Where a record without an image file keeps its picture: a row of a ``save_to_disk`` folder (as stored)."""
+
+    dataset: str
+    row: int
+    column: str = "image"
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> DatasetImage | None:
+        """The dataset row a record names (its ``hf_*`` fields), or ``None`` when it names none (or not a row)."""
+        dataset, index, column = (row.get(k) for k in HF_FIELDS)
+        if not dataset or isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0:
+            return None
+        return cls(str(dataset), int(index), str(column) if column else "image")
+
+
+#: A record's way to its picture: the stored ``path`` value, or a dataset row.
+ImageRef = str | DatasetImage
+
+
+def _stored_ref(row: Mapping[str, Any]) -> ImageRef | None:
+    """The picture a row names: its ``path`` when set, else its dataset row, else ``None``."""
+    path = row.get("path")
+    if path:
+        return str(path)
+    return DatasetImage.of(row)
 
 
 @dataclass(frozen=True)
@@ -119,13 +164,20 @@ class Panel:
         conn.ensure_loaded(self.spec.name)
         self.rows = conn.count(self.spec.name)
         self.output_fields = [f for f in self.spec.field_names if f not in HIDDEN_FIELDS]
-        self._paths = LRU(100_000)
+        #: the fields that lead to a picture: ``path`` and the Hugging Face way back, those the collection has
+        self.image_fields = [f for f in ("path", *HF_FIELDS) if f in self.spec.field_names]
+        self._refs = LRU(100_000)
         self.suggestions = self._suggestions()
 
     @property
     def has_path(self) -> bool:
         """Whether the collection stores image paths at all."""
         return "path" in self.spec.field_names
+
+    @property
+    def has_datasets(self) -> bool:
+        """Whether the collection stores a way back to Hugging Face dataset rows (``hf_dataset``, ``hf_row``)."""
+        return HF_DATASET_COLUMN in self.spec.field_names and HF_ROW_COLUMN in self.spec.field_names
 
     def _query(self, *, filter: str | None = None, fields: Sequence[str], limit: int, offset: int = 0
                ) -> list[dict[str, Any]]:
@@ -134,7 +186,7 @@ class Panel:
     def _suggestions(self) -> dict[str, list[Any] | None]:
         """Distinct values of the text/boolean fields in the first rows (None: too many to list)."""
         fields = [f.name for f in self.spec.fields if f.dtype in ("VARCHAR", "BOOL") and f.name in self.output_fields]
-        fields = [f for f in fields if f not in ("record_id", "path")]
+        fields = [f for f in fields if f != "record_id" and f not in LOCATION_FIELDS]
         if not fields or not self.rows:
             return {}
         rows = self._query(fields=fields, limit=min(self.rows, SUGGESTION_ROWS))
@@ -144,11 +196,14 @@ class Panel:
             out[name] = sorted(values, key=str) if len(values) <= MAX_SUGGESTIONS else None
         return out
 
-    def image_url(self, pk: str, path: Any) -> str | None:
-        """The page's URL of a hit's thumbnail, or None when the record has no image file inside the root."""
-        if not path or locate_image(str(path), self.image_root) is None:
+    def image_url(self, pk: str, row: Mapping[str, Any]) -> str | None:
+        """The page's URL of a hit's thumbnail, or None when the record (its fields ``row``) has neither an image
+        file nor a Hugging Face dataset folder inside the root."""
+        ref = _stored_ref(row)
+        where = ref if isinstance(ref, str) else ref.dataset if ref is not None else ""
+        if not where or locate_image(where, self.image_root) is None:
             return None
-        self._paths.put(pk, str(path))
+        self._refs.put(pk, ref)
         return f"/api/image/{self.index}/{pk}"
 
     def hits_json(self, hits: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,9 +212,9 @@ class Panel:
         for h in hits:
             row = {k: v for k, v in h.items() if k not in HIDDEN_FIELDS}
             row["pk"] = str(h["pk"])
-            row["image"] = self.image_url(row["pk"], h.get("path"))
-            if "path" in row:  # never show where a file lies outside the root
-                row["path"] = shown_path(str(row["path"] or ""), self.image_root)
+            row["image"] = self.image_url(row["pk"], h)
+            for name in LOCATION_FIELDS & set(row):  # never show where a file or dataset lies outside the root
+                row[name] = shown_path(str(row[name] or ""), self.image_root)
             out.append(row)
         return out
 
@@ -169,7 +224,7 @@ class Panel:
         fields = [
             {"name": f.name, "dtype": f.dtype, "values": self.suggestions.get(f.name)}
             for f in self.spec.fields
-            if f.name in self.output_fields and f.name != "path"
+            if f.name in self.output_fields and f.name not in LOCATION_FIELDS
         ]
         return {
             "index": self.index,
@@ -203,24 +258,59 @@ class Panel:
             )
         return rows[0]
 
+    def image_ref(self, pk: str) -> ImageRef:
+        """The stored way to the picture of the record with primary key ``pk``: its path, or its dataset row.
+
+        Raises:
+            NotFoundError: no such key, or the collection stores neither paths nor dataset rows.
+        """
+        ref = self._refs.get(pk)
+        if ref is not None:
+            return cast(ImageRef, ref)
+        if not self.has_path and not self.has_datasets:
+            raise NotFoundError(f"collection {self.spec.name!r} stores no image paths")
+        got = self._query(filter=build_filter(equals={self.spec.pk_field: pk}, spec=self.spec),
+                          fields=self.image_fields, limit=1)
+        if not got:
+            raise NotFoundError(f"no record with key {pk} in collection {self.spec.name!r}")
+        found = _stored_ref(got[0])
+        if found is None:
+            return ""  # resolve_image_path says: no image file
+        self._refs.put(pk, found)
+        return found
+
     def image_path(self, pk: str) -> Path:
         """The image file of the record with primary key ``pk`` (only paths stored in the collection).
 
         Raises:
             NotFoundError: no such key, no path stored for it, or the file is gone or outside the root.
         """
-        stored = self._paths.get(pk)
-        if stored is None:
-            if not self.has_path:
-                raise NotFoundError(f"collection {self.spec.name!r} stores no image paths")
-            got = self._query(filter=build_filter(equals={self.spec.pk_field: pk}, spec=self.spec), fields=["path"],
-                              limit=1)
-            if not got:
-                raise NotFoundError(f"no record with key {pk} in collection {self.spec.name!r}")
-            stored = str(got[0].get("path") or "")
-            if stored:
-                self._paths.put(pk, stored)
-        return resolve_image_path(stored, self.image_root)
+        ref = self.image_ref(pk)
+        return resolve_image_path(ref if isinstance(ref, str) else "", self.image_root)
+
+    def image_source(self, pk: str) -> Path | ImageSource:
+        """What :func:`load_image` decodes for the record with primary key ``pk``: its image file inside the root, or,
+        for a record of a Hugging Face ``save_to_disk`` folder inside the root, that row's image (encoded bytes or
+        an array; a file the dataset only references must lie inside the root too).
+
+        Raises:
+            NotFoundError: no such key, nothing stored for it, a file or folder gone or outside the root, or a row
+                the dataset does not hold (the reason goes to the server's log, not to the page).
+        """
+        ref = self.image_ref(pk)
+        if isinstance(ref, str):
+            return resolve_image_path(ref, self.image_root)
+        folder = resolve_hf_dataset(ref.dataset, self.image_root)
+        try:
+            found = read_hf_image(folder, ref.row, ref.column)
+        except DataError as exc:
+            log.warning("panel %d, key %s: %s", self.index, pk, exc)
+            raise NotFoundError(
+                f"the image of key {pk} is not in its Hugging Face dataset folder any more (the server's log names "
+                f"the reason); the dataset changed since it was loaded: re-load the collection"
+            ) from None
+        # a dataset that only references files: the referenced file obeys the image root like any stored path
+        return resolve_image_path(found, self.image_root) if isinstance(found, str) else found
 
     def examples(self, n: int, rng: random.Random) -> list[dict[str, Any]]:
         """``n`` random records (from one window of the collection) to query with."""
@@ -229,7 +319,7 @@ class Panel:
         window = min(self.rows, MAX_LIMIT)
         pool = min(window, max(EXAMPLE_POOL, n))
         offset = rng.randrange(0, window - pool + 1)
-        fields = [f for f in (RECORD_ID_FIELD, "label", "path") if f in self.spec.field_names]
+        fields = [f for f in (RECORD_ID_FIELD, "label", *self.image_fields) if f in self.spec.field_names]
         rows = self._query(fields=fields, limit=pool, offset=offset)
         picked = rng.sample(rows, min(n, len(rows)))
         return [
@@ -237,7 +327,7 @@ class Panel:
                 "id": str(r.get(RECORD_ID_FIELD)),
                 "label": r.get("label"),
                 "pk": str(r["pk"]),
-                "image": self.image_url(str(r["pk"]), r.get("path")),
+                "image": self.image_url(str(r["pk"]), r),
             }
             for r in picked
         ]
@@ -467,7 +557,7 @@ class ServeState:
             "kind": "id",
             "name": record_id,
             "label": row.get("label"),
-            "image": first.image_url(str(row["pk"]), row.get("path")),
+            "image": first.image_url(str(row["pk"]), row),
         }
         panels = []
         for panel, expr in zip(self.panels, exprs, strict=True):
@@ -488,7 +578,8 @@ class ServeState:
         the file's first bytes, so the reason goes to the server's log only.
 
         Raises:
-            NotFoundError: no such panel or key, no image file inside the root, or a file that does not decode.
+            NotFoundError: no such panel or key, no image file (or Hugging Face dataset folder) inside the root, or
+                an image that does not decode.
             DataError: ``pk`` is not a deepfeat key (32 hex digits).
         """
         if not 0 <= panel_index < len(self.panels):
@@ -499,14 +590,14 @@ class ServeState:
         if cached is not None:
             return cast(bytes, cached)
         panel = self.panels[panel_index]
-        path = panel.image_path(pk)
+        source = panel.image_source(pk)
         try:
-            pixels = load_image(path, max_pixels=self.max_pixels)
+            pixels = load_image(source, max_pixels=self.max_pixels)
         except ImageDecodeError as exc:
             log.warning("panel %d, key %s: %s", panel_index, pk, exc)
             raise NotFoundError(
-                f"the stored image of key {pk} cannot be shown: the file in the image root does not decode as an "
-                f"image (the server's log names the reason); re-export it or re-sync the collection"
+                f"the stored image of key {pk} cannot be shown: it does not decode as an image (the server's log "
+                f"names the reason); re-export it or re-sync the collection"
             ) from None
         png = encode_png(pixels, size)
         self._thumbs.put((panel_index, pk, size), png)

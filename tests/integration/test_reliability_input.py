@@ -284,7 +284,7 @@ def test_config_files_with_bad_yaml_or_keys_are_one_line_naming_the_file_and_the
     misspelt = tmp_path / "misspelt.yaml"
     misspelt.write_text("data:\n  sourse: images\n")
     run = run_cli("evaluate", "--config", misspelt, "--bundle", rel_bundle_dir)
-    assert run.rc == 2 and "unknown key data.sourse" in run.error_line and "'source'" in run.error_line
+    assert run.rc == 2 and "unknown key 'data.sourse'; did you mean 'data.source'?" in run.error_line, run.err
 
 
 # --------------------------------------------------------------------------------------------------
