@@ -29,6 +29,8 @@ if TYPE_CHECKING:
         open_collection,
         verify_index,
     )
+    from deepfeat.connectors.fields import ScalarField, primary_key
+    from deepfeat.connectors.index import IndexSpec
     from deepfeat.connectors.load import LoadReport, load_embeddings, load_shards
     from deepfeat.connectors.plugin import DeepfeatImageEmbeddingFunction
     from deepfeat.connectors.query import (
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
         search_ids,
         search_vectors,
     )
-    from deepfeat.connectors.schema import CollectionSpec, IndexSpec, ScalarField, primary_key
+    from deepfeat.connectors.schema import CollectionSpec
     from deepfeat.connectors.search import format_hits_table, search_images
     from deepfeat.connectors.sync import SyncReport, reindex, sync_records
 
@@ -59,7 +61,7 @@ _EXPORTS = {
     "Condition": "query", "build_filter": "query", "collection_frame": "query", "fetch_rows": "query",
     "fetch_vectors": "query", "iter_collection": "query", "query_rows": "query", "search_each": "query",
     "search_ids": "query", "search_vectors": "query",
-    "CollectionSpec": "schema", "IndexSpec": "schema", "ScalarField": "schema", "primary_key": "schema",
+    "CollectionSpec": "schema", "IndexSpec": "index", "ScalarField": "fields", "primary_key": "fields",
     "format_hits_table": "search", "search_images": "search",
     "SyncReport": "sync", "reindex": "sync", "sync_records": "sync",
 }

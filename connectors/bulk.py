@@ -25,8 +25,10 @@ import pyarrow.parquet as pq
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.collection import BundleLike, create_collection, create_index
+from deepfeat.connectors.fields import VECTOR_FIELD, KeyMode
+from deepfeat.connectors.index import IndexSpec
 from deepfeat.connectors.load import LoadReport, LoadState, batch_vectors, progress_bar, source_keys, verify_load
-from deepfeat.connectors.schema import VECTOR_FIELD, CollectionSpec, IndexSpec, KeyMode, fingerprint_of
+from deepfeat.connectors.schema import CollectionSpec, fingerprint_of
 from deepfeat.finetune.errors import ConnectorError, MissingExtraError
 from deepfeat.finetune.inference.shards import check_ids, common_fingerprint, list_shards, read_schema
 from deepfeat.finetune.models.bundle import check_compatible

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from deepfeat.connectors.client import MilvusConnector
-from deepfeat.connectors.schema import PROP_BUNDLE, VECTOR_FIELD, CollectionSpec
+from deepfeat.connectors.fields import VECTOR_FIELD
+from deepfeat.connectors.schema import PROP_BUNDLE, CollectionSpec
 from deepfeat.finetune.errors import ConnectorError
 from deepfeat.finetune.models.card import BundleCard
 

@@ -27,16 +27,9 @@ from tqdm.auto import tqdm
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.collection import BundleLike, create_collection
-from deepfeat.connectors.schema import (
-    PK_FIELD,
-    RECORD_ID_FIELD,
-    VECTOR_FIELD,
-    CollectionSpec,
-    IndexSpec,
-    KeyMode,
-    fingerprint_of,
-    primary_keys,
-)
+from deepfeat.connectors.fields import PK_FIELD, RECORD_ID_FIELD, VECTOR_FIELD, KeyMode, primary_keys
+from deepfeat.connectors.index import IndexSpec
+from deepfeat.connectors.schema import CollectionSpec, fingerprint_of
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
 from deepfeat.finetune.inference.shards import check_ids, common_fingerprint, list_shards, read_schema
 from deepfeat.finetune.models.bundle import check_compatible

@@ -12,7 +12,7 @@ against Milvus Lite 3.2.2, the embedded default, on 2026-12-07: its expression p
 placeholder (``unexpected character '{'``) in every operation that takes a filter: ``query``,
 ``search`` (plain, ``group_by_field``, range), ``delete``, ``query_iterator`` and ``search_iterator``,
 for ``==``, ``!=``, ``in``, ``<=``/``>=`` on VARCHAR, INT64, DOUBLE and BOOL fields alike
-(``tests/test_query.py`` checks that this is still so). Milvus documents templates for servers from its
+(``tests/connectors/test_query.py`` checks that this is still so). Milvus documents templates for servers from its
 2.5 docs on ("Filter Templating"); the server deepfeat's tests can start (the PyPI ``milvus`` package,
 2.3.5) is older, and no other Milvus Lite generation installs offline here, so neither was measured.
 deepfeat therefore sends literals everywhere; the same run showed that the literals of
@@ -37,7 +37,9 @@ import pandas as pd
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.collection import BundleLike, open_collection
-from deepfeat.connectors.schema import RECORD_ID_FIELD, CollectionSpec, ScalarType, check_vectors, primary_keys
+from deepfeat.connectors.fields import RECORD_ID_FIELD, ScalarType, primary_keys
+from deepfeat.connectors.rows import check_vectors
+from deepfeat.connectors.schema import CollectionSpec
 from deepfeat.finetune.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Collection specs derived from a model bundle, and the rows that fill them.
+"""Collection specs derived from a model bundle.
 
 A :class:`CollectionSpec` fixes everything a collection of deepfeat embeddings needs: a stable
 ``VARCHAR`` primary key (a BLAKE2b digest of the record id or of the content hash, never ``auto_id``,
@@ -7,15 +7,16 @@ bundle's dim and metric, scalar fields from the record metadata, and an index wh
 are sent nested (``{"params": {...}}``), the only form Milvus Lite does not silently drop, and checked
 after creation. The bundle fingerprint and the spec are stored as collection properties, so a
 collection knows which model filled it and refuses another.
+
+The field names and keys live in :mod:`deepfeat.connectors.fields`, the index parameters in
+:mod:`deepfeat.connectors.index` and the row encoding in :mod:`deepfeat.connectors.rows`; their public
+names are re-exported here.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,307 +27,77 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from deepfeat.connectors.fields import (
+    FIXED_FIELDS,
+    MODEL_VERSION_FIELD,
+    PK_FIELD,
+    PK_LENGTH,
+    RECORD_ID_FIELD,
+    USER_VARCHAR_LENGTH,
+    VECTOR_FIELD,
+    KeyMode,
+    ScalarField,
+    ScalarType,
+    primary_key,
+    primary_keys,
+)
+from deepfeat.connectors.index import (
+    BUILD_PARAM_RULES,
+    SEARCH_PARAM_RULES,
+    IndexSpec,
+    IndexType,
+    ParamRule,
+    check_index_params,
+)
+from deepfeat.connectors.rows import check_vectors, encode_rows, is_missing
 from deepfeat.finetune.errors import ConnectorError, DataError, MismatchError
 from deepfeat.finetune.models.card import BundleCard, check_compatible, read_card
 
 if TYPE_CHECKING:  # the bundle module imports torch; a card is all a schema needs
     from deepfeat.finetune.models.bundle import ModelBundle
 
+__all__ = [  # the names defined here, and those that moved out and are still imported from here
+    "BUILD_PARAM_RULES",
+    "FIXED_FIELDS",
+    "MODEL_VERSION_FIELD",
+    "PK_FIELD",
+    "PK_LENGTH",
+    "PROP_BUNDLE",
+    "PROP_SPEC",
+    "RECORD_ID_FIELD",
+    "SEARCH_PARAM_RULES",
+    "SPEC_FORMAT",
+    "USER_VARCHAR_LENGTH",
+    "VECTOR_FIELD",
+    "CollectionSpec",
+    "IndexSpec",
+    "IndexType",
+    "KeyMode",
+    "Metric",
+    "ParamRule",
+    "ScalarField",
+    "ScalarType",
+    "check_index_params",
+    "check_vectors",
+    "encode_rows",
+    "fingerprint_of",
+    "primary_key",
+    "primary_keys",
+    "user_fields",
+]
+
 log = logging.getLogger(__name__)
 
 SPEC_FORMAT = 1
-PK_FIELD = "pk"
-VECTOR_FIELD = "vector"
-RECORD_ID_FIELD = "record_id"
-MODEL_VERSION_FIELD = "model_version"
 PROP_BUNDLE = "deepfeat.bundle"
 PROP_SPEC = "deepfeat.spec"
-PK_LENGTH = 32  # hex digits of a 16-byte BLAKE2b digest
 
-#: Fields every deepfeat collection has besides the key and the vector: name -> max length (UTF-8 bytes).
-FIXED_FIELDS: dict[str, int] = {
-    RECORD_ID_FIELD: 4096,
-    "label": 1024,
-    "group": 1024,
-    "split": 64,
-    "path": 4096,
-    "content_hash": 128,
-    MODEL_VERSION_FIELD: 256,
-}
-USER_VARCHAR_LENGTH = 2048
 #: Record columns that never become user fields (they are fixed fields, the vector, or pixels).
 _NOT_USER = {"id", "image", VECTOR_FIELD, PK_FIELD, *FIXED_FIELDS}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _NON_NULL_BOOLS = {"is_query", "is_gallery"}
 
-KeyMode = Literal["record_id", "content_hash"]
 Metric = Literal["COSINE", "IP", "L2"]
-IndexType = Literal["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW", "HNSW_SQ", "AUTOINDEX"]
-ScalarType = Literal["VARCHAR", "INT64", "DOUBLE", "BOOL"]
-
-_BUILD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "FLAT": {},
-    "IVF_FLAT": {"nlist": 128},
-    "IVF_SQ8": {"nlist": 128},
-    "HNSW": {"M": 16, "efConstruction": 200},
-    "HNSW_SQ": {"M": 16, "efConstruction": 200, "sq_type": "SQ8"},
-    "AUTOINDEX": {},
-}
-_SEARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "FLAT": {},
-    "IVF_FLAT": {"nprobe": 16},
-    "IVF_SQ8": {"nprobe": 16},
-    "HNSW": {"ef": 64},
-    "HNSW_SQ": {"ef": 64},
-    "AUTOINDEX": {},
-}
-
-
-_INT_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class ParamRule:
-    """What one index parameter accepts: an integer or number in ``[low, high]``, a boolean, or one
-    of ``choices`` (the ranges of the Milvus index documentation, checked before a collection exists)."""
-
-    kind: Literal["int", "float", "bool", "choice"]
-    low: float = -math.inf
-    high: float = math.inf
-    choices: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        """The accepted values, for messages."""
-        if self.kind == "bool":
-            return "true or false"
-        if self.kind == "choice":
-            return "one of " + ", ".join(self.choices)
-        what = "an integer" if self.kind == "int" else "a number"
-        def show(x: float) -> str:
-            return str(int(x)) if self.kind == "int" else f"{x:g}"
-
-        low = "" if math.isinf(self.low) else f" of at least {show(self.low)}"
-        high = "" if math.isinf(self.high) else f" and at most {show(self.high)}"
-        return f"{what}{low}{high}"
-
-    def coerce(self, value: Any) -> int | float | bool | str | None:
-        """``value`` in its canonical type, or ``None`` when the rule refuses it."""
-        if self.kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            return {"true": True, "1": True, "false": False, "0": False}.get(text)
-        if self.kind == "choice":
-            text = str(value).strip().upper()
-            return text if text in self.choices else None
-        if isinstance(value, bool):
-            return None
-        number = _number(value.strip()) if isinstance(value, str) else value
-        if not isinstance(number, int | float) or not math.isfinite(number):
-            return None
-        if self.kind == "int":
-            if float(number) != int(number):
-                return None
-            number = int(number)
-        return number if self.low <= number <= self.high else None
-
-
-_NLIST = ParamRule("int", 1, 65536)
-_GRAPH = {"M": ParamRule("int", 2, 2048), "efConstruction": ParamRule("int", 1, _INT_MAX)}
-_SQ_TYPES = ("SQ6", "SQ8", "BF16", "FP16")
-_RANGE = {"radius": ParamRule("float"), "range_filter": ParamRule("float")}
-
-#: Build parameters each index type takes, with the values Milvus accepts (milvus.io/docs, index pages).
-BUILD_PARAM_RULES: dict[str, dict[str, ParamRule]] = {
-    "FLAT": {},
-    "IVF_FLAT": {"nlist": _NLIST},
-    "IVF_SQ8": {"nlist": _NLIST},
-    "HNSW": dict(_GRAPH),
-    "HNSW_SQ": {**_GRAPH, "sq_type": ParamRule("choice", choices=_SQ_TYPES), "refine": ParamRule("bool"),
-                "refine_type": ParamRule("choice", choices=(*_SQ_TYPES, "FP32"))},
-    "AUTOINDEX": {},
-}
-#: Search parameters each index type takes (``nprobe`` at most ``nlist`` is checked by :class:`IndexSpec`).
-SEARCH_PARAM_RULES: dict[str, dict[str, ParamRule]] = {
-    "FLAT": dict(_RANGE),
-    "IVF_FLAT": {"nprobe": _NLIST, **_RANGE},
-    "IVF_SQ8": {"nprobe": _NLIST, **_RANGE},
-    "HNSW": {"ef": ParamRule("int", 1, _INT_MAX), **_RANGE},
-    "HNSW_SQ": {"ef": ParamRule("int", 1, _INT_MAX), "refine_k": ParamRule("float", 1), **_RANGE},
-    "AUTOINDEX": {"level": ParamRule("int", 1, 10), **_RANGE},
-}
-
-
-def check_index_params(
-    kind: str, params: Mapping[str, Any], rules: Mapping[str, ParamRule], what: Literal["build", "search"]
-) -> dict[str, Any]:
-    """``params`` with each value in its canonical type, after checking names and values against ``rules``.
-
-    Raises:
-        ConnectorError: a name the index type does not take (with the nearest valid name), or a value
-            out of range or of the wrong type (with what is accepted).
-    """
-    out: dict[str, Any] = {}
-    for name, value in params.items():
-        rule = rules.get(str(name))
-        if rule is None:
-            raise ConnectorError(
-                f"index {kind} has no {what} parameter {name!r}{_nearest(str(name), list(rules))}; it takes "
-                f"{', '.join(sorted(rules)) or 'none'}"
-            )
-        coerced = rule.coerce(value)
-        if coerced is None:
-            example = f" (e.g. '{kind}:{name}={_example(kind, name)}')" if what == "build" else ""
-            raise ConnectorError(
-                f"index {kind} {what} parameter {name}={value!r} is invalid: it must be {rule.describe()}; "
-                f"fix the value{example}"
-            )
-        out[str(name)] = coerced
-    return out
-
-
-def _nearest(name: str, valid: Sequence[str]) -> str:
-    folded = {v.lower(): v for v in valid}
-    match = folded.get(name.lower()) or next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.5)), None)
-    return f" (did you mean {match!r}?)" if match else ""
-
-
-def _example(kind: str, name: str) -> Any:
-    default = {**_BUILD_DEFAULTS[kind], **_SEARCH_DEFAULTS[kind]}.get(name)
-    return default if default is not None else "..."
-
-
-def primary_key(value: str) -> str:
-    """The Milvus key of a record id (or content hash): 32 hex digits of BLAKE2b-128.
-
-    Hex keys are safe in filter expressions (record ids with quotes break ``get``/``delete`` in
-    Milvus Lite) and stable across runs, so an upsert of the same record overwrites it.
-    """
-    return hashlib.blake2b(value.encode("utf-8"), digest_size=16).hexdigest()
-
-
-def primary_keys(values: Sequence[Any]) -> list[str]:
-    """:func:`primary_key` of each value (as ``str``)."""
-    blake = hashlib.blake2b
-    return [blake(str(v).encode("utf-8"), digest_size=16).hexdigest() for v in values]
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    """The vector index: type, build parameters and default search parameters.
-
-    Args:
-        index_type: ``FLAT`` (exact), ``IVF_FLAT``, ``IVF_SQ8``, ``HNSW``, ``HNSW_SQ`` or ``AUTOINDEX``
-            (the server chooses; the only type on Zilliz Cloud serverless).
-        params: build parameters overriding the defaults (``nlist`` for IVF, ``M``/``efConstruction``
-            for HNSW, plus ``sq_type``/``refine``/``refine_type`` for HNSW_SQ).
-        search_params: search parameters overriding the defaults (``nprobe``, ``ef``).
-
-    Raises:
-        ConnectorError: an unknown index type, a parameter the type does not take (naming the nearest
-            valid one), or a value outside the range Milvus accepts (see :data:`BUILD_PARAM_RULES`),
-            all before any collection is created.
-    """
-
-    index_type: IndexType = "AUTOINDEX"
-    params: Mapping[str, Any] = field(default_factory=dict)
-    search_params: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        kind = str(self.index_type).upper()
-        if kind not in _BUILD_DEFAULTS:
-            raise ConnectorError(f"unknown index type {self.index_type!r}; choose one of {sorted(_BUILD_DEFAULTS)}")
-        object.__setattr__(self, "index_type", kind)
-        object.__setattr__(self, "params", check_index_params(kind, self.params, BUILD_PARAM_RULES[kind], "build"))
-        object.__setattr__(
-            self, "search_params", check_index_params(kind, self.search_params, SEARCH_PARAM_RULES[kind], "search")
-        )
-        nlist, nprobe = self.build_params().get("nlist"), self.search_params.get("nprobe")
-        if nlist is not None and nprobe is not None and nprobe > nlist:
-            raise ConnectorError(
-                f"index {kind} search parameter nprobe={nprobe} is more than nlist={nlist}; Milvus probes at most "
-                f"nlist clusters: lower nprobe or raise nlist"
-            )
-
-    def build_params(self) -> dict[str, Any]:
-        """Defaults of the type updated with ``params``."""
-        return {**_BUILD_DEFAULTS[self.index_type], **dict(self.params)}
-
-    def search_defaults(self, top_k: int) -> dict[str, Any]:
-        """Search parameters for ``top_k`` results (HNSW's ``ef`` is at least ``top_k``)."""
-        out = {**_SEARCH_DEFAULTS[self.index_type], **dict(self.search_params)}
-        if self.index_type in ("HNSW", "HNSW_SQ"):
-            out["ef"] = max(int(out.get("ef", 64)), top_k)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (stored in the collection's properties)."""
-        return {
-            "index_type": self.index_type,
-            "params": dict(self.params),
-            "search_params": dict(self.search_params),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> IndexSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            cast(IndexType, data.get("index_type", "AUTOINDEX")),
-            dict(data.get("params") or {}),
-            dict(data.get("search_params") or {}),
-        )
-
-    @classmethod
-    def parse(cls, text: str) -> IndexSpec:
-        """From the CLI form ``TYPE`` or ``TYPE:key=value,key=value`` (``HNSW:M=32,efConstruction=256``)."""
-        kind, _, rest = text.partition(":")
-        params: dict[str, Any] = {}
-        for item in filter(None, (p.strip() for p in rest.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConnectorError(
-                    f"index option {item!r} in {text!r} is not key=value; write e.g. 'HNSW:M=32,efConstruction=256'"
-                )
-            params[key.strip()] = _number(value.strip())
-        return cls(cast(IndexType, kind.strip().upper()), params)
-
-
-def _number(text: str) -> int | float | str:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            continue
-    return text
-
-
-@dataclass(frozen=True)
-class ScalarField:
-    """One scalar field of the collection (fixed or from user metadata)."""
-
-    name: str
-    dtype: ScalarType
-    max_length: int | None = None
-    nullable: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "max_length": self.max_length,
-            "nullable": self.nullable,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ScalarField:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            str(data["name"]),
-            cast(ScalarType, data["dtype"]),
-            data.get("max_length"),
-            bool(data.get("nullable", False)),
-        )
 
 
 def fingerprint_of(bundle: ModelBundle | BundleCard | Mapping[str, Any] | str | Path) -> dict[str, Any]:
@@ -376,7 +147,7 @@ def _user_type_pandas(series: pd.Series) -> ScalarType | None:
         return "DOUBLE"
     if pd.api.types.is_datetime64_any_dtype(dtype) or isinstance(dtype, pd.StringDtype):
         return "VARCHAR"
-    values = [v for v in series.tolist() if not _missing(v)]
+    values = [v for v in series.tolist() if not is_missing(v)]
     if not values:
         return "VARCHAR"
     if all(isinstance(v, bool | np.bool_) for v in values):
@@ -390,10 +161,6 @@ def _user_type_pandas(series: pd.Series) -> ScalarType | None:
     return "VARCHAR"
 
 
-def _missing(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    return isinstance(value, float | np.floating) and math.isnan(value)
 
 
 def user_fields(
@@ -735,7 +502,15 @@ class CollectionSpec:
             DataError: no ``id`` column, a non-finite vector (named by record id), a too-long string.
             MismatchError: vectors of another dim.
         """
-        return _encode_rows(self, table, vectors)
+        return encode_rows(
+            table,
+            vectors,
+            collection=self.name,
+            dim=self.dim,
+            fields=self.fields,
+            key=self.key,
+            fingerprint=self.fingerprint,
+        )
 
 
 #: Scalar types of foreign collections, as the type of their filter literals.
@@ -765,115 +540,3 @@ def _json_property(name: str, props: Mapping[str, Any], key: str) -> dict[str, A
 def _field_from_schema(f: Mapping[str, Any]) -> ScalarField:
     kind = _FOREIGN_SCALARS.get(_type_name(f), "VARCHAR")
     return ScalarField(str(f["name"]), kind, (f.get("params") or {}).get("max_length"), bool(f.get("nullable")))
-
-
-def check_vectors(vectors: np.ndarray, dim: int, ids: Sequence[Any], *, where: str) -> np.ndarray:
-    """Float32 (n, dim) vectors with only finite values, or a clear error.
-
-    Milvus Lite accepts NaN and infinite vectors silently (and an IVF index build then fails), so they
-    are refused before anything is written.
-    """
-    arr = np.asarray(vectors)
-    if arr.ndim != 2 or arr.shape[0] != len(ids):
-        raise DataError(f"{where}: expected vectors of shape ({len(ids)}, {dim}), got {arr.shape}")
-    if arr.shape[1] != dim:
-        raise MismatchError(
-            f"{where}: vectors have dim {arr.shape[1]} but the collection holds dim {dim}; these "
-            f"embeddings come from another model. Use the bundle that filled the collection, or a "
-            f"new collection"
-        )
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        bad = [str(ids[i]) for i in np.flatnonzero(~finite)[:5]]
-        raise DataError(
-            f"{where}: {int((~finite).sum())} vector(s) contain NaN or infinite values (record ids "
-            f"{bad}); nothing of this batch was written. Re-embed these records: a non-finite "
-            f"embedding means damaged weights or a corrupt input"
-        )
-    return arr
-
-
-def _column(table: pa.Table | pa.RecordBatch | pd.DataFrame, name: str, n: int) -> list[Any] | None:
-    if isinstance(table, pd.DataFrame):
-        if name not in table.columns:
-            return None
-        series = table[name]
-        values = series.tolist()
-        # numpy bool/int columns cannot hold a missing value; every other kind can (NaN, None, pd.NA)
-        if not (isinstance(series.dtype, np.dtype) and series.dtype.kind in "biu"):
-            values = [None if _missing(v) else v for v in values]
-        return values
-    if name not in table.column_names:
-        return None
-    return table.column(name).to_pylist()
-
-
-def _varchar(values: list[Any], name: str, limit: int, ids: list[Any]) -> list[str]:
-    out = ["" if v is None else (v if isinstance(v, str) else str(v)) for v in values]
-    quarter = limit // 4
-    for i, s in enumerate(out):
-        if len(s) > quarter and len(s.encode("utf-8")) > limit:
-            raise DataError(
-                f"record {ids[i]!r}: field {name!r} is {len(s.encode('utf-8'))} bytes, more than the "
-                f"{limit} the collection allows; shorten it, or leave the column out"
-            )
-    return out
-
-
-def _encode_rows(
-    spec: CollectionSpec, table: pa.Table | pa.RecordBatch | pd.DataFrame, vectors: np.ndarray
-) -> list[dict[str, Any]]:
-    n = len(table)
-    ids = _column(table, "id", n)
-    if ids is None:
-        ids = _column(table, RECORD_ID_FIELD, n)
-    if ids is None:
-        raise DataError("records have no 'id' column; every record needs a stable id (see docs/contracts.md)")
-    ids = [str(i) for i in ids]
-    vecs = check_vectors(vectors, spec.dim, ids, where=f"collection {spec.name!r}")
-    if spec.key == "content_hash":
-        hashes = _column(table, "content_hash", n)
-        if hashes is None or any(not h for h in hashes):
-            raise DataError(
-                f"collection {spec.name!r} is keyed by content hash, but some records have none; "
-                f"embed them with 'deepfeat embed' (which adds content_hash) or key by record id"
-            )
-        keys = primary_keys(hashes)
-    else:
-        keys = primary_keys(ids)
-    columns: dict[str, list[Any]] = {PK_FIELD: keys}
-    version = str(spec.fingerprint.get("bundle_id", ""))
-    for f in spec.fields:
-        if f.name == RECORD_ID_FIELD:
-            columns[f.name] = _varchar(ids, f.name, f.max_length or 0, ids)
-            continue
-        if f.name == MODEL_VERSION_FIELD:
-            columns[f.name] = [version] * n
-            continue
-        raw = _column(table, f.name, n)
-        if raw is None:
-            raw = [None] * n
-        columns[f.name] = _convert(raw, f, ids)
-    names = list(columns)
-    rows = [dict(zip(names, vals, strict=True)) for vals in zip(*columns.values(), strict=True)]
-    for row, vec in zip(rows, vecs, strict=True):
-        row[VECTOR_FIELD] = vec
-    return rows
-
-
-def _convert(raw: list[Any], f: ScalarField, ids: list[Any]) -> list[Any]:
-    if f.dtype == "VARCHAR":
-        return _varchar(raw, f.name, f.max_length or USER_VARCHAR_LENGTH, ids)
-    default = None if f.nullable else (False if f.dtype == "BOOL" else 0)
-    try:
-        if f.dtype == "BOOL":
-            return [default if _missing(v) else bool(v) for v in raw]
-        if f.dtype == "INT64":
-            return [default if _missing(v) else int(v) for v in raw]
-        return [default if _missing(v) else float(v) for v in raw]
-    except (TypeError, ValueError) as exc:
-        raise DataError(
-            f"field {f.name!r} is {f.dtype} in the collection, but a value does not convert ({exc}); "
-            f"fix the column's values, or leave the column out"
-        ) from exc

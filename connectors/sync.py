@@ -22,16 +22,10 @@ import pandas as pd
 
 from deepfeat.connectors.client import MilvusConnector
 from deepfeat.connectors.collection import create_collection, create_index, drop_collection, open_collection
+from deepfeat.connectors.fields import PK_FIELD, RECORD_ID_FIELD, VECTOR_FIELD, KeyMode, primary_key
+from deepfeat.connectors.index import IndexSpec
 from deepfeat.connectors.load import BatchWriter
-from deepfeat.connectors.schema import (
-    PK_FIELD,
-    RECORD_ID_FIELD,
-    VECTOR_FIELD,
-    CollectionSpec,
-    IndexSpec,
-    KeyMode,
-    primary_key,
-)
+from deepfeat.connectors.schema import CollectionSpec
 from deepfeat.finetune.data.dataset import SkipReport, record_source
 from deepfeat.finetune.data.images import content_hash
 from deepfeat.finetune.data.readers import read_records
