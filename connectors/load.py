@@ -1,6 +1,6 @@
 """Bulk-load embeddings into Milvus: idempotent, resumable upserts with a progress bar and a final check.
 
-Rows are upserted by their stable key (see :func:`~deepfeat.connectors.schema.primary_key`), so a
+Rows are upserted by their stable key (see :func:`~deepfeat.connectors.fields.primary_key`), so a
 re-run overwrites instead of duplicating. After every acknowledged batch (durable in Milvus' write-ahead
 log, on Lite and on servers), a small JSON state file is replaced atomically; a run killed at any point
 resumes from it, skipping what is already in. Batches are split below Milvus' 64 MB message limit.
