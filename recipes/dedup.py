@@ -33,12 +33,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from deepfeat.connectors.query import collection_frame
+from deepfeat.connectors.collection import open_collection
+from deepfeat.connectors.query import collection_frame, search_vectors
 from deepfeat.finetune.data.images import load_image
 from deepfeat.finetune.errors import DataError
 from deepfeat.recipes.config import RecipeConfig
 from deepfeat.recipes.engine import RecipeContext
 from deepfeat.recipes.recipes import read_any, record_image
+from deepfeat.recipes.viz import image_rows
 
 if TYPE_CHECKING:
     from deepfeat.connectors.client import MilvusConnector
@@ -170,8 +172,6 @@ def calibrate_threshold(conn: MilvusConnector, collection: str, bundle: ModelBun
         MismatchError: ``bundle`` did not fill the collection.
         DataError: fewer than 2 readable images.
     """
-    from deepfeat.connectors.collection import open_collection
-
     spec = open_collection(conn, collection, bundle=bundle)
     rows, _ = collection_frame(conn, collection, ("record_id", "path"), filter=filter or "")
     order = np.random.default_rng(seed).permutation(len(rows))
@@ -258,9 +258,6 @@ def find_duplicates(
     Raises:
         DataError: a threshold outside the metric's range, or an empty collection.
     """
-    from deepfeat.connectors.collection import open_collection
-    from deepfeat.connectors.search import search_vectors
-
     spec = open_collection(conn, collection)
     if spec.metric == "L2":
         if threshold <= 0:
@@ -365,8 +362,6 @@ def groups_picture(
     max_members: int = 8,
 ) -> Path | None:
     """A picture of the largest groups, one row each (``None`` when there is no group to draw)."""
-    from deepfeat.recipes.viz import image_rows
-
     rows = []
     for number, members in enumerate(report.groups[:max_groups]):
         images = [(rid, im) for rid in members[:max_members] if (im := image_of(rid)) is not None]

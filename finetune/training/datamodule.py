@@ -11,8 +11,9 @@ import pandas as pd
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from typing_extensions import override
 
-from deepfeat.finetune.data.contract import check_retrievable
+from deepfeat.finetune.data.contract import check_retrievable, validate_records
 from deepfeat.finetune.data.dataset import RecordDataset, make_loader
+from deepfeat.finetune.data.readers import read_records
 from deepfeat.finetune.data.splits import (
     ValMode,
     assign_query_gallery,
@@ -21,7 +22,9 @@ from deepfeat.finetune.data.splits import (
     split_by_class,
     split_by_group,
 )
+from deepfeat.finetune.data.transforms import build_transforms
 from deepfeat.finetune.errors import DataError
+from deepfeat.finetune.training.sampler import PKSampler
 
 SplitMode = Literal["as_is", "by_class", "by_group"]
 QueryMode = Literal["all_vs_all", "holdout"]
@@ -125,7 +128,6 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._records = self._prepare(records)
 
     def _prepare(self, records: pd.DataFrame) -> pd.DataFrame:
-        from deepfeat.finetune.data.contract import validate_records
 
         hp = self.hparams
         df = validate_records(records, root=self.root, check_files=False)
@@ -171,7 +173,6 @@ class RetrievalDataModule(pl.LightningDataModule):
     def records(self) -> pd.DataFrame:
         """All records after filtering, splitting and query/gallery assignment."""
         if self._records is None:
-            from deepfeat.finetune.data.readers import read_records
 
             self._records = self._prepare(read_records(self.source))
         return self._records
@@ -210,7 +211,6 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def dataset(self, split: str, *, train: bool = False) -> RecordDataset:
         """A dataset over one split, with training augmentation or the eval pipeline."""
-        from deepfeat.finetune.data.transforms import build_transforms
 
         preset = self.hparams["preset"] if train else "none"
         tf = build_transforms(self._pre(), preset=preset, train=train, erasing=self.hparams.get("erasing", 0.0))
@@ -218,7 +218,6 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
-        from deepfeat.finetune.training.sampler import PKSampler
 
         ds = self.dataset("train", train=True)
         hp = self.hparams
@@ -297,7 +296,6 @@ class RetrievalDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Every record of the data (all splits, in order), with the eval pipeline: what ``deepfeat predict``
         embeds (``EmbeddingWriter`` maps each batch's ``index`` back to :attr:`records`)."""
-        from deepfeat.finetune.data.transforms import build_transforms
 
         ds = RecordDataset(self.records, build_transforms(self._pre(), preset="none", train=False), root=self.root)
         return make_loader(ds, batch_size=int(self.hparams["eval_batch_size"]),

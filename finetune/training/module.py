@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from deepfeat.finetune.errors import ModelError
 from deepfeat.finetune.inference.runtime import tune_cpu_allocator
+from deepfeat.finetune.metrics import retrieval_metrics_from_records
 from deepfeat.finetune.models.model import EmbeddingModel, HeadType, build_embedding_model
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,6 @@ class MetricLearningModule(pl.LightningModule):
         self._log_retrieval("test")
 
     def _log_retrieval(self, stage: str) -> None:
-        from deepfeat.finetune.metrics import retrieval_metrics_from_records
 
         outputs, self._eval_outputs = self._eval_outputs, []
         if not outputs or self.trainer.sanity_checking:
