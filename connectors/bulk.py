@@ -161,6 +161,10 @@ def bulk_import_shards(
 ) -> LoadReport:
     """Import Parquet shards into a new collection on a Milvus server with import jobs.
 
+    Long because it is one resumable import around a single ``LoadState``: every job submission, completion or
+    failure is saved to the state's ``jobs`` before the next step, both the submit and the poll loop skip what that
+    state says is done, and it is set complete only after verification, so a re-run continues where this one stopped.
+
     Raises:
         ConnectorError: Milvus Lite (no bulk import), a non-empty collection (an import appends, so rows
             would be duplicated), a failed job, or a job still running at ``timeout``.

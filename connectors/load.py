@@ -412,6 +412,10 @@ def load_shards(
         progress: show a progress bar (vectors/s).
         verify: check the final count (or, for a collection that held rows before, every key).
 
+    Long because it is one resumable load around a single ``LoadState``: the state is opened against the
+    collection, records ``count_before``, is marked after every written batch and set complete only after
+    verification, so each step reads or writes the resume state the others depend on.
+
     Raises:
         MismatchError: shards of several bundles, or of another bundle than the collection's.
         DataError: a shard is unusable (not Parquet, a damaged bundle record, no vectors, NaN/Inf vectors, no ids,

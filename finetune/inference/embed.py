@@ -230,7 +230,12 @@ def _checked_runtime(bundle: ModelBundle, on_error: str, decode: str, device: st
 def _embed_batches(bundle: ModelBundle, records: pd.DataFrame, runtime: Runtime, *, batch_size: int, on_error: str,
                    report: SkipReport | None, root: str | Path | None, channels_last: bool, progress: bool,
                    compile: bool, decode: Decode) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
-    """The batches of :func:`iter_embeddings`, on the device, workers and precision of ``runtime``."""
+    """The batches of :func:`iter_embeddings`, on the device, workers and precision of ``runtime``.
+
+    Long because it is one streaming generator that keeps a batch in flight on the GPU: ``stage`` and ``finish``
+    share the side stream, progress bar and records, and the pending batch must be yielded before a decode error
+    is raised, so the loop state would otherwise have to be threaded through helpers.
+    """
     records = records.reset_index(drop=True)
     dev, workers, use_autocast = runtime.device, runtime.num_workers, runtime.autocast
     model = bundle.model.to(dev).eval()

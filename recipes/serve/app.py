@@ -76,6 +76,9 @@ def create_app(
     /api/image/{panel}/{pk}?size=`` (a PNG of the record's image file, or of its row of a Hugging Face
     ``save_to_disk`` folder; files and dataset folders inside the panel's image root only).
 
+    Long because it is a FastAPI app factory: the routes, exception handler and lifespan are closures over the
+    one ``ServeState`` opened here and over the FastAPI names imported lazily (FastAPI is an optional extra).
+
     Raises:
         MissingExtraError: FastAPI is not installed.
     """
