@@ -133,6 +133,112 @@ def _default_embedder(
     return embed
 
 
+@dataclass
+class _SyncPlan:
+    """What a sync has to do: the rows to embed, the rows stored now and the keys to delete."""
+
+    todo: pd.DataFrame
+    existing: dict[str, str]
+    gone: list[str]
+    n_new: int
+    unchanged: int
+
+    def dry_run_report(self, target: str, unreadable: dict[str, str], seconds: float) -> SyncReport:
+        """The report of a dry run: what the sync would do, with nothing written."""
+        return SyncReport(
+            target,
+            self.n_new,
+            len(self.todo) - self.n_new,
+            self.unchanged,
+            len(self.gone),
+            len(unreadable),
+            len(self.existing),
+            seconds,
+            dry_run=True,
+            skipped_ids=sorted(unreadable),
+            skipped_reasons=dict(sorted(unreadable.items())),
+        )
+
+
+def _plan_sync(
+    conn: MilvusConnector,
+    target: str,
+    table: pd.DataFrame,
+    hashes: list[str | None],
+    unreadable: dict[str, str],
+    *,
+    key: KeyMode,
+    delete_missing: bool,
+) -> _SyncPlan:
+    """Compare the records' content hashes with the collection's rows, log the counts and return the plan."""
+    table = table.assign(content_hash=pd.Series(hashes, index=table.index, dtype=object))
+    readable = table[table["content_hash"].notna()]
+    if key == "content_hash":
+        keys = [primary_key(h) for h in readable["content_hash"]]
+        first = ~pd.Series(keys).duplicated().to_numpy()  # identical images share one row
+        readable, keys = readable[first], [k for k, keep in zip(keys, first, strict=True) if keep]
+    else:
+        keys = [primary_key(str(i)) for i in readable["id"]]
+    existing: dict[str, str] = {}
+    stored_ids: dict[str, str] = {}
+    if conn.has_collection(target):
+        for r in conn.iter_rows(target, [PK_FIELD, "content_hash", RECORD_ID_FIELD]):
+            existing[r[PK_FIELD]] = r.get("content_hash") or ""
+            stored_ids[r[PK_FIELD]] = str(r.get(RECORD_ID_FIELD))
+    todo_mask = [existing.get(k) != h for k, h in zip(keys, readable["content_hash"], strict=True)]
+    todo = readable[todo_mask]
+    unchanged = len(readable) - len(todo)
+    wanted = set(keys)
+    # rows of records whose image cannot be read now are kept as they are, not deleted
+    gone = [k for k in existing if k not in wanted and stored_ids[k] not in unreadable] if delete_missing else []
+    n_new = sum(1 for k, m in zip(keys, todo_mask, strict=True) if m and k not in existing)
+    log.info(
+        "sync %s: %d new, %d changed, %d unchanged, %d gone, %d unreadable",
+        target,
+        n_new,
+        len(todo) - n_new,
+        unchanged,
+        len(gone),
+        len(unreadable),
+    )
+    return _SyncPlan(todo, existing, gone, n_new, unchanged)
+
+
+def _write_changes(
+    conn: MilvusConnector,
+    spec: CollectionSpec,
+    embed: Embedder,
+    todo: pd.DataFrame,
+    existing: dict[str, str],
+    target: str,
+) -> tuple[int, int, set[str]]:
+    """Embed and write ``todo``; return the counts added and updated and the keys written."""
+    writer = BatchWriter(conn, spec)
+    added = updated = 0
+    embedded_keys: set[str] = set()
+    hint = "the records written so far are in; re-run the sync to finish (it only embeds what is still missing)"
+    try:
+        for rows, vectors in embed(todo):
+            if spec.key == "content_hash" and "content_hash" not in rows:
+                raise DataError("the embedder returned rows without 'content_hash'; it must add that column")
+            for k in writer.write(rows, vectors, on_give_up=hint):
+                embedded_keys.add(k)
+                if k in existing:
+                    updated += 1
+                else:
+                    added += 1
+    except ConnectorError as exc:  # Milvus gone mid-way: say how much of this sync is in
+        raise ConnectorError(
+            f"{exc} ({added + updated} of {len(todo)} records to write were written before it)"
+        ) from exc
+    except ImageDecodeError as exc:  # on_error='fail': say what is in before stopping
+        raise ImageDecodeError(
+            exc.source, f"{exc.reason}. {added + updated} of {len(todo)} records to write were written before it "
+            f"and are in {target!r}; fix the file and re-run the sync (it only embeds what is still missing)"
+        ) from exc
+    return added, updated, embedded_keys
+
+
 def sync_records(
     conn: MilvusConnector,
     collection: str,
@@ -194,50 +300,10 @@ def sync_records(
         # a sync killed between creating the collection and building its index: a server cannot load it
         log.info("collection %s has no vector index (an interrupted sync); building it now", target)
         create_index(conn, spec)
-    table = table.assign(content_hash=pd.Series(hashes, index=table.index, dtype=object))
-    readable = table[table["content_hash"].notna()]
-    if spec.key == "content_hash":
-        keys = [primary_key(h) for h in readable["content_hash"]]
-        first = ~pd.Series(keys).duplicated().to_numpy()  # identical images share one row
-        readable, keys = readable[first], [k for k, keep in zip(keys, first, strict=True) if keep]
-    else:
-        keys = [primary_key(str(i)) for i in readable["id"]]
-    existing: dict[str, str] = {}
-    stored_ids: dict[str, str] = {}
-    if conn.has_collection(target):
-        for r in conn.iter_rows(target, [PK_FIELD, "content_hash", RECORD_ID_FIELD]):
-            existing[r[PK_FIELD]] = r.get("content_hash") or ""
-            stored_ids[r[PK_FIELD]] = str(r.get(RECORD_ID_FIELD))
-    todo_mask = [existing.get(k) != h for k, h in zip(keys, readable["content_hash"], strict=True)]
-    todo = readable[todo_mask]
-    unchanged = len(readable) - len(todo)
-    wanted = set(keys)
-    # rows of records whose image cannot be read now are kept as they are, not deleted
-    gone = [k for k in existing if k not in wanted and stored_ids[k] not in unreadable] if delete_missing else []
-    n_new = sum(1 for k, m in zip(keys, todo_mask, strict=True) if m and k not in existing)
-    log.info(
-        "sync %s: %d new, %d changed, %d unchanged, %d gone, %d unreadable",
-        target,
-        n_new,
-        len(todo) - n_new,
-        unchanged,
-        len(gone),
-        len(unreadable),
-    )
+    plan = _plan_sync(conn, target, table, hashes, unreadable, key=spec.key, delete_missing=delete_missing)
     if dry_run:
-        return SyncReport(
-            target,
-            n_new,
-            len(todo) - n_new,
-            unchanged,
-            len(gone),
-            len(unreadable),
-            len(existing),
-            time.perf_counter() - start,
-            dry_run=True,
-            skipped_ids=sorted(unreadable),
-            skipped_reasons=dict(sorted(unreadable.items())),
-        )
+        return plan.dry_run_report(target, unreadable, time.perf_counter() - start)
+    todo, existing, gone = plan.todo, plan.existing, plan.gone
     skipped = dict(unreadable)
     embed = embedder or _default_embedder(
         model,
@@ -248,29 +314,7 @@ def sync_records(
         skipped=skipped,
         on_error=on_error,
     )
-    writer = BatchWriter(conn, spec)
-    added = updated = 0
-    embedded_keys: set[str] = set()
-    hint = "the records written so far are in; re-run the sync to finish (it only embeds what is still missing)"
-    try:
-        for rows, vectors in embed(todo):
-            if spec.key == "content_hash" and "content_hash" not in rows:
-                raise DataError("the embedder returned rows without 'content_hash'; it must add that column")
-            for k in writer.write(rows, vectors, on_give_up=hint):
-                embedded_keys.add(k)
-                if k in existing:
-                    updated += 1
-                else:
-                    added += 1
-    except ConnectorError as exc:  # Milvus gone mid-way: say how much of this sync is in
-        raise ConnectorError(
-            f"{exc} ({added + updated} of {len(todo)} records to write were written before it)"
-        ) from exc
-    except ImageDecodeError as exc:  # on_error='fail': say what is in before stopping
-        raise ImageDecodeError(
-            exc.source, f"{exc.reason}. {added + updated} of {len(todo)} records to write were written before it "
-            f"and are in {target!r}; fix the file and re-run the sync (it only embeds what is still missing)"
-        ) from exc
+    added, updated, embedded_keys = _write_changes(conn, spec, embed, todo, existing, target)
     if embedder is not None:
         todo_ids = set(todo["id"].astype(str))
         written_ids = {i for i in todo_ids if primary_key(i) in embedded_keys} if spec.key == "record_id" else todo_ids
@@ -289,7 +333,7 @@ def sync_records(
         target,
         added,
         updated,
-        unchanged,
+        plan.unchanged,
         deleted,
         len(skipped),
         final,

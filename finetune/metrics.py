@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -117,53 +118,27 @@ def retrieval_metrics(
             labels, ids or groups whose length does not match their embeddings; missing labels; invalid
             ``ks``, ``metric`` or ``chunk_size``; ids or groups given on one side only.
     """
-    ks = _check_ks(ks)
-    if metric not in ("cosine", "euclidean"):
-        raise DataError(f"unknown metric {metric!r}; choose 'cosine' or 'euclidean'")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise DataError(f"chunk_size must be a positive int; received {chunk_size!r}")
-
-    q = _as_embeddings(query_emb, "query_emb")
-    g = _as_embeddings(gallery_emb, "gallery_emb")
-    if g.shape[0] == 0:
-        raise DataError(
-            "the gallery is empty (gallery_emb has shape "
-            f"{tuple(g.shape)}); retrieval needs at least one gallery item: check is_gallery"
-        )
-    if q.shape[0] == 0:
-        raise DataError(
-            f"there are no queries (query_emb has shape {tuple(q.shape)}); "
-            "retrieval needs at least one query: check is_query"
-        )
-    if q.shape[1] != g.shape[1]:
-        raise DataError(
-            f"query and gallery embeddings differ in width: query_emb {tuple(q.shape)}, "
-            f"gallery_emb {tuple(g.shape)}; embed both with the same model"
-        )
+    inputs = _prepare_inputs(
+        query_emb,
+        query_labels,
+        gallery_emb,
+        gallery_labels,
+        query_ids=query_ids,
+        gallery_ids=gallery_ids,
+        ks=ks,
+        metric=metric,
+        chunk_size=chunk_size,
+        exclude_same_id=exclude_same_id,
+        query_groups=query_groups,
+        gallery_groups=gallery_groups,
+        exclude_same_group=exclude_same_group,
+        device=device,
+    )
+    ks, q, g, device, dtype = inputs.ks, inputs.q, inputs.g, inputs.device, inputs.dtype
     n_q, n_g = q.shape[0], g.shape[0]
-
-    if device is None:
-        device = query_emb.device if isinstance(query_emb, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    dtype = torch.promote_types(q.dtype, g.dtype)
-
-    q_lab, g_lab = _encode_pair(query_labels, gallery_labels, n_q, n_g, "labels", device)
-    q_id = g_id = q_grp = g_grp = None
-    if (query_ids is None) != (gallery_ids is None):
-        raise DataError(
-            "give both query_ids and gallery_ids, or neither; received only "
-            + ("query_ids" if query_ids is not None else "gallery_ids")
-        )
-    if exclude_same_id and query_ids is not None and gallery_ids is not None:
-        q_id, g_id = _encode_pair(query_ids, gallery_ids, n_q, n_g, "ids", device)
-    if exclude_same_group:
-        if query_groups is None or gallery_groups is None:
-            raise DataError(
-                "exclude_same_group=True needs both query_groups and gallery_groups; received "
-                f"query_groups={'set' if query_groups is not None else None}, "
-                f"gallery_groups={'set' if gallery_groups is not None else None}"
-            )
-        q_grp, g_grp = _encode_pair(query_groups, gallery_groups, n_q, n_g, "groups", device)
+    q_lab, g_lab, q_id, g_id, q_grp, g_grp = (
+        inputs.q_lab, inputs.g_lab, inputs.q_id, inputs.g_id, inputs.q_grp, inputs.g_grp
+    )
 
     g = g.to(device=device, dtype=dtype)
     if metric == "cosine":
@@ -350,6 +325,89 @@ def format_metrics_table(
         cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells))
     return "\n".join(line.rstrip() for line in lines)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked embeddings and the encoded labels, ids and groups of :func:`retrieval_metrics`."""
+
+    ks: tuple[int, ...]
+    q: torch.Tensor
+    g: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+    q_lab: torch.Tensor
+    g_lab: torch.Tensor
+    q_id: torch.Tensor | None
+    g_id: torch.Tensor | None
+    q_grp: torch.Tensor | None
+    g_grp: torch.Tensor | None
+
+
+def _prepare_inputs(
+    query_emb: EmbeddingsLike,
+    query_labels: KeysLike,
+    gallery_emb: EmbeddingsLike,
+    gallery_labels: KeysLike,
+    *,
+    query_ids: KeysLike | None,
+    gallery_ids: KeysLike | None,
+    ks: Sequence[int],
+    metric: Metric,
+    chunk_size: int,
+    exclude_same_id: bool,
+    query_groups: KeysLike | None,
+    gallery_groups: KeysLike | None,
+    exclude_same_group: bool,
+    device: str | torch.device | None,
+) -> _Inputs:
+    """Check the arguments of :func:`retrieval_metrics` and encode its labels, ids and groups."""
+    ks_checked = _check_ks(ks)
+    if metric not in ("cosine", "euclidean"):
+        raise DataError(f"unknown metric {metric!r}; choose 'cosine' or 'euclidean'")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise DataError(f"chunk_size must be a positive int; received {chunk_size!r}")
+
+    q = _as_embeddings(query_emb, "query_emb")
+    g = _as_embeddings(gallery_emb, "gallery_emb")
+    if g.shape[0] == 0:
+        raise DataError(
+            "the gallery is empty (gallery_emb has shape "
+            f"{tuple(g.shape)}); retrieval needs at least one gallery item: check is_gallery"
+        )
+    if q.shape[0] == 0:
+        raise DataError(
+            f"there are no queries (query_emb has shape {tuple(q.shape)}); "
+            "retrieval needs at least one query: check is_query"
+        )
+    if q.shape[1] != g.shape[1]:
+        raise DataError(
+            f"query and gallery embeddings differ in width: query_emb {tuple(q.shape)}, "
+            f"gallery_emb {tuple(g.shape)}; embed both with the same model"
+        )
+    n_q, n_g = q.shape[0], g.shape[0]
+    if device is None:
+        device = query_emb.device if isinstance(query_emb, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    dtype = torch.promote_types(q.dtype, g.dtype)
+    q_lab, g_lab = _encode_pair(query_labels, gallery_labels, n_q, n_g, "labels", device)
+    q_id = g_id = q_grp = g_grp = None
+    if (query_ids is None) != (gallery_ids is None):
+        raise DataError(
+            "give both query_ids and gallery_ids, or neither; received only "
+            + ("query_ids" if query_ids is not None else "gallery_ids")
+        )
+    if exclude_same_id and query_ids is not None and gallery_ids is not None:
+        q_id, g_id = _encode_pair(query_ids, gallery_ids, n_q, n_g, "ids", device)
+    if exclude_same_group:
+        if query_groups is None or gallery_groups is None:
+            raise DataError(
+                "exclude_same_group=True needs both query_groups and gallery_groups; received "
+                f"query_groups={'set' if query_groups is not None else None}, "
+                f"gallery_groups={'set' if gallery_groups is not None else None}"
+            )
+        q_grp, g_grp = _encode_pair(query_groups, gallery_groups, n_q, n_g, "groups", device)
+    return _Inputs(ks_checked, q, g, device, dtype, q_lab, g_lab, q_id, g_id, q_grp, g_grp)
 
 
 def _metric_keys(ks: Sequence[int]) -> list[str]:
