@@ -128,23 +128,20 @@ def _brief(hits: list[dict[str, Any]], extra: Sequence[str] = ()) -> list[dict[s
     ]
 
 
-def act(ctx: RecipeContext) -> dict[str, Any]:
-    """Example searches on the catalogue: similar items (plain, same category, price band), shop the look."""
-    opts, search = ctx.config.action, ctx.config.search
-    top_k = int(search.get("top_k", 5))
-    group_by = search.get("group_by", "group")
-    base_filter = search.get("filter")
-    price_column = str(opts.get("price_column", "price"))
-    band = float(opts.get("price_band", 0.5))
-    has_price = price_column in ctx.records.columns and pd.api.types.is_numeric_dtype(ctx.records[price_column])
-    picks = pick_queries(
-        ctx.records, int(search.get("n_queries", 4)), seed=int(ctx.config.section("data").get("seed", 0))
-    )
-    if picks.empty:
-        raise DataError("the fashion recipe found no query records in the catalogue")
+def _searches(
+    ctx: RecipeContext,
+    picks: pd.DataFrame,
+    *,
+    top_k: int,
+    group_by: str | None,
+    base_filter: str | None,
+    price_column: str,
+    band: float,
+    has_price: bool,
+) -> list[dict[str, Any]]:
+    """Per query: similar items (plain, same category) and, where it has a price, within the price band."""
     ids = picks["id"].astype(str).tolist()
     extra = [price_column] if has_price else []
-
     plain = similar_items(ctx.conn, ctx.collection, ids, top_k=top_k, filter=base_filter, group_by=group_by)
     category = similar_items(
         ctx.conn, ctx.collection, ids, top_k=top_k, filter=base_filter, same_category=True, group_by=group_by
@@ -172,6 +169,11 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
             )[0]
             entry["price_band"] = {"low": low, "high": high, "hits": _brief(hits, extra)}
         searches.append(entry)
+    return searches
+
+
+def _looks(ctx: RecipeContext, *, top_k: int, base_filter: str | None, group_by: str | None) -> list[dict[str, Any]]:
+    """Shop the look for the photos from outside the catalogue (``ctx.queries``), one entry per photo."""
     looks: list[dict[str, Any]] = []
     if ctx.queries:
         for photo, hits in zip(
@@ -182,7 +184,13 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
             strict=True,
         ):
             looks.append({"photo": photo, "hits": _brief(hits)})
+    return looks
 
+
+def _picture_rows(
+    ctx: RecipeContext, searches: list[dict[str, Any]], looks: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Rows of the result picture: each query with its similar items, then each shop-the-look photo."""
     by_id = ctx.record_by_id()
     rows = []
     for entry in searches:
@@ -206,6 +214,35 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
         ]
         rows.append({"image": photo, "label": None, "title": f"shop the look\n{Path(look['photo']).name}",
                      "hits": drawn})
+    return rows
+
+
+def act(ctx: RecipeContext) -> dict[str, Any]:
+    """Example searches on the catalogue: similar items (plain, same category, price band), shop the look."""
+    opts, search = ctx.config.action, ctx.config.search
+    top_k = int(search.get("top_k", 5))
+    group_by = search.get("group_by", "group")
+    base_filter = search.get("filter")
+    price_column = str(opts.get("price_column", "price"))
+    band = float(opts.get("price_band", 0.5))
+    has_price = price_column in ctx.records.columns and pd.api.types.is_numeric_dtype(ctx.records[price_column])
+    picks = pick_queries(
+        ctx.records, int(search.get("n_queries", 4)), seed=int(ctx.config.section("data").get("seed", 0))
+    )
+    if picks.empty:
+        raise DataError("the fashion recipe found no query records in the catalogue")
+    searches = _searches(
+        ctx,
+        picks,
+        top_k=top_k,
+        group_by=group_by,
+        base_filter=base_filter,
+        price_column=price_column,
+        band=band,
+        has_price=has_price,
+    )
+    looks = _looks(ctx, top_k=top_k, base_filter=base_filter, group_by=group_by)
+    rows = _picture_rows(ctx, searches, looks)
     picture = (
         result_grid(rows, ctx.out / "fashion_results.png", title=f"similar items, one per product (top {top_k})")
         if rows

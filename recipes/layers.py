@@ -42,6 +42,7 @@ from deepfeat.finetune.models.fne import (
     fne_storage_report,
     layer_features,
 )
+from deepfeat.finetune.models.heads import FNEHead
 from deepfeat.finetune.models.model import EmbeddingModel
 from deepfeat.recipes.viz import save_figure
 
@@ -147,6 +148,152 @@ def _extract(
     return layers, np.concatenate(kept)
 
 
+def _fit_statistics(
+    model: EmbeddingModel,
+    records: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    root: str | None,
+    progress: bool,
+    timings: dict[str, float],
+) -> tuple[list[np.ndarray], np.ndarray, FNEHead, dict[str, Any]]:
+    """Per-layer features of ``records``, the FNE statistics fitted on them or ``reference``, and their source."""
+    bb = model.backbone
+    specs = list(bb.layers or ())
+    start = time.perf_counter()
+    moments = RunningMoments(bb.num_features)
+    feats, kept = _extract(
+        bb,
+        records,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        root=root,
+        keep=True,
+        moments=moments if reference is None else None,
+        progress=f"layers: evaluated images ({len(specs)} layers)" if progress else None,
+    )
+    timings["embed_eval_s"] = time.perf_counter() - start
+    if reference is not None:
+        start = time.perf_counter()
+        _extract(
+            bb,
+            reference,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            root=root,
+            keep=False,
+            moments=moments,
+            progress="layers: FNE reference images" if progress else None,
+        )
+        timings["embed_reference_s"] = time.perf_counter() - start
+    head = fne_head(model)
+    stats = head.set_statistics(moments.mean, moments.std, moments.count)
+    ref_split = "eval" if reference is None else ",".join(sorted(map(str, reference["split"].unique())))
+    ref_info = {"split": ref_split, "n_images": stats.count, "n_zero_variance": stats.n_zero_variance}
+    return feats, kept, head, ref_info
+
+
+def _add_row(
+    table: list[dict[str, Any]],
+    rows_df: pd.DataFrame,
+    name: str,
+    kind: RowKind,
+    layer: str,
+    emb: np.ndarray | torch.Tensor,
+    *,
+    bytes_per_vector: int,
+    metric: Literal["cosine", "euclidean"] = "cosine",
+    milvus_metric: str = "COSINE",
+) -> None:
+    """Append one table row: the retrieval metrics of ``emb`` over ``rows_df``, logged."""
+    values = retrieval_metrics_from_records(emb, rows_df, metric=metric)
+    table.append(
+        {
+            "representation": name,
+            "kind": kind,
+            "layer": layer,
+            "dim": int(emb.shape[1]),
+            "bytes_per_vector": bytes_per_vector,
+            "metric": milvus_metric,
+            **values,
+        }
+    )
+    log.info("%s: recall@1 %.4f, MAP@R %.4f", name, values["recall_at_1"], values["map_at_r"])
+
+
+def _fne_rows(table: list[dict[str, Any]], rows_df: pd.DataFrame, head: FNEHead, feats: list[np.ndarray]) -> None:
+    """Append the concatenation row and the three FNE rows (standardised, ternary, 2 x binary)."""
+    concat = torch.from_numpy(np.concatenate(feats, axis=1))
+    _add_row(table, rows_df, "concat all layers", "concat", "all", concat, bytes_per_vector=4 * concat.shape[1])
+    storage = fne_storage_report(concat.shape[1])
+    head.set_options(discretize=False)
+    _add_row(
+        table,
+        rows_df,
+        "FNE standardised",
+        "fne",
+        "all",
+        head(concat),
+        bytes_per_vector=storage["float32"].bytes_per_vector,
+    )
+    head.set_options(discretize=True)
+    codes = head(concat)
+    _add_row(
+        table,
+        rows_df,
+        "FNE ternary (float32/int8, COSINE)",
+        "fne",
+        "all",
+        codes,
+        bytes_per_vector=storage["float32"].bytes_per_vector,
+    )
+    # Hamming distance between 0/1 vectors is their squared Euclidean distance, so the binary storage is
+    # evaluated exactly as Euclidean ranking of the unpacked presence|absence bits.
+    bits = torch.cat([(codes > 0), (codes < 0)], dim=1).float()
+    _add_row(
+        table,
+        rows_df,
+        "FNE ternary (2 x binary, HAMMING)",
+        "fne",
+        "all",
+        bits,
+        bytes_per_vector=storage["binary"].bytes_per_vector,
+        metric="euclidean",
+        milvus_metric="HAMMING",
+    )
+
+
+def _bundle_row(
+    bundle: str | Path,
+    records: pd.DataFrame,
+    *,
+    batch_size: int,
+    num_workers: int,
+    root: str | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The table row of a fine-tuned model bundle, embedded and evaluated on ``records``."""
+    loaded = ModelBundle.load(bundle, device=device)
+    emb, kept_ft = embed_records(
+        loaded.model, records, batch_size=batch_size, num_workers=num_workers, root=root, device=device
+    )
+    values = retrieval_metrics_from_records(emb, records.iloc[kept_ft].reset_index(drop=True))
+    return {
+        "representation": f"fine-tuned ({loaded.card.name})",
+        "kind": "fine-tuned",
+        "layer": "bundle",
+        "dim": int(emb.shape[1]),
+        "bytes_per_vector": 4 * int(emb.shape[1]),
+        "metric": loaded.card.metric,
+        **values,
+    }
+
+
 def layer_sweep(
     records: pd.DataFrame,
     *,
@@ -188,122 +335,34 @@ def layer_sweep(
     dev = torch.device(device)
     model = build_fne_model(backbone, weights, image_size=image_size, thresholds=thresholds)
     model.to(dev).eval()
-    bb = model.backbone
-    specs = list(bb.layers or ())
     records = records.reset_index(drop=True)
     timings: dict[str, float] = {}
-
-    start = time.perf_counter()
-    moments = RunningMoments(bb.num_features)
-    feats, kept = _extract(
-        bb,
+    feats, kept, head, ref_info = _fit_statistics(
+        model,
         records,
+        reference,
         batch_size=batch_size,
         num_workers=num_workers,
         device=dev,
         root=root,
-        keep=True,
-        moments=moments if reference is None else None,
-        progress=f"layers: evaluated images ({len(specs)} layers)" if progress else None,
+        progress=progress,
+        timings=timings,
     )
-    timings["embed_eval_s"] = time.perf_counter() - start
-    if reference is not None:
-        start = time.perf_counter()
-        _extract(
-            bb,
-            reference,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=dev,
-            root=root,
-            keep=False,
-            moments=moments,
-            progress="layers: FNE reference images" if progress else None,
-        )
-        timings["embed_reference_s"] = time.perf_counter() - start
-    head = fne_head(model)
-    stats = head.set_statistics(moments.mean, moments.std, moments.count)
-    ref_split = "eval" if reference is None else ",".join(sorted(map(str, reference["split"].unique())))
-    ref_info = {"split": ref_split, "n_images": stats.count, "n_zero_variance": stats.n_zero_variance}
 
     rows_df = records.iloc[kept].reset_index(drop=True)
     start = time.perf_counter()
     table: list[dict[str, Any]] = []
-
-    def add(
-        name: str,
-        kind: RowKind,
-        layer: str,
-        emb: np.ndarray | torch.Tensor,
-        *,
-        bytes_per_vector: int,
-        metric: Literal["cosine", "euclidean"] = "cosine",
-        milvus_metric: str = "COSINE",
-    ) -> None:
-        values = retrieval_metrics_from_records(emb, rows_df, metric=metric)
-        table.append(
-            {
-                "representation": name,
-                "kind": kind,
-                "layer": layer,
-                "dim": int(emb.shape[1]),
-                "bytes_per_vector": bytes_per_vector,
-                "metric": milvus_metric,
-                **values,
-            }
-        )
-        log.info("%s: recall@1 %.4f, MAP@R %.4f", name, values["recall_at_1"], values["map_at_r"])
-
-    for spec, f in zip(specs, feats, strict=True):
-        add(_layer_name(spec), "layer", str(spec), f, bytes_per_vector=4 * f.shape[1])
-    concat = torch.from_numpy(np.concatenate(feats, axis=1))
-    add("concat all layers", "concat", "all", concat, bytes_per_vector=4 * concat.shape[1])
-    storage = fne_storage_report(concat.shape[1])
-    head.set_options(discretize=False)
-    add("FNE standardised", "fne", "all", head(concat), bytes_per_vector=storage["float32"].bytes_per_vector)
-    head.set_options(discretize=True)
-    codes = head(concat)
-    add(
-        "FNE ternary (float32/int8, COSINE)",
-        "fne",
-        "all",
-        codes,
-        bytes_per_vector=storage["float32"].bytes_per_vector,
-    )
-    # Hamming distance between 0/1 vectors is their squared Euclidean distance, so the binary storage is
-    # evaluated exactly as Euclidean ranking of the unpacked presence|absence bits.
-    bits = torch.cat([(codes > 0), (codes < 0)], dim=1).float()
-    add(
-        "FNE ternary (2 x binary, HAMMING)",
-        "fne",
-        "all",
-        bits,
-        bytes_per_vector=storage["binary"].bytes_per_vector,
-        metric="euclidean",
-        milvus_metric="HAMMING",
-    )
+    for spec, f in zip(list(model.backbone.layers or ()), feats, strict=True):
+        _add_row(table, rows_df, _layer_name(spec), "layer", str(spec), f, bytes_per_vector=4 * f.shape[1])
+    _fne_rows(table, rows_df, head, feats)
     timings["evaluate_s"] = time.perf_counter() - start
 
     if bundle is not None:
         start = time.perf_counter()
-        loaded = ModelBundle.load(bundle, device=dev)
-        emb, kept_ft = embed_records(
-            loaded.model, records, batch_size=batch_size, num_workers=num_workers, root=root, device=dev
-        )
-        values = retrieval_metrics_from_records(emb, records.iloc[kept_ft].reset_index(drop=True))
         table.append(
-            {
-                "representation": f"fine-tuned ({loaded.card.name})",
-                "kind": "fine-tuned",
-                "layer": "bundle",
-                "dim": int(emb.shape[1]),
-                "bytes_per_vector": 4 * int(emb.shape[1]),
-                "metric": loaded.card.metric,
-                **values,
-            }
+            _bundle_row(bundle, records, batch_size=batch_size, num_workers=num_workers, root=root, device=dev)
         )
         timings["fine_tuned_s"] = time.perf_counter() - start
-
 
     df = pd.DataFrame(table)
     extra = [c for c in df.columns if c not in TABLE_COLUMNS]

@@ -224,24 +224,8 @@ def check_cases(queries: Sequence[Mapping[str, Any]], hits: Hits) -> dict[str, i
     return {"own_patient_hits": own, "repeated_patient_hits": repeated}
 
 
-def act(ctx: RecipeContext) -> dict[str, Any]:
-    """Similar cases for test patients (one query scan each), checked, written as CSV and a picture."""
-    search, opts = ctx.config.search, ctx.config.action
-    top_k = int(search.get("top_k", 5))
-    same = tuple(opts.get("same_fields", SAME_FIELDS) or ())
-    splits = patients_by_split(ctx.records)
-    test = ctx.records[(ctx.records["split"] == "test") & ctx.records["is_query"]]
-    if test.empty:
-        raise DataError(
-            "the medical recipe found no test scans; give more patients or a larger test fraction (data.fractions)"
-        )
-    picks = pick_queries(
-        ctx.records, int(search.get("n_queries", 8)), seed=int(ctx.config.section("data").get("seed", 0))
-    )
-    ids = picks["id"].astype(str).tolist()
-    hits = similar_cases(ctx.conn, ctx.collection, ids, top_k=top_k, filter=search.get("filter"), same=same)
-    checks = check_cases(picks.to_dict("records"), hits)
-    path = ctx.out / "similar_cases.csv"
+def _write_cases_csv(path: Path, picks: pd.DataFrame, hits: Hits, same: Sequence[str]) -> None:
+    """Write the similar cases of every picked query to ``path`` as CSV, one row per hit."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
@@ -272,6 +256,11 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
                         *(h.get(f) for f in same),
                     ]
                 )
+
+
+def _external_cases(ctx: RecipeContext, *, top_k: int, same: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Similar cases for the scans from outside the collection (``ctx.queries``), one entry per scan."""
+    search = ctx.config.search
     external: list[dict[str, Any]] = []
     if ctx.queries:
         for scan, hs in zip(
@@ -295,6 +284,11 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
                     ],
                 }
             )
+    return external
+
+
+def _picture_rows(ctx: RecipeContext, picks: pd.DataFrame, hits: Hits) -> list[dict[str, Any]]:
+    """Rows of the result picture: each query scan with the images of its cases (undecodable ones left out)."""
     by_id = ctx.record_by_id()
     rows = []
     for (_, q), hs in zip(picks.iterrows(), hits, strict=True):
@@ -311,6 +305,54 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
                     ],
                 }
             )
+    return rows
+
+
+def _case_summary(
+    ids: list[str], picks: pd.DataFrame, hits: Hits, same: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The ``cases`` entry of the summary: each query with its hits (scores rounded)."""
+    return [
+        {
+            "query": i,
+            "patient": str(q["group"]),
+            "label": str(q["label"]),
+            "hits": [
+                {
+                    "id": h.get("record_id"),
+                    "patient": h.get("group"),
+                    "label": h.get("label"),
+                    "score": round(float(h["score"]), 4),
+                    **{f: h.get(f) for f in same},
+                }
+                for h in hs
+            ],
+        }
+        for i, (_, q), hs in zip(ids, picks.iterrows(), hits, strict=True)
+    ]
+
+
+def act(ctx: RecipeContext) -> dict[str, Any]:
+    """Similar cases for test patients (one query scan each), checked, written as CSV and a picture."""
+    search, opts = ctx.config.search, ctx.config.action
+    top_k = int(search.get("top_k", 5))
+    same = tuple(opts.get("same_fields", SAME_FIELDS) or ())
+    splits = patients_by_split(ctx.records)
+    test = ctx.records[(ctx.records["split"] == "test") & ctx.records["is_query"]]
+    if test.empty:
+        raise DataError(
+            "the medical recipe found no test scans; give more patients or a larger test fraction (data.fractions)"
+        )
+    picks = pick_queries(
+        ctx.records, int(search.get("n_queries", 8)), seed=int(ctx.config.section("data").get("seed", 0))
+    )
+    ids = picks["id"].astype(str).tolist()
+    hits = similar_cases(ctx.conn, ctx.collection, ids, top_k=top_k, filter=search.get("filter"), same=same)
+    checks = check_cases(picks.to_dict("records"), hits)
+    path = ctx.out / "similar_cases.csv"
+    _write_cases_csv(path, picks, hits, same)
+    external = _external_cases(ctx, top_k=top_k, same=same)
+    rows = _picture_rows(ctx, picks, hits)
     picture = (
         result_grid(rows, ctx.out / "medical_results.png", title="similar cases: one per patient, own patient excluded")
         if rows
@@ -328,24 +370,7 @@ def act(ctx: RecipeContext) -> dict[str, Any]:
         "patients": {s: len(p) for s, p in splits.items()},
         **checks,
         "label_precision": float(np.mean(precision)) if precision else None,
-        "cases": [
-            {
-                "query": i,
-                "patient": str(q["group"]),
-                "label": str(q["label"]),
-                "hits": [
-                    {
-                        "id": h.get("record_id"),
-                        "patient": h.get("group"),
-                        "label": h.get("label"),
-                        "score": round(float(h["score"]), 4),
-                        **{f: h.get(f) for f in same},
-                    }
-                    for h in hs
-                ],
-            }
-            for i, (_, q), hs in zip(ids, picks.iterrows(), hits, strict=True)
-        ],
+        "cases": _case_summary(ids, picks, hits, same),
         "external": external,
         "files": {"cases": str(path), "picture": str(picture) if picture else None},
     }
