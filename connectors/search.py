@@ -50,11 +50,12 @@ def search_images(
     bundle: ModelBundle | str | Path,
     *,
     embed_batch_size: int = 64,
+    progress: bool = False,
     **kwargs: Any,
 ) -> list[list[Hit]]:
     """Search with images (paths, encoded bytes or HxWxC arrays), embedded by ``bundle``.
 
-    ``kwargs`` are those of :func:`search_vectors`.
+    ``kwargs`` are those of :func:`search_vectors`; ``progress`` shows a bar while the images are embedded.
 
     A collection deepfeat did not create is searched by image only when the bundle that filled it was
     recorded on it (:meth:`~deepfeat.connectors.plugin.DeepfeatImageEmbeddingFunction.record_bundle`):
@@ -68,7 +69,7 @@ def search_images(
     open_collection(conn, collection, bundle=model, what="searching", foreign_ok=True)
     if not len(images):
         return []
-    vectors = model.embed(list(images), batch_size=embed_batch_size)
+    vectors = model.embed(list(images), batch_size=embed_batch_size, progress=progress)
     return search_vectors(conn, collection, vectors, **kwargs)
 
 

@@ -257,14 +257,23 @@ class ModelBundle:
         out = self.model(batch.to(device)).float().cpu().numpy()
         return np.ascontiguousarray(out, dtype=np.float32)
 
-    def embed(self, images: Sequence[Any], *, batch_size: int = 64) -> np.ndarray:
-        """Embed images (paths, encoded bytes or arrays) with the bundle's preprocessing."""
+    def embed(self, images: Sequence[Any], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Embed images (paths, encoded bytes or arrays) with the bundle's preprocessing.
+
+        Args:
+            images: image files, encoded bytes or HxWxC arrays.
+            batch_size: images per forward pass.
+            progress: a progress bar over the batches (on stderr).
+        """
         # deferred: transforms imports albumentations and OpenCV (seconds); the connectors import this module
         # and searching by vector never embeds an image
+        from tqdm.auto import tqdm
+
         from deepfeat.finetune.data.transforms import preprocess_batch
 
         out = []
-        for start in range(0, len(images), batch_size):
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc=f"embedding {len(images)} image(s)", unit="batch", disable=not progress):
             arrays = [load_image(x) for x in images[start:start + batch_size]]
             out.append(self.embed_tensor(preprocess_batch(arrays, self.preprocessing)))
         if not out:

@@ -176,8 +176,10 @@ class ExportBundle(Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         if self.use_best and best:
             load_module_weights(pl_module, best)
-            log.info("exporting the best checkpoint %s (score %s)", best,
-                     getattr(trainer.checkpoint_callback, "best_model_score", None))
+            score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+            monitor = getattr(trainer.checkpoint_callback, "monitor", None) or "score"
+            log.info("exporting the best checkpoint %s (%s %s)", best, monitor,
+                     "unknown" if score is None else f"{float(score):.4f}")
         device = pl_module.device
         batch, workers = int(dm.hparams["eval_batch_size"]), int(dm.hparams["num_workers"])
         measure = functools.partial(evaluate_models, batch_size=batch, num_workers=workers,

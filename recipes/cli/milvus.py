@@ -20,6 +20,8 @@ from deepfeat.recipes.cli.connection import add_connection_args, connect_from_ar
 if TYPE_CHECKING:
     import numpy as np
 
+    from deepfeat.finetune.models.bundle import ModelBundle
+
 __all__ = ["S3_ACCESS_ENV", "S3_SECRET_ENV", "add_cli", "read_vector_file"]
 
 S3_ACCESS_ENV = "DEEPFEAT_S3_ACCESS_KEY"
@@ -259,6 +261,18 @@ def read_vector_file(path: str) -> np.ndarray:
     return _vector_array(loaded, path)
 
 
+def _load_bundle(path: str, *, quiet: bool) -> ModelBundle:
+    """Load a bundle under a one-line progress display (importing torch and the model takes seconds)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, desc=f"loading model bundle {path}", bar_format="{desc} ({elapsed})", disable=quiet) as bar:
+        from deepfeat.finetune.models.bundle import ModelBundle
+
+        model = ModelBundle.load(path)
+        bar.update(1)
+    return model
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from deepfeat.connectors.search import format_hits_table, search_ids, search_images, search_vectors
 
@@ -277,7 +291,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     try:
         if args.image:
             labels = list(args.image)
-            results = search_images(conn, args.collection, args.image, args.bundle, **kwargs)
+            model = _load_bundle(args.bundle, quiet=args.quiet)
+            results = search_images(conn, args.collection, args.image, model, progress=not args.quiet, **kwargs)
         elif args.id:
             labels = list(args.id)
             results = search_ids(conn, args.collection, args.id, exclude_self=not args.include_self, **kwargs)
@@ -322,6 +337,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--include-self", action="store_true", help="with --id: keep each query record in its hits")
     p.add_argument("--batch-size", type=int_at_least(1), default=256, help="queries per request")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("--quiet", action="store_true", help="no progress display while a bundle embeds --image queries")
     add_connection_args(p)
     p.set_defaults(handler=_cmd_search)
 

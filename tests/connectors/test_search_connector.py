@@ -146,6 +146,24 @@ def test_search_by_image_checks_the_bundle(
         search_vectors(conn, "shop", np.ones(DIM, dtype=np.float32), bundle=other_bundle_dir)
 
 
+def test_cli_image_search_shows_its_steps_unless_quiet(
+    conn: MilvusConnector, bundle: ModelBundle, bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_images(tmp_path / "images", n_per_class=2)
+    sync_records(conn, "shop", root, bundle, progress=False)
+    conn.close()
+    query = str(root / "green" / "01.png")
+    argv = ["search", "-c", "shop", "--uri", conn.uri, "--image", query, "--bundle", str(bundle_dir), "-k", "1",
+            "--format", "json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["hits"][0]["record_id"] == "green/01.png"
+    assert f"loading model bundle {bundle_dir}" in captured.err and "embedding 1 image(s)" in captured.err
+    assert main([*argv, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["hits"][0]["record_id"] == "green/01.png" and captured.err == ""
+
+
 def test_cli_load_search_collections(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "cli.db")
     ids = record_ids(30)

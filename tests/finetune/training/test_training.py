@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +174,8 @@ def _fit_args(data: Path, run: Path, config: Path, *extra: str) -> list[str]:
 
 
 def test_deepfeat_fit_prints_the_test_table_of_the_bundle_it_exported(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """``deepfeat fit`` on the shipped fashion YAML (flip TTA, whitening) prints the held-out before/after; its
     figures are those of the exported bundle, embedded again on the same test split."""
     from support.imagegen import make_image_folder
@@ -185,9 +188,12 @@ def test_deepfeat_fit_prints_the_test_table_of_the_bundle_it_exported(
     monkeypatch.chdir(tmp_path)  # the recipe's ExportBundle writes runs/fashion/bundle relative to the cwd
     config = tmp_path / "fashion.yaml"  # guard off: the random test backbone's baseline might be kept
     config.write_text(FASHION.read_text().replace("guard: true", "guard: false"))
+    caplog.set_level(logging.INFO, logger="deepfeat.finetune.training.callbacks")
     assert main(_fit_args(data, tmp_path / "run", config)) == 0
     printed = capsys.readouterr().out
     assert "held-out test split" in printed and "off-the-shelf" in printed and "fine-tuned" in printed
+    exported = next(r.getMessage() for r in caplog.records if "exporting the best checkpoint" in r.getMessage())
+    assert re.search(r"\(val/map_at_r \d\.\d{4}\)$", exported), exported  # a number, not a tensor's repr
     bundle = ModelBundle.load(tmp_path / "runs" / "fashion" / "bundle")
     assert bundle.card.training["test_exported"] == "fine-tuned" and bundle.model.flip_tta
     # the same split again, independently of the fit: the data module is deterministic for a seed
