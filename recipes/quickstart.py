@@ -93,6 +93,7 @@ class QuickstartResult:
     searches: list[dict[str, Any]]
     seconds: dict[str, float]
     test_message: str = ""
+    rank: int = 0  # under DDP, this process's rank: only rank 0 measures, loads, draws and writes quickstart.json
 
 
 def read(source: str, config: RecipeConfig) -> pd.DataFrame:
@@ -147,6 +148,10 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     """Run the quickstart recipe and return what it measured (the CLI prints it)."""
     res = run_recipe("quickstart", opts.data or "fashion-mnist", out=opts.out, overrides=opts.overrides(),
                      progress=opts.progress)
+    if res.rank:  # a DDP rank > 0 (Lightning re-ran this command in it): its share of the training is done
+        return QuickstartResult(table="", metrics={}, chosen="", guard_message=res.guard_message, bundle=res.bundle,
+                                milvus_uri="", collection=res.collection, n_loaded=0, picture=Path(),
+                                searches=[], seconds=res.seconds, rank=res.rank)
     if res.test is None or res.test_table is None:
         raise DataError(f"the quickstart measured no held-out test split ({res.test_message})")
     out = QuickstartResult(table=res.test_table, metrics=res.test, chosen=res.chosen, guard_message=res.guard_message,

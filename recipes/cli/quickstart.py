@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from deepfeat.recipes.cli.arguments import int_at_least, out_dir, positive_float
-from deepfeat.recipes.cli.recipe import print_test
+from deepfeat.recipes.cli.recipe import SET_HELP, print_test
 
 __all__ = ["add_cli"]
 
@@ -26,9 +26,12 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     if args.tiny:
         opts.train_per_class, opts.test_per_class, opts.image_size = 24, 12, 32
         opts.max_epochs, opts.batches_per_epoch, opts.num_workers = 2, 4, 0
+    opts.extra = list(args.set or [])
     print(f"deepfeat quickstart: data={opts.data or 'fashion-mnist'} out={opts.out} "
           f"(training budget {opts.minutes:g} min; --full for a longer run)")
     res = run_quickstart(opts)
+    if res.rank:  # a DDP rank > 0: rank 0 reports
+        return 0
     print(f"\n{res.guard_message}")
     print_test(res.table, res.test_message)
     print(f"bundle:     {res.bundle}")
@@ -50,4 +53,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--num-workers", type=int_at_least(0), default=2)
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--set", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+                   help=f"{SET_HELP} trainer.strategy=ddp trainer.devices=2 (applied after the options above)")
     p.set_defaults(handler=_cmd_quickstart, trains=True, uses_milvus=True)

@@ -13,9 +13,10 @@ from deepfeat.finetune.redaction import mask_uri
 from deepfeat.recipes.cli.arguments import out_dir, positive_float
 from deepfeat.recipes.config import list_recipes
 
-__all__ = ["add_cli", "print_test"]
+__all__ = ["SET_HELP", "add_cli", "print_test"]
 
-_SET_HELP = "override YAML keys; repeat --set or give several: model.image_size=32 trainer.max_epochs=2"
+#: The help of every command's ``--set``.
+SET_HELP = "override YAML keys; repeat --set or give several: model.image_size=32 trainer.max_epochs=2"
 
 
 def _cmd_recipe_list(args: argparse.Namespace) -> int:
@@ -100,7 +101,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=_cmd_recipe_list)
     p = actions.add_parser("show", help="print a recipe's YAML (with --set overrides applied)")
     p.add_argument("name", help="recipe name or path of a recipe .yaml")
-    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help=_SET_HELP)
+    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help=SET_HELP)
     p.set_defaults(handler=_cmd_recipe_show, trains=True)
     p = actions.add_parser("run", help="read, fine-tune (guarded), embed, load into Milvus, run the recipe's action")
     p.add_argument("name", help="recipe name ('deepfeat recipe list') or path of a recipe .yaml")
@@ -108,7 +109,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", default=None, type=out_dir, help="output folder (default deepfeat-NAME)")
     p.add_argument("--uri", default=None, help="Milvus URI (default: OUT/milvus.db, a Milvus Lite database)")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
-                   help=f"{_SET_HELP} recipe.search.top_k=10")
+                   help=f"{SET_HELP} recipe.search.top_k=10")
     p.add_argument("--minutes", type=positive_float, default=None, help="training budget in minutes")
     p.add_argument("--query", nargs="+", action="extend", default=None, metavar="PATH",
                    help="images for the action: fashion shop-the-look photos, medical query scans, classify "

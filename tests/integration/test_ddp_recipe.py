@@ -87,17 +87,10 @@ class BudgetProbe(pl.Callback):
                                     "end_step": trainer.global_step}))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    work = tmp_path_factory.mktemp("ddp-recipe")
-    record, out = work / "rec", work / "out"
+def _run_ddp(work: Path, args: list[str], out: Path, *, probe: bool = True) -> dict[str, Any]:
+    """Run ``deepfeat ARGS`` through the audited driver (Lightning re-runs it as rank 1); what each rank did."""
+    record = work / "rec"
     record.mkdir()
-    manifest = make_catalogue(work / "catalogue")
-    args = ["recipe", "run", "fashion", "--data", str(manifest), "--out", str(out), "--uri", str(out / "milvus.db"),
-            "--quiet", "--set", *TINY, "data.fractions=[0.5,0.25,0.25]", f"data.batches_per_epoch={BATCHES}",
-            f"trainer.max_epochs={EPOCHS}", f"model.max_minutes={BUDGET_MINUTES}", "recipe.search.n_queries=2",
-            "trainer.strategy=ddp", f"trainer.devices={WORLD}", "trainer.accelerator=cpu",
-            "trainer.callbacks+=test_ddp_recipe.BudgetProbe", "model.layers=[2,3]"]
     driver = work / "driver.py"
     driver.write_text(_DRIVER.format(tests=str(TESTS)))
     env = {**os.environ, "DEEPFEAT_DDP_ARGS": json.dumps(args), "DEEPFEAT_DDP_RECORD": str(record),
@@ -110,13 +103,26 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        pytest.fail("the DDP recipe run did not end in 300 s (a rank waiting in a collective?)")
+        pytest.fail(f"the DDP run of {args[:2]} did not end in 300 s (a rank waiting in a collective?)")
     finally:
         kill_group(proc, signal.SIGTERM)  # nothing of the run may outlive it
-    assert proc.returncode == 0, f"DDP recipe run failed (rc {proc.returncode}):\n{stderr[-4000:]}"
+    assert proc.returncode == 0, f"DDP run of {args[:2]} failed (rc {proc.returncode}):\n{stderr[-4000:]}"
     drivers = {r: json.loads((record / f"driver-rank{r}.json").read_text()) for r in range(WORLD)}
-    fits = {r: json.loads((record / f"fit-rank{r}.json").read_text()) for r in range(WORLD)}
+    fits = {r: json.loads((record / f"fit-rank{r}.json").read_text()) for r in range(WORLD)} if probe else {}
     return {"out": out, "stdout": stdout, "drivers": drivers, "fits": fits}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("ddp-recipe")
+    out = work / "out"
+    manifest = make_catalogue(work / "catalogue")
+    args = ["recipe", "run", "fashion", "--data", str(manifest), "--out", str(out), "--uri", str(out / "milvus.db"),
+            "--quiet", "--set", *TINY, "data.fractions=[0.5,0.25,0.25]", f"data.batches_per_epoch={BATCHES}",
+            f"trainer.max_epochs={EPOCHS}", f"model.max_minutes={BUDGET_MINUTES}", "recipe.search.n_queries=2",
+            "trainer.strategy=ddp", f"trainer.devices={WORLD}", "trainer.accelerator=cpu",
+            "trainer.callbacks+=test_ddp_recipe.BudgetProbe", "model.layers=[2,3]"]
+    return _run_ddp(work, args, out)
 
 
 def test_both_ranks_train_and_stop_at_the_same_step(run: dict[str, Any]) -> None:
@@ -146,3 +152,21 @@ def test_only_rank_zero_exports_loads_and_reports(run: dict[str, Any]) -> None:
     assert zero["db"]
     assert not one["db"], f"rank 1 opened the Milvus database: {one['db'][:5]}"
     assert not one["writes"], f"rank 1 wrote under the run's folder: {one['writes'][:5]}"
+
+
+def test_quickstart_under_ddp_reports_once_and_rank_one_touches_nothing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    work = tmp_path_factory.mktemp("ddp-quickstart")
+    out = work / "out"
+    manifest = make_catalogue(work / "catalogue")
+    args = ["quickstart", "--tiny", "--data", str(manifest), "--out", str(out), "--quiet", "--set",
+            "trainer.strategy=ddp", f"trainer.devices={WORLD}", "trainer.accelerator=cpu"]
+    res = _run_ddp(work, args, out, probe=False)
+    assert res["stdout"].count("bundle:") == 1 and "held-out test" in res["stdout"]
+    report = json.loads((out / "quickstart.json").read_text())
+    assert report["rank"] == 0 and report["n_loaded"] > 0 and Path(report["picture"]).is_file()
+    zero, one = res["drivers"][0], res["drivers"][1]
+    assert zero["code"] == one["code"] == 0 and zero["db"]
+    assert not one["db"], f"rank 1 opened the Milvus database: {one['db'][:5]}"
+    assert not one["writes"], f"rank 1 wrote under the quickstart's folder: {one['writes'][:5]}"
