@@ -204,7 +204,9 @@ def run_recipe_one(protocol: str, seed: int, args: argparse.Namespace) -> dict[s
     hp["limit_per_class"] = data_yaml.get("limit_per_class")
     # train and val exactly as the YAML's data section makes them from these training images (val carving,
     # its limit per class and split), then the protocol's test split beside them
-    fit_part = RetrievalDataModule.from_records(records[records["split"] != "test"], **hp).records
+    # (the test split is there while validation is carved, as in a user's manifest: data.val_mode auto reads it)
+    carved = RetrievalDataModule.from_records(records, **hp).records
+    fit_part = carved[carved["split"] != "test"]
     # without query/gallery columns, so that the data module assigns them to val and test as the YAML's query_mode says
     both = pd.concat([fit_part, records[records["split"] == "test"]], ignore_index=True)
     training.datamodule.use_records(both.drop(columns=["is_query", "is_gallery"], errors="ignore"))

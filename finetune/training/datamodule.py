@@ -63,6 +63,26 @@ def check_measurable(records: pd.DataFrame, split: str, *, exclude_same_group: b
                             f"{n_classes} classes); add more groups (patients, products) per class to the split")
 
 
+def _mirror_test_split(df: pd.DataFrame) -> ValMode | None:
+    """``val_mode: auto`` on a given split: ``unseen_classes`` when the test split's classes are all new to training.
+
+    A test split of classes the training split lacks says what the model will meet (new categories, new
+    diseases): validation then holds out whole classes too, so that the guard and the checkpoint choice reward
+    what carries over to new classes. A test split that shares classes with training (or none) keeps the default
+    (unseen groups of the training classes).
+    """
+    train = set(df.loc[df["split"] == "train", "label"].astype(str))
+    test = set(df.loc[df["split"] == "test", "label"].astype(str))
+    if test and train and not test & train:
+        log.info("val_mode auto: the test split's %d class(es) are none of the training split's %d: validating on "
+                 "unseen classes", len(test), len(train))
+        return "unseen_classes"
+    if test:
+        log.info("val_mode auto: the test split shares %d of its %d class(es) with training: validating on unseen "
+                 "groups of the training classes", len(test & train), len(test))
+    return None
+
+
 def _limit_per_class(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     return sample_per_class(df, limit, seed=seed, by=("split", "label"))
 
@@ -86,7 +106,9 @@ class RetrievalDataModule(pl.LightningDataModule):
             ``same_classes`` images of the training classes at random, groups ignored. ``None`` (the default)
             follows ``split_mode``: ``by_class`` validates on unseen classes, ``by_group`` and ``as_is`` on
             unseen groups (an image is its own group when the data has none). With ``by_class``/``by_group``
-            the test split is carved by ``split_mode`` and the validation split by ``val_mode``.
+            the test split is carved by ``split_mode`` and the validation split by ``val_mode``. ``auto``
+            mirrors the test split: with ``as_is`` and a test split none of whose classes the training split
+            has (the data says new classes will come), ``unseen_classes``; otherwise as ``None``.
         classes: keep only these labels (e.g. half of the classes for a class-disjoint study).
         limit_per_class: keep at most this many images per class and split (tiny runs).
         query_mode: ``all_vs_all`` (every eval image is a query against all others) or ``holdout``.
@@ -101,7 +123,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def __init__(self, source: str = "fashion-mnist", root: str | None = None, split_mode: SplitMode = "as_is",
                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), val_fraction: float = 0.1,
-                 val_mode: ValMode | None = None,
+                 val_mode: ValMode | Literal["auto"] | None = None,
                  classes: list[str] | None = None, limit_per_class: int | None = None,
                  query_mode: QueryMode = "all_vs_all", preset: Preset = "none", p: int = 8, k: int = 4,
                  batches_per_epoch: int | None = None, eval_batch_size: int = 128, num_workers: int = 0,
@@ -152,6 +174,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         if mode in ("by_class", "by_group"):
             fractions = tuple(float(f) for f in hp["fractions"])
             split = split_by_class if mode == "by_class" else split_by_group
+            val_mode = None if val_mode == "auto" else val_mode  # the test split is carved as split_mode says
             if val_mode is None or val_mode == implied or fractions[1] <= 0:
                 return split(df, fractions=fractions, seed=seed)
             # the test split as split_mode says, then validation out of the rest as val_mode says
@@ -160,6 +183,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             return hold_out(df, fractions[1] / fit_share, val_mode, seed=seed)
         if (df["split"] == "val").any() or hp["val_fraction"] <= 0:
             return df
+        if val_mode == "auto":
+            val_mode = _mirror_test_split(df)
         if val_mode in (None, "unseen_groups"):
             # a random share of the training groups (the classes they fall in are shared with train)
             train = df[df["split"] == "train"]

@@ -94,6 +94,31 @@ def test_as_is_keeps_the_test_split_and_holds_val_out_of_train() -> None:
     assert not _overlap(default, "group") and (default["split"] == "val").any()
 
 
+def test_auto_validates_on_unseen_classes_only_when_the_test_split_has_new_classes() -> None:
+    train = _records(n_classes=6)
+    every = _records(n_classes=10, split="test")
+    new_classes = every[every["label"].isin({f"c{i}" for i in range(6, 10)})]
+    same_classes = _records(n_classes=6, split="test")
+    for test, expected in ((new_classes, "unseen_classes"), (same_classes, "unseen_groups")):
+        test = test.assign(id=lambda d: "t-" + d["id"], group=lambda d: "t-" + d["group"])
+        records = pd.concat([train, test], ignore_index=True)
+        auto = RetrievalDataModule.from_records(records, split_mode="as_is", val_mode="auto", val_fraction=0.3,
+                                                seed=1).records
+        explicit = RetrievalDataModule.from_records(records, split_mode="as_is", val_mode=expected,
+                                                    val_fraction=0.3, seed=1).records
+        pd.testing.assert_frame_equal(auto, explicit)  # the same carving as the mode it resolves to
+        assert (auto.loc[auto["id"].str.startswith("t-"), "split"] == "test").all()
+        if expected == "unseen_classes":
+            assert not _overlap(auto, "label") and _parts(auto, "val")["label"].nunique() == 2
+        else:
+            assert set(_parts(auto, "val")["label"]) <= set(_parts(auto, "train")["label"])
+    # with split_mode by_group / by_class the test split is carved as they say, and auto is their default
+    for split_mode in ("by_group", "by_class"):
+        auto = RetrievalDataModule.from_records(train, split_mode=split_mode, val_mode="auto", seed=3).records
+        default = RetrievalDataModule.from_records(train, split_mode=split_mode, seed=3).records
+        pd.testing.assert_frame_equal(auto, default)
+
+
 def test_refusals_are_one_line_with_the_counts_and_the_fix() -> None:
     with pytest.raises(DataError) as exc:
         hold_out(_records(n_classes=3), 0.2, "unseen_classes")
@@ -117,3 +142,5 @@ def test_recipe_yaml_refuses_an_unknown_val_mode() -> None:
         load_recipe("fashion", ["data.val_mode=unseen_products"])
     config = load_recipe("medical", ["model.backbone=test_efficientnet", "model.weights=none"])
     assert config.training.datamodule.hparams["val_mode"] == "unseen_groups"
+    fashion = load_recipe("fashion", ["model.backbone=test_efficientnet", "model.weights=none"])
+    assert fashion.training.datamodule.hparams["val_mode"] == "auto"
