@@ -176,7 +176,7 @@ def _fit_args(data: Path, run: Path, config: Path, *extra: str) -> list[str]:
 def test_deepfeat_fit_prints_the_test_table_of_the_bundle_it_exported(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """``deepfeat fit`` on the shipped fashion YAML (flip TTA, whitening) prints the held-out before/after; its
+    """``deepfeat fit`` on the shipped fashion YAML (flip TTA) prints the held-out before/after; its
     figures are those of the exported bundle, embedded again on the same test split."""
     from support.imagegen import make_image_folder
 
