@@ -144,16 +144,25 @@ def _launch(work: Path, name: str, args: list[str]) -> None:
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS_ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)  # this process is rank 0; Lightning sets it for the rank it starts
-    proc = subprocess.Popen([sys.executable, str(driver)], cwd=work, env=env, stdout=subprocess.PIPE,
+    run_driver(driver, env, work, f"DDP {name}")
+
+
+def run_driver(driver: Path, env: dict[str, str], cwd: Path, what: str) -> str:
+    """Run a DDP driver script as rank 0 in its own process group (Lightning starts the other ranks); its stdout.
+
+    A run that does not end in 300 s (a rank waiting in a collective) fails the test; no rank outlives it.
+    """
+    proc = subprocess.Popen([sys.executable, str(driver)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        pytest.fail(f"DDP {name} did not end in 300 s (a rank waiting in a collective?)")
+        pytest.fail(f"{what} did not end in 300 s (a rank waiting in a collective?)")
     finally:
         kill_group(proc, signal.SIGTERM)  # no rank may outlive the run
-    assert proc.returncode == 0, f"DDP {name} failed (rc {proc.returncode}):\n{stderr[-4000:]}"
+    assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{stderr[-4000:]}"
+    return stdout
 
 
 def _read(work: Path, name: str) -> list[dict[str, Any]]:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -27,7 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 from support.recipes import TINY, make_catalogue
-from test_ddp import kill_group
+from test_ddp import run_driver
 from typing_extensions import override
 
 from deepfeat.connectors import connect
@@ -97,16 +94,7 @@ def _run_ddp(work: Path, args: list[str], out: Path, *, probe: bool = True) -> d
            "DEEPFEAT_DDP_OUT": str(out), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS_ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.Popen([sys.executable, str(driver)], cwd=work, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        pytest.fail(f"the DDP run of {args[:2]} did not end in 300 s (a rank waiting in a collective?)")
-    finally:
-        kill_group(proc, signal.SIGTERM)  # nothing of the run may outlive it
-    assert proc.returncode == 0, f"DDP run of {args[:2]} failed (rc {proc.returncode}):\n{stderr[-4000:]}"
+    stdout = run_driver(driver, env, work, f"the DDP run of {args[:2]}")
     drivers = {r: json.loads((record / f"driver-rank{r}.json").read_text()) for r in range(WORLD)}
     fits = {r: json.loads((record / f"fit-rank{r}.json").read_text()) for r in range(WORLD)} if probe else {}
     return {"out": out, "stdout": stdout, "drivers": drivers, "fits": fits}
