@@ -4,12 +4,13 @@ The job, as Ray Data's batch-inference shape has it:
 
 1. the records still to embed (those not already in complete shards of ``out_dir``) become a dataset of
    small blocks: a position and the ``path`` (or in-memory ``image``) of each record, nothing else;
-2. CPU tasks read each image, hash its bytes (``content_hash``) and decode and preprocess it with the very
-   code of the local path (:class:`~deepfeat.finetune.inference.embed.HashingDataset`: Pillow / pydicom
-   through :func:`~deepfeat.finetune.data.images.load_image`, then the bundle's own transforms), so bad
-   images fail with the same messages and good ones give the same pixels;
+2. each image is read, its bytes hashed (``content_hash``), decoded and preprocessed with the very code of
+   the local path (:class:`~deepfeat.finetune.inference.embed.HashingDataset`: Pillow / pydicom through
+   :func:`~deepfeat.finetune.data.images.load_image`, then the bundle's own transforms), so bad images fail
+   with the same messages and good ones give the same pixels: in CPU tasks that feed the GPU actors, or, on a
+   cluster without GPUs, by each CPU actor for its own batches;
 3. an actor pool embeds the batches, one bundle per actor (``num_gpus=1`` per actor where the cluster has
-   GPUs, CPU actors otherwise; ``concurrency`` actors);
+   GPUs; otherwise one single-threaded CPU actor per core; ``concurrency`` actors, see :func:`actor_layout`);
 4. the driver receives the vectors as they stream out and writes them with the local path's
    :class:`~deepfeat.finetune.inference.shards.ShardWriter`: same columns, schema metadata, atomic
    ``part-NNNNN.parquet`` files and ``_report.json`` of skipped inputs. The metadata columns never travel
@@ -34,6 +35,7 @@ import os
 import pickle
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,6 +142,55 @@ def read_and_preprocess(batch: pd.DataFrame, *, preprocessing: tuple[tuple[str, 
     }
 
 
+@dataclass(frozen=True)
+class ActorLayout:
+    """How the embed stage uses a cluster: ``actors`` actors, each with ``gpus`` GPUs, ``cpus`` CPUs reserved
+    and ``threads`` torch threads (CPU actors), fed by CPU tasks that decode (``decode_tasks``) or reading
+    their own batches."""
+
+    actors: int
+    gpus: float
+    cpus: float
+    threads: int
+    decode_tasks: bool = False
+
+    @property
+    def device(self) -> str:
+        """``cuda`` for GPU actors, else ``cpu``."""
+        return "cuda" if self.gpus else "cpu"
+
+
+def actor_layout(cluster_cpus: float, cluster_gpus: float, *, concurrency: int | None = None,
+                 num_gpus: float | None = None, threads: int | None = None,
+                 decode_tasks: bool | None = None) -> ActorLayout:
+    """The actor pool for a cluster of ``cluster_cpus`` CPUs and ``cluster_gpus`` GPUs.
+
+    GPU actors (the default where the cluster has GPUs): one per GPU, no CPU reserved, every core left to the
+    CPU tasks that decode for them. CPU actors (the default elsewhere): one per core, each running the model on
+    a single torch thread and reading its own batches (:class:`ReadingEmbedder`), one CPU reserved each (a
+    fraction where ``concurrency`` asks for more actors than CPUs). Measured on 2 cores
+    (``benchmarks/embed_ray.py``): one actor of two threads fed by decoding tasks runs at 0.71-0.76x the local
+    path, as whenever a decoding task or one of Ray's own processes takes a core, the other thread waits at
+    every layer's barrier; two single-threaded actors run at 0.74-1.03x (median about 0.9x).
+    ``threads`` defaults to the cluster's CPUs divided by the actors (an actor never takes more than its
+    node's cores). An explicit ``num_gpus`` is taken as it is, even beyond what the cluster has now (an
+    autoscaling cluster adds GPU nodes when actors wait for them). ``decode_tasks`` (default: for GPU actors
+    only) feeds the actors from CPU tasks; CPU actors then reserve at most half of the cluster's CPUs between
+    them, so that the decoding tasks can always be scheduled.
+    """
+    gpus = (1.0 if cluster_gpus else 0.0) if num_gpus is None else float(num_gpus)
+    tasks = bool(gpus) if decode_tasks is None else decode_tasks
+    cpus_total = max(float(cluster_cpus), 1.0)
+    if gpus:
+        actors = concurrency or max(1, int(cluster_gpus // gpus))
+        return ActorLayout(actors=actors, gpus=gpus, cpus=0.0, threads=threads or 1, decode_tasks=tasks)
+    actors = concurrency or max(1, int(cpus_total))
+    share = cpus_total / 2 if tasks else cpus_total
+    cpus = max(0.0001, int(min(1.0, share / actors) * 10_000) / 10_000)  # Ray's resolution: 1e-4
+    return ActorLayout(actors=actors, gpus=0.0, cpus=cpus, threads=threads or max(1, int(cpus_total) // actors),
+                       decode_tasks=tasks)
+
+
 class BundleEmbedder:
     """The actor of the embed stage: holds one bundle on its device and embeds batches of pixels.
 
@@ -150,7 +201,7 @@ class BundleEmbedder:
             (:func:`~deepfeat.finetune.inference.runtime.resolve_precision`: the argument > ``$DEEPFEAT_PRECISION``
             > on CUDA only, as the local path). :func:`embed_with_ray` decides it on the driver and passes it.
         threads: torch intra-op threads of a CPU actor (``None``: the cores of its node divided by
-            ``actors``).
+            ``actors``); never more than its node's cores.
         actors: the size of the pool (to share the node's cores among CPU actors).
     """
 
@@ -160,7 +211,8 @@ class BundleEmbedder:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1): the model would run on one core
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, actors)))
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(min(threads, cores) if threads else max(1, cores // max(1, actors)))
         self.model = bundle.model.to(self.device).eval().to(memory_format=torch.channels_last)
         self.autocast = resolve_precision(autocast, device=self.device)
         self.dim = int(bundle.card.embedding_dim)
@@ -176,6 +228,27 @@ class BundleEmbedder:
                                                         enabled=self.autocast):
                 vectors[good] = self.model(x).float().cpu().numpy()
         return {_POS: batch[_POS], "content_hash": batch["content_hash"], "error": batch["error"], "vector": vectors}
+
+
+class ReadingEmbedder(BundleEmbedder):
+    """A CPU actor that reads, hashes, decodes and preprocesses its own batches (:func:`read_and_preprocess`)
+    before embedding them: on CPU nodes the decoding has no idle accelerator to overlap with, and the pixels
+    then never travel through the object store.
+
+    Args:
+        preprocessing: the bundle's preprocessing, frozen (as :func:`read_and_preprocess` takes it).
+        root: folder that relative paths are resolved against.
+        **kwargs: those of :class:`BundleEmbedder`.
+    """
+
+    def __init__(self, *, preprocessing: tuple[tuple[str, Any], ...], root: str | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.preprocessing = preprocessing
+        self.root = root
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:  # type: ignore[override]
+        """Read and embed a batch of records (positions and sources)."""
+        return super().__call__(read_and_preprocess(batch, preprocessing=self.preprocessing, root=self.root))
 
 
 def _sources(todo: pd.DataFrame, block_rows: int) -> list[pd.DataFrame]:
@@ -197,7 +270,8 @@ def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Pa
                    batch_size: int = 64, on_error: Literal["skip", "fail"] = "skip",
                    root: str | Path | None = None, address: str | None = None, concurrency: int | None = None,
                    num_gpus: float | None = None, threads: int | None = None,
-                   autocast: bool | Precision | None = None, window: int = 8, progress: bool = True) -> EmbedResult:
+                   autocast: bool | Precision | None = None, window: int = 8, decode_tasks: bool | None = None,
+                   progress: bool = True) -> EmbedResult:
     """Embed ``records`` on Ray Data into Parquet shards under ``out_dir``: the job of
     :func:`~deepfeat.finetune.inference.embed.embed_to_parquet`, with the same shards, report and resume.
 
@@ -212,13 +286,18 @@ def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Pa
         root: folder that relative paths are resolved against (on every node).
         address: the Ray cluster (``"auto"``, ``"ray://head:10001"``); ``None`` uses the connection of
             this process (``ray.init`` done by the caller) or starts a local cluster.
-        concurrency: actors in the pool (default: one per GPU of the cluster, else one).
+        concurrency: actors in the pool (default: one per GPU of the cluster, else one single-threaded actor
+            per CPU; see :func:`actor_layout`).
         num_gpus: GPUs per actor (default: 1 where the cluster has GPUs, else 0: CPU actors).
-        threads: torch threads of a CPU actor (default: its node's cores divided by ``concurrency``).
+        threads: torch threads of a CPU actor (default: the cluster's CPUs divided by the actors).
         autocast: bf16 autocast (``True``/``"bf16"``, ``False``/``"fp32"``); not given (``None``, ``"auto"``):
             ``$DEEPFEAT_PRECISION``, else on GPU actors only. Decided here, on the driver, whose environment the
             actors of a remote cluster do not share.
-        window: batches of preprocessed pixels the job may hold in the object store at once.
+        window: batches of preprocessed pixels the job may hold in the object store at once (at least two per
+            actor).
+        decode_tasks: read and decode in CPU tasks that feed the actors (``True``) or in the actors themselves
+            (``False``); default: CPU tasks for GPU actors, the actors themselves on CPU (see
+            :func:`actor_layout`).
         progress: show a progress bar (images).
 
     Raises:
@@ -241,7 +320,7 @@ def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Pa
         with ray_session(address) as ray:
             _run(ray, bundle, todo, writer, report, batch_size=batch_size, on_error=on_error, root=root,
                  concurrency=concurrency, num_gpus=num_gpus, threads=threads, autocast=autocast, window=window,
-                 progress=progress)
+                 decode_tasks=decode_tasks, progress=progress)
     writer.close(report)
     seconds = time.perf_counter() - start
     log.info("embedded %d images on Ray into %s (%d skipped) in %.1fs", writer.n_written, writer.out, len(report),
@@ -251,15 +330,16 @@ def embed_with_ray(bundle: ModelBundle, records: pd.DataFrame, out_dir: str | Pa
 
 def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter, report: SkipReport, *,
          batch_size: int, on_error: str, root: str | Path | None, concurrency: int | None, num_gpus: float | None,
-         threads: int | None, autocast: bool | Precision | None, window: int, progress: bool) -> None:
+         threads: int | None, autocast: bool | Precision | None, window: int, decode_tasks: bool | None,
+         progress: bool) -> None:
     """Build the dataset, stream its batches into ``writer``; the skipped inputs go into ``report`` in input
     order (as the local path lists them), whatever order the batches came back in."""
     from ray.data import DataContext, ExecutionResources
 
-    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-    gpus = (1.0 if cluster_gpus else 0.0) if num_gpus is None else float(num_gpus)
-    actors = concurrency or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
-    device = "cuda" if gpus else "cpu"
+    resources = ray.cluster_resources()
+    layout = actor_layout(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), concurrency=concurrency,
+                          num_gpus=num_gpus, threads=threads, decode_tasks=decode_tasks)
+    device = layout.device
     use_autocast = resolve_precision(autocast, device=device)  # the driver's $DEEPFEAT_PRECISION, not the actors'
     prep = bundle.preprocessing
     frozen = tuple((k, _freeze(v)) for k, v in sorted(prep.to_dict().items()))
@@ -268,21 +348,29 @@ def _run(ray: Any, bundle: ModelBundle, todo: pd.DataFrame, writer: ShardWriter,
     saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    window = max(window, 2 * layout.actors)  # a batch in work and one queued for each actor
     # the batch window: preprocessed pixels (float32) of `window` batches, the most the object store holds
     ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=window * batch_size * 12 * h * w)
-    log.info("Ray: %d %s actor(s), batches of %d, a window of %d batches, %s", actors, device.upper(), batch_size,
+    log.info("Ray: %d %s actor(s) (%s), %s, batches of %d, a window of %d batches, %s", layout.actors,
+             device.upper(), f"{layout.gpus:g} GPU each" if layout.gpus else
+             f"{layout.threads} torch thread(s) and {layout.cpus:g} CPU reserved each",
+             "fed by decoding CPU tasks" if layout.decode_tasks else "each reading its own batches", batch_size,
              window, "bf16 autocast" if use_autocast else "float32")
     bar = tqdm(total=len(todo), unit="img", desc="embed (ray)", disable=not progress)
     try:
         ds = ray.data.from_pandas(_sources(todo, batch_size))
-        # half a CPU each: reserving another amount than the actors' keeps Ray from fusing this stage into
-        # the actors (the decoding would then run serially in front of each forward pass)
-        ds = ds.map_batches(read_and_preprocess, batch_format="pandas", batch_size=batch_size, num_cpus=0.5,
-                            fn_kwargs={"preprocessing": frozen, "root": None if root is None else str(root)})
-        ds = ds.map_batches(BundleEmbedder, batch_format="numpy", batch_size=batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=0 if gpus else 1,
-                            fn_constructor_kwargs={"bundle": bundle, "device": device, "autocast": use_autocast,
-                                                   "threads": threads, "actors": actors})
+        actor_kwargs = {"bundle": bundle, "device": device, "autocast": use_autocast, "threads": layout.threads,
+                        "actors": layout.actors}
+        reading = {"preprocessing": frozen, "root": None if root is None else str(root)}
+        pool = {"batch_size": batch_size, "compute": ray.data.ActorPoolStrategy(size=layout.actors),
+                "num_gpus": layout.gpus, "num_cpus": layout.cpus}
+        if layout.decode_tasks:  # CPU tasks decode while the actors embed
+            ds = ds.map_batches(read_and_preprocess, batch_format="pandas", batch_size=batch_size, num_cpus=0.5,
+                                fn_kwargs=reading)
+            ds = ds.map_batches(BundleEmbedder, batch_format="numpy", fn_constructor_kwargs=actor_kwargs, **pool)
+        else:  # each CPU actor reads its own batches
+            ds = ds.map_batches(ReadingEmbedder, batch_format="pandas",
+                                fn_constructor_kwargs={**actor_kwargs, **reading}, **pool)
         skipped: dict[int, str] = {}
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
             skipped.update(_write_batch(todo, batch, writer, on_error=on_error))

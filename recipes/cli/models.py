@@ -59,8 +59,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from deepfeat.finetune.inference.runtime import resolve_num_workers
     from deepfeat.finetune.models.bundle import ModelBundle
 
-    if args.engine == "local" and args.address is not None:
-        raise DataError(f"--address {args.address!r} is for --engine ray; add --engine ray to embed on that cluster")
+    if args.engine == "local":
+        for flag, value in (("--address", args.address), ("--concurrency", args.concurrency),
+                            ("--threads", args.threads)):
+            if value is not None:
+                raise DataError(f"{flag} {value!r} is for --engine ray; add --engine ray to embed on a Ray cluster, "
+                                f"or leave {flag} out")
     # on Ray the bundle is loaded on the CPU here and moved to each actor's device there
     dev = "cpu" if args.engine == "ray" else resolve_device(args.device)
     # --num-workers auto: $DEEPFEAT_NUM_WORKERS, else the device's default; checked before any work
@@ -80,7 +84,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 logging.getLogger(name).setLevel(logging.ERROR)
         result = embed_with_ray(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                                 on_error=args.on_error, root=args.root, address=args.address,
-                                concurrency=args.concurrency, autocast=args.precision, progress=not args.quiet)
+                                concurrency=args.concurrency, threads=args.threads, autocast=args.precision,
+                                progress=not args.quiet)
     else:  # --precision auto: $DEEPFEAT_PRECISION, else bf16 on CUDA only (the runtime rule, in embed_to_parquet)
         result = embed_to_parquet(bundle, records, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                                   num_workers=num_workers, on_error=args.on_error, progress=not args.quiet,
@@ -201,7 +206,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="with --engine ray: the cluster, auto (the one started by 'ray start') or "
                         "ray://host:10001; default: start a local one")
     p.add_argument("--concurrency", type=int_at_least(1), default=None,
-                   help="with --engine ray: actors embedding (default: one per GPU of the cluster, else one)")
+                   help="with --engine ray: actors embedding (default: one per GPU of the cluster, else one "
+                        "single-threaded actor per CPU, each reading its own batches)")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="with --engine ray: torch threads of each CPU actor (default: the cluster's CPUs divided "
+                        "by the actors)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_embed)
 

@@ -22,7 +22,7 @@ from test_reliability_faults import deepfeat_process, image_folder, kill_when
 from deepfeat.connectors import connect, load_shards
 from deepfeat.finetune.data.readers import read_records
 from deepfeat.finetune.errors import DataError, ImageDecodeError, MissingExtraError
-from deepfeat.finetune.inference.distributed import embed_with_ray, import_ray
+from deepfeat.finetune.inference.distributed import ActorLayout, actor_layout, embed_with_ray, import_ray
 from deepfeat.finetune.inference.embed import embed_to_parquet
 from deepfeat.finetune.inference.shards import read_shards
 from deepfeat.finetune.models.bundle import ModelBundle
@@ -194,9 +194,54 @@ def test_ray_refusals(ray_address: str, images: Path, rel_bundle_dir: Path, rel_
                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = run_cli("embed", "--bundle", rel_bundle_dir, "--data", images, "--out", tmp_path / "o", "--address", "auto")
     assert run.rc == 2 and "is for --engine ray" in run.err
+    run = run_cli("embed", "--bundle", rel_bundle_dir, "--data", images, "--out", tmp_path / "o", "--threads", "2")
+    assert run.rc == 2 and "--threads 2 is for --engine ray" in run.err and not (tmp_path / "o").exists()
     records = read_records(images, check_files=False)
     with pytest.raises(DataError, match="batch_size must be at least 1"):
         embed_with_ray(rel_bundle, records, tmp_path / "o", batch_size=0)
     monkeypatch.setitem(sys.modules, "ray", None)  # as where Ray is not installed
     with pytest.raises(MissingExtraError, match=r'pip install "deepfeat\[ray\]"'):
         import_ray()
+
+
+def test_actor_layout_one_single_threaded_reading_actor_per_core_or_one_actor_per_gpu() -> None:
+    # CPU clusters: an actor per core, one thread and one CPU each (benchmarks/embed_ray.py: one actor of two
+    # threads on 2 cores ran at 0.71-0.76x the local path, two single-threaded ones at about 0.9x)
+    assert actor_layout(2, 0) == ActorLayout(actors=2, gpus=0.0, cpus=1.0, threads=1, decode_tasks=False)
+    assert actor_layout(64, 0) == ActorLayout(actors=64, gpus=0.0, cpus=1.0, threads=1)
+    assert actor_layout(2, 0).device == "cpu"
+    # fewer actors than cores share the cores as threads; more than cores reserve a fraction, never a whole CPU
+    assert actor_layout(16, 0, concurrency=4) == ActorLayout(actors=4, gpus=0.0, cpus=1.0, threads=4)
+    assert actor_layout(2, 0, concurrency=8) == ActorLayout(actors=8, gpus=0.0, cpus=0.25, threads=1)
+    assert actor_layout(2, 0, concurrency=1, threads=3).threads == 3
+    assert actor_layout(2, 0, concurrency=30_000).cpus == 0.0001  # Ray's smallest fraction, not zero
+    # GPU clusters: one actor per GPU, no CPU reserved (the cores decode for them)
+    assert actor_layout(32, 4) == ActorLayout(actors=4, gpus=1.0, cpus=0.0, threads=1, decode_tasks=True)
+    assert actor_layout(32, 4).device == "cuda"
+    assert actor_layout(32, 4, num_gpus=0.5) == ActorLayout(actors=8, gpus=0.5, cpus=0.0, threads=1,
+                                                            decode_tasks=True)
+    assert actor_layout(32, 4, num_gpus=0).device == "cpu"  # CPU actors on a GPU cluster, asked for
+    assert actor_layout(8, 0, num_gpus=1).actors == 1  # an autoscaling cluster adds the GPU node
+    # CPU actors fed by decoding tasks (as GPU actors are) leave half of the CPUs to the tasks
+    assert actor_layout(2, 0, decode_tasks=True) == ActorLayout(actors=2, gpus=0.0, cpus=0.5, threads=1,
+                                                                decode_tasks=True)
+    assert actor_layout(2, 0, concurrency=1, decode_tasks=True).cpus == 1.0
+
+
+def test_decoding_tasks_feeding_the_actors_give_the_local_vectors(
+    ray_address: str, images: Path, local_out: Path, rel_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    # the shape of the GPU pipeline (CPU tasks decode, actors embed), run here on CPU actors
+    records = read_records(images, check_files=False)
+    res = embed_with_ray(rel_bundle, records, tmp_path / "tasks", batch_size=4, shard_size=4, decode_tasks=True,
+                         progress=False)
+    assert (res.n_embedded, res.n_skipped) == (N_GOOD, 1)
+    rows, vecs, _ = _by_id(tmp_path / "tasks")
+    local_rows, local_vecs, _ = _by_id(local_out)
+    assert rows.keys() == local_rows.keys()
+    for key, vec in vecs.items():
+        ref = local_vecs[key]
+        assert float(vec @ ref / np.linalg.norm(vec) / np.linalg.norm(ref)) >= 0.9999, key
+        assert rows[key]["content_hash"] == local_rows[key]["content_hash"]
+    report = json.loads((tmp_path / "tasks" / "_report.json").read_text())
+    assert report == json.loads((local_out / "_report.json").read_text())
