@@ -4,8 +4,8 @@
     ``--num-workers`` DataLoader workers (``auto``: none on 2 cores, where the model already uses them all).
 (r) ``ray``: :func:`deepfeat.finetune.inference.distributed.embed_with_ray` on a local Ray cluster of this
     machine's cores (started once, before any timing, as a cluster is up before a job is sent): CPU tasks
-    read, hash, decode and preprocess, an actor pool embeds (one CPU actor here, or one per GPU), the driver
-    writes the same shards.
+    read, hash, decode and preprocess for an actor pool of one actor per GPU; without GPUs, one single-threaded
+    actor per core reads and embeds its own batches (``actor_layout``); the driver writes the same shards.
 
 Both write one shard per batch, so each shard's modification time marks the moment its batch was done.
 Two rates are printed per path: over the whole call (for Ray this includes starting the actor: a new
@@ -16,6 +16,7 @@ two paths are alternated ``--repeats`` times and ratios taken within each repeat
 
     python benchmarks/embed_ray.py                          # CPU, 224 px, Lite0 with ImageNet weights
     python benchmarks/embed_ray.py --n 96 --repeats 2       # a quick look on a small shared machine
+    python benchmarks/embed_ray.py --concurrency 1 --decode-tasks  # the CPU layout before 2026-12-07
     python benchmarks/embed_ray.py --device cuda --n 4096 --batch-size 256   # one GPU actor per GPU
 """
 
@@ -37,7 +38,7 @@ import pandas as pd
 import torch
 from _common import goal_mark, machine, median, spread, table, write_jpegs
 
-from deepfeat.finetune.inference.distributed import embed_with_ray, import_ray
+from deepfeat.finetune.inference.distributed import actor_layout, embed_with_ray, import_ray
 from deepfeat.finetune.inference.embed import EmbedResult, auto_num_workers, embed_to_parquet
 from deepfeat.finetune.inference.shards import read_shards
 from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
@@ -66,7 +67,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n", type=int, default=256, help="images per pass")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", default="auto", help="DataLoader workers of the local path, or auto")
-    parser.add_argument("--concurrency", type=int, default=None, help="Ray actors (default: one per GPU, else one)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="Ray actors (default: one per GPU, else one single-threaded actor per core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of each CPU actor")
+    parser.add_argument("--decode-tasks", action="store_true",
+                        help="decode in CPU tasks that feed the actors (the GPU layout) on CPU actors too; "
+                             "--concurrency 1 --decode-tasks is the CPU layout before 2026-12-07")
     parser.add_argument("--repeats", type=int, default=3, help="alternated repeats; medians are reported")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (local path; Ray actors take GPUs if any)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
@@ -96,9 +102,12 @@ def _run(args: argparse.Namespace, ray: Any, device: torch.device, workers: int,
     model = build_embedding_model(args.backbone, args.weights, image_size=args.image_size)
     bundle = ModelBundle.load(export_bundle(model, work / "bundle", torchscript=False, onnx=False), device="cpu")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    res = ray.cluster_resources()
+    layout = actor_layout(res.get("CPU", 0), res.get("GPU", 0), concurrency=args.concurrency, threads=args.threads,
+                          decode_tasks=args.decode_tasks or None)
     print(f"setup {time.perf_counter() - t0:.0f}s: {args.n} JPEGs of {args.source_size} px, {args.backbone} at "
           f"{args.image_size} px, batch {args.batch_size}; local: {workers} DataLoader worker(s) on {device}; "
-          f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs")
+          f"ray: {res.get('CPU', 0):.0f} CPUs, {res.get('GPU', 0):.0f} GPUs, {layout}")
 
     rates: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {"whole call": [], "steady": []}
@@ -112,7 +121,9 @@ def _run(args: argparse.Namespace, ray: Any, device: torch.device, workers: int,
                                              progress=False)
             else:
                 got[name] = embed_with_ray(bundle, records, out, shard_size=args.batch_size,
-                                           batch_size=args.batch_size, concurrency=args.concurrency, progress=False)
+                                           batch_size=args.batch_size, concurrency=args.concurrency,
+                                           threads=args.threads, decode_tasks=args.decode_tasks or None,
+                                           progress=False)
             if got[name].n_embedded != args.n:
                 raise SystemExit(f"{name} embedded {got[name].n_embedded} of {args.n} images")
         for name, res in got.items():
