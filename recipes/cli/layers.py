@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepfeat.recipes.cli.arguments import device, int_at_least, out_dir, resolve_device
+from deepfeat.recipes.cli.arguments import device, int_at_least, out_dir, resolve_device, workers
 
 __all__ = ["add_cli", "run"]
 
@@ -17,18 +17,21 @@ _DEFAULT_BACKBONE_HELP = "timm model name (default: the installed EfficientNet-L
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``deepfeat layers``: run the sweep and print the table, the storage report and the files."""
+    from deepfeat.finetune.inference.runtime import resolve_num_workers
     from deepfeat.finetune.models.backbones import DEFAULT_BACKBONE
     from deepfeat.finetune.models.fne import DEFAULT_THRESHOLDS, format_storage_report
     from deepfeat.recipes.layers import format_table, layer_report
 
     thresholds = tuple(args.thresholds) if args.thresholds else DEFAULT_THRESHOLDS
+    dev = resolve_device(args.device)
+    num_workers = resolve_num_workers(args.num_workers, device=dev)  # checked before any work
     print(f"deepfeat layers: {args.backbone or DEFAULT_BACKBONE} on {args.data} (reading the data, then one pass of "
           f"the network over the evaluated and the reference images)", flush=True)
     report = layer_report(args.data, args.out, backbone=args.backbone or DEFAULT_BACKBONE, weights=args.weights,
                           image_size=args.image_size, split=args.split, limit_per_class=args.limit_per_class,
                           reference=args.reference, mode=args.mode, thresholds=thresholds, bundle=args.bundle,
                           save_fne=args.save_fne, overwrite=args.overwrite, batch_size=args.batch_size,
-                          num_workers=args.num_workers, device=resolve_device(args.device), seed=args.seed,
+                          num_workers=num_workers, device=dev, seed=args.seed,
                           progress=not args.quiet)
     result = report.result
     print(report.title)
@@ -79,7 +82,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="also export the fitted full-network embedding as a model bundle")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-fne bundle")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)
-    p.add_argument("--num-workers", type=int_at_least(0), default=0)
+    p.add_argument("--num-workers", type=workers, default="auto",
+                   help="image decoding workers, or auto: $DEEPFEAT_NUM_WORKERS, else the runtime's default")
     p.add_argument("--device", type=device, default="auto", help="auto (cuda when available), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the holdout query choice")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepfeat.finetune.errors import DataError
-from deepfeat.recipes.cli.arguments import int_at_least, json_object, out_file, positive_float
+from deepfeat.recipes.cli.arguments import int_at_least, json_object, out_file, positive_float, workers
 from deepfeat.recipes.cli.connection import add_connection_args, connect_from_args
 
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ def _add_load(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     from deepfeat.connectors.sync import reindex, sync_records
+    from deepfeat.finetune.inference.runtime import resolve_num_workers
 
     if args.reindex_alias and args.on_error != "skip":
         raise DataError("--on-error fail is not available with --reindex-alias")
@@ -126,7 +127,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     if not args.reindex_alias and not args.collection:
         raise DataError("sync needs --collection (or --reindex-alias for a new collection behind an alias)")
     common: dict[str, Any] = {"root": args.root, "index": args.index, "key": args.key, "batch_size": args.batch_size,
-                              "num_workers": args.num_workers, "progress": not args.no_progress}
+                              "num_workers": resolve_num_workers(args.num_workers),
+                              "progress": not args.no_progress}
     conn = connect_from_args(args)
     try:
         if args.reindex_alias:
@@ -183,7 +185,8 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--report", default=None, type=out_file, metavar="FILE",
                    help="write every skipped image and why to this JSON file")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per forward pass")
-    p.add_argument("--num-workers", type=int_at_least(0), default=0, help="image decoding workers")
+    p.add_argument("--num-workers", type=workers, default="auto",
+                   help="image decoding workers, or auto: $DEEPFEAT_NUM_WORKERS, else the runtime's default")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--format", choices=("table", "json"), default="table", help="report format")
     add_connection_args(p)

@@ -247,3 +247,22 @@ def test_cli_evaluate_workers_follow_the_rule(clean_env: pytest.MonkeyPatch, rel
     assert main(common) == 2
     assert "$DEEPFEAT_NUM_WORKERS must be 0 or more, got -1" in _error_line(capsys.readouterr().err)
     assert main([*common, "--num-workers", "0"]) == 0  # the argument over the environment
+
+
+def test_cli_sync_and_layers_workers_follow_the_rule(clean_env: pytest.MonkeyPatch, rel_bundle_dir: Path,
+                                                     tiny_image_folder: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # --num-workers auto (the default) reads $DEEPFEAT_NUM_WORKERS: a bad count is refused before any work
+    clean_env.setenv(WORKERS_ENV, "-1")
+    db = tmp_path / "milvus.db"
+    sync = ["sync", str(tiny_image_folder), "--bundle", str(rel_bundle_dir), "--collection", "c", "--uri", str(db),
+            "--no-progress"]
+    assert main(sync) == 2
+    assert "$DEEPFEAT_NUM_WORKERS must be 0 or more, got -1" in _error_line(capsys.readouterr().err)
+    layers = ["layers", "--data", str(tiny_image_folder), "--out", str(tmp_path / "layers"), "--weights", "none",
+              "--image-size", "32"]
+    assert main(layers) == 2
+    assert "$DEEPFEAT_NUM_WORKERS must be 0 or more, got -1" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "layers").exists()
+    # the argument wins over the environment (the bad count is not even read)
+    assert main([*sync, "--num-workers", "0"]) == 0
