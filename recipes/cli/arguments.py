@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "device",
     "int_at_least",
     "json_object",
+    "launched_rank",
     "out_dir",
     "out_file",
     "positive_float",
@@ -136,3 +138,12 @@ def resolve_device(name: str) -> str:
     from deepfeat.finetune.inference.runtime import resolve_device as resolve
 
     return str(resolve(name, flag="--device"))
+
+
+def launched_rank() -> int:
+    """The process's local rank where a DDP launcher (Lightning's, torchrun) started it, else 0: the commands
+    that train print their header on rank 0 only, before the trainer knows the rank."""
+    try:
+        return int(os.environ.get("LOCAL_RANK") or 0)
+    except ValueError:
+        return 0

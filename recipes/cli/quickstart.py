@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from deepfeat.recipes.cli.arguments import int_at_least, out_dir, positive_float
+from deepfeat.recipes.cli.arguments import int_at_least, launched_rank, out_dir, positive_float
 from deepfeat.recipes.cli.recipe import SET_HELP, print_test
 
 __all__ = ["add_cli"]
@@ -27,8 +27,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         opts.train_per_class, opts.test_per_class, opts.image_size = 24, 12, 32
         opts.max_epochs, opts.batches_per_epoch, opts.num_workers = 2, 4, 0
     opts.extra = list(args.set or [])
-    print(f"deepfeat quickstart: data={opts.data or 'fashion-mnist'} out={opts.out} "
-          f"(training budget {opts.minutes:g} min; --full for a longer run)")
+    if not launched_rank():  # a DDP rank > 0 re-runs this command: rank 0 says it once
+        print(f"deepfeat quickstart: data={opts.data or 'fashion-mnist'} out={opts.out} "
+              f"(training budget {opts.minutes:g} min; --full for a longer run)")
     res = run_quickstart(opts)
     if res.rank:  # a DDP rank > 0: rank 0 reports
         return 0

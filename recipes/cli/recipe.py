@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from deepfeat.finetune.redaction import mask_uri
-from deepfeat.recipes.cli.arguments import out_dir, positive_float
+from deepfeat.recipes.cli.arguments import launched_rank, out_dir, positive_float
 from deepfeat.recipes.config import list_recipes
 
 __all__ = ["SET_HELP", "add_cli", "print_test"]
@@ -76,7 +76,8 @@ def _cmd_recipe_run(args: argparse.Namespace) -> int:
 
     queries = [p for q in args.query or [] for p in list_images(q)]
     out = args.out or f"deepfeat-{args.name}"
-    print(f"deepfeat recipe {args.name}: data={args.data or '(from the recipe)'} out={out}")
+    if not launched_rank():  # a DDP rank > 0 re-runs this command: rank 0 says it once
+        print(f"deepfeat recipe {args.name}: data={args.data or '(from the recipe)'} out={out}")
     res = run_recipe(args.name, args.data, out=args.out, uri=args.uri, overrides=args.set or (),
                      minutes=args.minutes, queries=queries, replace=True if args.replace else None,
                      progress=not args.quiet)

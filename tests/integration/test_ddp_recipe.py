@@ -125,6 +125,7 @@ def test_both_ranks_train_and_stop_at_the_same_step(run: dict[str, Any]) -> None
 def test_only_rank_zero_exports_loads_and_reports(run: dict[str, Any]) -> None:
     out, drivers = run["out"], run["drivers"]
     assert run["stdout"].count("bundle:") == 1  # rank 1 ran the same command and printed nothing
+    assert run["stdout"].count("deepfeat recipe fashion:") == 1, run["stdout"]  # not even the header
     report = json.loads((out / "recipe.json").read_text())
     assert report["rank"] == 0 and report["n_loaded"] == report["n_records"] == 48
     bundle = ModelBundle.load(report["bundle"])
@@ -152,6 +153,7 @@ def test_quickstart_under_ddp_reports_once_and_rank_one_touches_nothing(
             "trainer.strategy=ddp", f"trainer.devices={WORLD}", "trainer.accelerator=cpu"]
     res = _run_ddp(work, args, out, probe=False)
     assert res["stdout"].count("bundle:") == 1 and "held-out test" in res["stdout"]
+    assert res["stdout"].count("deepfeat quickstart:") == 1, res["stdout"]
     report = json.loads((out / "quickstart.json").read_text())
     assert report["rank"] == 0 and report["n_loaded"] > 0 and Path(report["picture"]).is_file()
     zero, one = res["drivers"][0], res["drivers"][1]
