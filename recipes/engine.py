@@ -24,6 +24,7 @@ import pandas as pd
 
 from deepfeat.connectors import connect, drop_collection, load_embeddings
 from deepfeat.connectors.client import MilvusConnector
+from deepfeat.finetune.data.dataset import SkipReport
 from deepfeat.finetune.errors import DataError
 from deepfeat.finetune.models.bundle import ModelBundle, export_bundle
 from deepfeat.finetune.models.model import build_embedding_model
@@ -101,6 +102,8 @@ class RecipeResult:
     test_message: str = ""
     test_exported: str | None = None  # the test table's row of the exported bundle
     rank: int = 0  # under DDP, this process's rank: only rank 0 exports, embeds, loads and runs the action
+    n_skipped: int = 0  # records whose image did not decode: not in Milvus, listed in ``skipped_report``
+    skipped_report: str | None = None  # ``skipped.json`` in ``out``: id, source and reason of each
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -116,7 +119,7 @@ def _off_the_shelf_bundle(config: RecipeConfig, out: Path) -> Path:
 
 
 def _embed_and_load(conn: MilvusConnector, config: RecipeConfig, bundle: ModelBundle, records: pd.DataFrame,
-                    replace: bool, progress: bool) -> int:
+                    replace: bool, progress: bool, report: SkipReport) -> int:
     from deepfeat.finetune.inference.embed import iter_embeddings
 
     coll = config.collection
@@ -128,7 +131,8 @@ def _embed_and_load(conn: MilvusConnector, config: RecipeConfig, bundle: ModelBu
     dm = config.training.datamodule.hparams
     batches = ((rows.drop(columns=["image"], errors="ignore"), vectors)
                for rows, vectors in iter_embeddings(bundle, records, batch_size=int(dm["eval_batch_size"]),
-                                                    num_workers=int(dm["num_workers"]), progress=progress))
+                                                    num_workers=int(dm["num_workers"]), report=report,
+                                                    progress=progress))
     report = load_embeddings(conn, coll.name, batches, bundle=bundle, index=coll.index, key=coll.key,
                              total=len(records), progress=progress)
     return int(report.final_count)
@@ -142,7 +146,8 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
     Args:
         name_or_path: a shipped recipe name (``deepfeat recipe list``) or a recipe YAML.
         data: the data source (default: the YAML's ``data.source``).
-        out: output folder (default ``deepfeat-NAME``): the run, the bundle, the action's files, ``recipe.json``.
+        out: output folder (default ``deepfeat-NAME``): the run, the bundle, the action's files, ``recipe.json``
+            and ``skipped.json`` (the images that did not decode: not loaded; id, source and reason of each).
         uri: Milvus (default: a Milvus Lite database ``out/milvus.db``).
         overrides: ``key.path=value`` changes to the YAML (checked by the parser: a typo is refused).
         minutes: training budget (wall clock), i.e. ``model.max_minutes``.
@@ -195,7 +200,10 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
     conn = connect(uri)
     try:
         rebuild = replace if replace is not None else own_db
-        n_loaded = _embed_and_load(conn, config, bundle, _index_records(module, records), rebuild, progress)
+        skipped = SkipReport()
+        n_loaded = _embed_and_load(conn, config, bundle, _index_records(module, records), rebuild, progress,
+                                   skipped)
+        skipped_report = skipped.write(folder / "skipped.json")  # written, empty or not: a run's full account
         seconds["embed+load"] = time.perf_counter() - t
         t = time.perf_counter()
         ctx = RecipeContext(config, records, bundle, conn, config.collection.name, folder, result, list(queries),
@@ -213,7 +221,8 @@ def run_recipe(name_or_path: str | Path, data: str | None = None, *, out: str | 
         summary=summary, seconds={k: round(v, 2) for k, v in seconds.items()},
         test=result.test if result else None, test_table=result.test_table() if result else None,
         test_message=result.test_message if result else "recipe.train is false: no fine-tuning to measure",
-        test_exported=result.test_exported if result else None)
+        test_exported=result.test_exported if result else None, n_skipped=len(skipped),
+        skipped_report=str(skipped_report))
     (folder / "recipe.json").write_text(json.dumps(res.to_dict(), indent=2, default=str))
     log.info("recipe %s done in %.0fs: %s", config.name, seconds["total"], folder)
     return res

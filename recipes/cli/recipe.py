@@ -87,6 +87,8 @@ def _cmd_recipe_run(args: argparse.Namespace) -> int:
     print_test(res.test_table, res.test_message)
     print(f"bundle:   {res.bundle}")
     print(f"milvus:   {mask_uri(res.uri)} collection {res.collection!r} ({res.n_loaded} of {res.n_records} records)")
+    if res.n_skipped:
+        print(f"skipped:  {res.n_skipped} image(s) that do not decode, not loaded; listed in {res.skipped_report}")
     print(f"{res.name}:")
     _print_summary(res.summary)
     print(f"report:   {res.out / 'recipe.json'}")

@@ -71,3 +71,22 @@ def test_cluster_command_on_the_existing_collection(
         assert len(two.assignments) == 16 and sorted(two.sizes, reverse=True) == two.sizes
         with pytest.raises(DataError, match="k must be between 2 and"):
             cluster_collection(conn, "cluster", 40)
+
+
+def test_a_corrupt_image_is_skipped_listed_and_not_loaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_image_folder(tmp_path / "images", n_classes=2, per_class=4, size=32)
+    (data / "class_00" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+    out = tmp_path / "out"
+    assert main(["recipe", "run", "cluster", "--data", str(data), "--out", str(out), "--quiet", "--set", *TINY,
+                 "recipe.train=false", "recipe.cluster.per_cluster=2"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "recipe.json").read_text())
+    assert (report["n_records"], report["n_loaded"], report["n_skipped"]) == (9, 8, 1)
+    skipped = json.loads(Path(report["skipped_report"]).read_text())
+    assert skipped["n_skipped"] == 1 and skipped["skipped"][0]["source"].endswith("truncated.jpg")
+    assert f"skipped:  1 image(s) that do not decode, not loaded; listed in {out / 'skipped.json'}" in printed
+    conn = connect(str(out / "milvus.db"))
+    try:
+        assert conn.count(report["collection"]) == 8
+    finally:
+        conn.close()
