@@ -94,6 +94,8 @@ class QuickstartResult:
     seconds: dict[str, float]
     test_message: str = ""
     rank: int = 0  # under DDP, this process's rank: only rank 0 measures, loads, draws and writes quickstart.json
+    n_skipped: int = 0  # images that did not decode: not loaded, listed in ``skipped_report``
+    skipped_report: str | None = None
 
 
 def read(source: str, config: RecipeConfig) -> pd.DataFrame:
@@ -157,7 +159,8 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     out = QuickstartResult(table=res.test_table, metrics=res.test, chosen=res.chosen, guard_message=res.guard_message,
                            bundle=res.bundle, milvus_uri=res.uri, collection=res.collection, n_loaded=res.n_loaded,
                            picture=Path(res.summary["picture"]), searches=res.summary["searches"],
-                           seconds=res.seconds, test_message=res.test_message)
+                           seconds=res.seconds, test_message=res.test_message, n_skipped=res.n_skipped,
+                           skipped_report=res.skipped_report)
     (Path(opts.out) / "quickstart.json").write_text(json.dumps({**asdict(out), "bundle": str(out.bundle),
                                                                "picture": str(out.picture)}, indent=2, default=str))
     return out

@@ -37,6 +37,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print_test(res.table, res.test_message)
     print(f"bundle:     {res.bundle}")
     print(f"milvus:     {res.milvus_uri} collection {res.collection!r} ({res.n_loaded} vectors)")
+    if res.n_skipped:
+        print(f"skipped:    {res.n_skipped} image(s) that do not decode, not loaded; listed in {res.skipped_report}")
     print(f"picture:    {res.picture}")
     print("time (s):   " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()))
     return 0

@@ -27,6 +27,8 @@ def test_quickstart_tiny_on_fashion_mnist(tmp_path: Path, capsys: pytest.Capture
     assert set(report["metrics"]) == {"off-the-shelf", "fine-tuned"}
     n_gallery = report["metrics"]["fine-tuned"]["n_gallery"]
     assert report["n_loaded"] == n_gallery == 120  # 12 test images x 10 classes, all in Milvus
+    assert report["n_skipped"] == 0 and "skipped:" not in printed
+    assert json.loads(Path(report["skipped_report"]).read_text()) == {"n_skipped": 0, "skipped": []}
     for search in report["searches"]:
         ids = [h["id"] for h in search["hits"]]
         assert len(ids) == 6 and search["query"] not in ids and len(set(ids)) == 6
