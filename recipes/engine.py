@@ -119,7 +119,7 @@ def _off_the_shelf_bundle(config: RecipeConfig, out: Path) -> Path:
 
 
 def _embed_and_load(conn: MilvusConnector, config: RecipeConfig, bundle: ModelBundle, records: pd.DataFrame,
-                    replace: bool, progress: bool, report: SkipReport) -> int:
+                    replace: bool, progress: bool, skipped: SkipReport) -> int:
     from deepfeat.finetune.inference.embed import iter_embeddings
 
     coll = config.collection
@@ -131,7 +131,7 @@ def _embed_and_load(conn: MilvusConnector, config: RecipeConfig, bundle: ModelBu
     dm = config.training.datamodule.hparams
     batches = ((rows.drop(columns=["image"], errors="ignore"), vectors)
                for rows, vectors in iter_embeddings(bundle, records, batch_size=int(dm["eval_batch_size"]),
-                                                    num_workers=int(dm["num_workers"]), report=report,
+                                                    num_workers=int(dm["num_workers"]), report=skipped,
                                                     progress=progress))
     report = load_embeddings(conn, coll.name, batches, bundle=bundle, index=coll.index, key=coll.key,
                              total=len(records), progress=progress)

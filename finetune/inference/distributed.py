@@ -169,9 +169,9 @@ def actor_layout(cluster_cpus: float, cluster_gpus: float, *, concurrency: int |
     CPU tasks that decode for them. CPU actors (the default elsewhere): one per core, each running the model on
     a single torch thread and reading its own batches (:class:`ReadingEmbedder`), one CPU reserved each (a
     fraction where ``concurrency`` asks for more actors than CPUs). Measured on 2 cores
-    (``benchmarks/embed_ray.py``): one actor of two threads fed by decoding tasks runs at 0.71-0.76x the local
-    path, as whenever a decoding task or one of Ray's own processes takes a core, the other thread waits at
-    every layer's barrier; two single-threaded actors run at 0.74-1.03x (median about 0.9x).
+    (``benchmarks/embed_ray.py``, steady rates): one actor of two threads fed by decoding tasks runs at
+    0.70-0.76x the local path, as whenever a decoding task or one of Ray's own processes takes a core, the
+    other thread waits at every layer's barrier; two single-threaded actors run at 0.83-0.97x.
     ``threads`` defaults to the cluster's CPUs divided by the actors (an actor never takes more than its
     node's cores). An explicit ``num_gpus`` is taken as it is, even beyond what the cluster has now (an
     autoscaling cluster adds GPU nodes when actors wait for them). ``decode_tasks`` (default: for GPU actors

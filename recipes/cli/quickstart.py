@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from deepfeat.recipes.cli.arguments import int_at_least, launched_rank, out_dir, positive_float
-from deepfeat.recipes.cli.recipe import SET_HELP, print_test
+from deepfeat.recipes.cli.recipe import SET_HELP, print_skipped, print_test
 
 __all__ = ["add_cli"]
 
@@ -37,8 +37,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print_test(res.table, res.test_message)
     print(f"bundle:     {res.bundle}")
     print(f"milvus:     {res.milvus_uri} collection {res.collection!r} ({res.n_loaded} vectors)")
-    if res.n_skipped:
-        print(f"skipped:    {res.n_skipped} image(s) that do not decode, not loaded; listed in {res.skipped_report}")
+    print_skipped(res.n_skipped, res.skipped_report, width=12)
     print(f"picture:    {res.picture}")
     print("time (s):   " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()))
     return 0

@@ -13,7 +13,7 @@ from deepfeat.finetune.redaction import mask_uri
 from deepfeat.recipes.cli.arguments import launched_rank, out_dir, positive_float
 from deepfeat.recipes.config import list_recipes
 
-__all__ = ["SET_HELP", "add_cli", "print_test"]
+__all__ = ["SET_HELP", "add_cli", "print_skipped", "print_test"]
 
 #: The help of every command's ``--set``.
 SET_HELP = "override YAML keys; repeat --set or give several: model.image_size=32 trainer.max_epochs=2"
@@ -70,6 +70,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
             print(f"  file {key}: {value}")
 
 
+def print_skipped(n_skipped: int, report: str | None, *, width: int) -> None:
+    """The line for the images that did not decode (none: no line)."""
+    if n_skipped:
+        print(f"{'skipped:'.ljust(width)}{n_skipped} image(s) that do not decode, not loaded; listed in {report}")
+
+
 def _cmd_recipe_run(args: argparse.Namespace) -> int:
     from deepfeat.recipes.engine import run_recipe
     from deepfeat.recipes.recipes import list_images
@@ -87,8 +93,7 @@ def _cmd_recipe_run(args: argparse.Namespace) -> int:
     print_test(res.test_table, res.test_message)
     print(f"bundle:   {res.bundle}")
     print(f"milvus:   {mask_uri(res.uri)} collection {res.collection!r} ({res.n_loaded} of {res.n_records} records)")
-    if res.n_skipped:
-        print(f"skipped:  {res.n_skipped} image(s) that do not decode, not loaded; listed in {res.skipped_report}")
+    print_skipped(res.n_skipped, res.skipped_report, width=10)
     print(f"{res.name}:")
     _print_summary(res.summary)
     print(f"report:   {res.out / 'recipe.json'}")

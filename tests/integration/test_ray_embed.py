@@ -206,7 +206,7 @@ def test_ray_refusals(ray_address: str, images: Path, rel_bundle_dir: Path, rel_
 
 def test_actor_layout_one_single_threaded_reading_actor_per_core_or_one_actor_per_gpu() -> None:
     # CPU clusters: an actor per core, one thread and one CPU each (benchmarks/embed_ray.py: one actor of two
-    # threads on 2 cores ran at 0.71-0.76x the local path, two single-threaded ones at about 0.9x)
+    # threads on 2 cores ran at 0.70-0.76x the local path, two single-threaded ones at 0.83-0.97x)
     assert actor_layout(2, 0) == ActorLayout(actors=2, gpus=0.0, cpus=1.0, threads=1, decode_tasks=False)
     assert actor_layout(64, 0) == ActorLayout(actors=64, gpus=0.0, cpus=1.0, threads=1)
     assert actor_layout(2, 0).device == "cpu"
